@@ -1,0 +1,30 @@
+# Everything runs from the project venv; the stamp makes reinstalling happen
+# only when pyproject.toml changes, not on every make invocation.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: pipeline test bench venv
+
+venv: $(PY)
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(VENV)/install.stamp: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/install-dev.stamp: pyproject.toml | $(PY)
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+# dvc's stage commands call plain `python`, so the venv must come first on PATH.
+pipeline: $(VENV)/install.stamp
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+test: $(VENV)/install-dev.stamp
+	$(PY) -m pytest -n 2 -q
+
+bench: $(VENV)/install.stamp
+	$(PY) benchmarks/speed.py
