@@ -105,7 +105,7 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     params = _Params(data)
-    params.source = path.name if path.parent == Path(".") else str(path)
+    params.source = path.name
     return params
 
 
