@@ -1,0 +1,120 @@
+"""Stage `prepare`: tokenize, split off validation, build the vocabulary, encode to padded ids.
+
+The vocabulary comes from the training part only (after the validation split
+is removed), so validation and test OOV rates are honest.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from rnn.text import UNK, TRUNCATE_MODES, TextEncoder, Vocabulary, pad_sequences, tokenize  # noqa: E402
+from stages.common import (  # noqa: E402
+    Field,
+    load_params,
+    project_root,
+    run_stage,
+    save_npz,
+    validate_section,
+    write_json,
+)
+
+SCHEMA = {
+    "max_len": Field(int, 400, min=1),
+    "truncate": Field(str, "both", choices=TRUNCATE_MODES),
+    "vocab_size": Field(int, 20000, min=2),
+    "min_freq": Field(int, 2, min=1),
+    "val_fraction": Field(float, 0.1, min=0, max=0.5, min_exclusive=True),
+    "seed": Field(int, 0),
+}
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train_idx, val_idx): `fraction` of each label class goes to validation."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_val = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)  # keep every class in both parts
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _read_raw(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run the download stage first)")
+    df = pd.read_parquet(path)
+    missing = {"id", "text", "label"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: missing columns {', '.join(sorted(missing))}")
+    return df
+
+
+def run(cfg: dict, root: Path) -> dict:
+    """Write data/prepared/{train,val,test}.npz, vocab.json and metrics/prepare.json."""
+    t0 = time.perf_counter()
+    train_df = _read_raw(root / "data/raw/train.parquet")
+    test_df = _read_raw(root / "data/raw/test.parquet")
+    if len(train_df) < 2:
+        raise ValueError(f"{root / 'data/raw/train.parquet'}: need at least 2 reviews, got {len(train_df)}")
+
+    tr_idx, va_idx = stratified_split(train_df["label"].to_numpy(), cfg["val_fraction"], cfg["seed"])
+    parts = {
+        "train": train_df.iloc[tr_idx],
+        "val": train_df.iloc[va_idx],
+        "test": test_df,
+    }
+    tokens = {name: [tokenize(t) for t in df["text"]] for name, df in parts.items()}
+    t_tok = time.perf_counter() - t0
+    vocab = Vocabulary.build(tokens["train"], cfg["vocab_size"], cfg["min_freq"])
+    encoder = TextEncoder(vocab, cfg["max_len"], cfg["truncate"])
+
+    metrics: dict = {"vocab_size": len(vocab), "splits": {}, "oov_rate": {}, "truncated_fraction": {}}
+    arrays = {}
+    for name, df in parts.items():
+        seqs = [vocab.encode(t) for t in tokens[name]]
+        raw_len = np.array([len(s) for s in seqs], dtype=np.int64)
+        n_tokens = int(raw_len.sum())
+        n_unk = int(sum(int((s == UNK).sum()) for s in seqs))
+        ids, lengths = pad_sequences(seqs, encoder.max_len, encoder.truncate)
+        arrays[name] = dict(
+            ids=ids,
+            lengths=lengths,
+            labels=df["label"].to_numpy(dtype=np.int8),
+            review_ids=df["id"].to_numpy(dtype=np.int64),
+        )
+        metrics["splits"][name] = len(df)
+        metrics["oov_rate"][name] = n_unk / n_tokens if n_tokens else 0.0
+        metrics["truncated_fraction"][name] = float((raw_len > encoder.max_len).mean()) if len(df) else 0.0
+        if name == "train":
+            pct = np.percentile(raw_len, [50, 90, 95, 99]) if len(raw_len) else [0] * 4
+            metrics["length_percentiles"] = {f"p{p}": float(v) for p, v in zip((50, 90, 95, 99), pct)}
+
+    for name, arrs in arrays.items():
+        save_npz(root / f"data/prepared/{name}.npz", **arrs)
+    write_json(root / "data/prepared/vocab.json", encoder.to_dict())
+    write_json(root / "metrics/prepare.json", metrics)
+    print(f"tokenized {sum(len(t) for t in tokens.values())} reviews in {t_tok:.1f}s; "
+          f"prepare total {time.perf_counter() - t0:.1f}s")
+    return metrics
+
+
+def main() -> None:
+    root = project_root()
+    cfg = validate_section(load_params(root / "params.yaml"), "prepare", SCHEMA)
+    metrics = run(cfg, root)
+    print(f"vocab {metrics['vocab_size']}, oov {metrics['oov_rate']}, splits {metrics['splits']}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
