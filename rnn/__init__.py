@@ -1,0 +1,14 @@
+"""Recurrent networks from scratch in NumPy: RNN, GRU and LSTM cells with hand-derived
+backpropagation through time, for many-to-one sentiment classification.
+
+    import numpy as np, rnn
+    model = rnn.SentimentModel.create(rnn.ModelConfig(vocab_size=1000, cell="lstm"), np.random.default_rng(0))
+    loss, grads, logits, trace = model.loss(ids, lengths, labels, rng, trace=True)
+"""
+from .model import ModelConfig, SentimentModel
+from .optim import SGD, Adam, AdamW, clip_gradients, global_norm, make_optimizer
+from .train import Dataset, TrainConfig, evaluate, fit
+from .io import read_model, save_model
+
+__all__ = ["ModelConfig", "SentimentModel", "SGD", "Adam", "AdamW", "clip_gradients", "global_norm",
+           "make_optimizer", "Dataset", "TrainConfig", "evaluate", "fit", "read_model", "save_model"]

@@ -1,0 +1,92 @@
+"""Saving and loading models and checkpoints: NumPy `.npz` arrays plus JSON, never pickle.
+
+A model folder holds `weights.npz` (the flat parameter dict), `config.json` (the `ModelConfig`) and,
+when the model was trained on text, `encoder.json` (vocabulary and truncation settings), so that it
+can be copied elsewhere and used on its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .model import ModelConfig, SentimentModel, parameter_shapes
+
+WEIGHTS, CONFIG, ENCODER = "weights.npz", "config.json", "encoder.json"
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "wb"):
+    """Open a temporary file next to `path` and rename it onto `path` when the block succeeds, so
+    that a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file; object arrays (which would need pickle) are refused."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def save_model(folder: str | Path, model: SentimentModel, encoder: dict | None = None,
+               metadata: dict | None = None) -> None:
+    """Write the model folder; each file appears whole or not at all."""
+    folder = Path(folder)
+    save_arrays(folder / WEIGHTS, model.params)
+    write_json(folder / CONFIG, {"model": model.config.to_dict(), "metadata": metadata or {}})
+    if encoder is not None:
+        write_json(folder / ENCODER, encoder)
+
+
+def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
+    """Read a model folder. Returns (model, encoder dict or None, metadata).
+
+    A missing file, an unknown cell, missing arrays or wrong shapes raise ValueError naming them."""
+    folder = Path(folder)
+    for name in (WEIGHTS, CONFIG):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder}: no {name}: not a model folder")
+    try:
+        meta = json.loads((folder / CONFIG).read_text())
+        config = ModelConfig.from_dict(meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / CONFIG}: bad model config: {e}") from None
+    arrays = load_arrays(folder / WEIGHTS)
+    expected = parameter_shapes(config)
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise ValueError(f"{folder / WEIGHTS}: missing arrays {', '.join(missing)}")
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"{folder / WEIGHTS}: {name} has shape {arrays[name].shape}, "
+                             f"config says {shape}")
+    params = {k: np.ascontiguousarray(arrays[k], dtype=config.dtype) for k in expected}
+    encoder = json.loads((folder / ENCODER).read_text()) if (folder / ENCODER).is_file() else None
+    return SentimentModel(config, params), encoder, meta.get("metadata", {})

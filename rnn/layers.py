@@ -1,0 +1,61 @@
+"""Embedding, dense and dropout layers: forward and backward pairs."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class SparseRows(NamedTuple):
+    """Gradient of an embedding matrix that names only the rows a batch used.
+
+    rows: (K,) distinct row indices; values: (K, E) their gradients; shape: the full matrix's shape.
+    Optimizers update just these rows, so a 20,000-word vocabulary costs what the batch uses.
+    """
+    rows: np.ndarray
+    values: np.ndarray
+    shape: tuple
+
+    def to_dense(self) -> np.ndarray:
+        dense = np.zeros(self.shape, self.values.dtype)
+        dense[self.rows] = self.values
+        return dense
+
+
+def embedding_forward(weight: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """weight: (V, E); ids: any integer shape S. Returns (*S, E)."""
+    return weight[ids]
+
+
+def embedding_backward(d_out: np.ndarray, ids: np.ndarray, shape: tuple, padding_idx: int = 0
+                       ) -> SparseRows:
+    """d_out: (*S, E) gradient of the looked-up vectors; ids: (*S,). Returns the summed gradient
+    of each distinct row; the padding row gets none, so it stays zero."""
+    flat_ids = ids.reshape(-1)
+    keep = flat_ids != padding_idx
+    flat_ids, flat_d = flat_ids[keep], d_out.reshape(-1, shape[1])[keep]
+    order = np.argsort(flat_ids, kind="stable")
+    sorted_ids = flat_ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if sorted_ids.size else \
+        np.zeros(0, int)
+    values = np.add.reduceat(flat_d[order], starts, axis=0) if starts.size else \
+        np.zeros((0, shape[1]), d_out.dtype)
+    return SparseRows(sorted_ids[starts], values, tuple(shape))
+
+
+def dense_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x: (B, F); W: (F, K); b: (K,). Returns (B, K)."""
+    return x @ W + b
+
+
+def dense_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """d_out: (B, K). Returns dx (B, F), dW (F, K), db (K,)."""
+    return d_out @ W.T, x.T @ d_out, d_out.sum(0)
+
+
+def dropout_mask(shape: tuple, p: float, rng: np.random.Generator, dtype) -> np.ndarray | None:
+    """Inverted dropout: a mask of 0 and 1/(1-p), so inference needs no rescaling. None if p == 0."""
+    if p <= 0:
+        return None
+    return (rng.random(shape, dtype=np.float32) >= p).astype(dtype) / dtype.type(1 - p)

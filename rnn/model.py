@@ -1,0 +1,282 @@
+"""The many-to-one sentiment model: embedding -> recurrent layers -> pooling -> dropout -> dense -> logit.
+
+Parameters live in one flat dict of named arrays, so optimizers, clipping, checkpoints and the
+PyTorch converter are each one loop over it:
+
+    embedding.weight            (V, E)           row 0 is padding and stays zero
+    rnn.l{k}.W_x                (D_k, G*H)       D_0 = E; D_k = H (or 2H if bidirectional)
+    rnn.l{k}.W_h                (H, G*H)
+    rnn.l{k}.b                  (G*H,)
+    rnn.l{k}.b_hn               (H,)             GRU with reset_after only
+    rnn.l{k}_reverse.*                           the reverse direction, if bidirectional
+    fc.W                        (F, 1)           F = H, or 2H if bidirectional
+    fc.b                        (1,)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .cells import CELLS, cell_kind
+from .layers import (SparseRows, dense_backward, dense_forward, dropout_mask, embedding_backward,
+                     embedding_forward)
+from .losses import bce_with_logits, sigmoid
+from .recurrent import sequence_backward, sequence_forward
+
+POOLINGS = ("last", "mean", "max")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the model's shape and behaviour; built from params.yaml by the stages."""
+    vocab_size: int
+    cell: str = "lstm"                # rnn | gru | lstm
+    embed_dim: int = 100
+    hidden_size: int = 128
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0              # between layers and before the dense layer
+    pooling: str = "last"             # last | mean | max
+    reset_after: bool = False         # GRU only: False = the article's form, True = PyTorch's
+    forget_bias: float = 1.0          # LSTM only: initial forget-gate bias
+    freeze_embedding: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        cell_kind(self.cell, self.reset_after)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}: expected one of {', '.join(POOLINGS)}")
+        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+    @property
+    def kind(self) -> str:
+        return cell_kind(self.cell, self.reset_after)
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def layer_names(config: ModelConfig) -> list[str]:
+    """Prefixes of the recurrent sub-layers, bottom up, forward before reverse."""
+    return [f"rnn.l{k}{sfx}" for k in range(config.num_layers)
+            for sfx in ("", "_reverse")[:config.directions]]
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """The name and shape of every parameter: what a model file must contain."""
+    H, G = config.hidden_size, CELLS[config.kind].gates
+    shapes = {"embedding.weight": (config.vocab_size, config.embed_dim)}
+    for name in layer_names(config):
+        k = int(name.split(".l")[1].split("_")[0])
+        D = config.embed_dim if k == 0 else H * config.directions
+        shapes.update({f"{name}.W_x": (D, G * H), f"{name}.W_h": (H, G * H), f"{name}.b": (G * H,)})
+        if config.kind == "gru_after":
+            shapes[f"{name}.b_hn"] = (H,)
+    shapes.update({"fc.W": (H * config.directions, 1), "fc.b": (1,)})
+    return shapes
+
+
+def init_params(config: ModelConfig, rng: np.random.Generator,
+                embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Glorot-uniform input weights, orthogonal recurrent blocks (they keep the gradient's scale
+    through many steps at initialisation), zero biases but the LSTM forget gate's."""
+    dtype = np.dtype(config.dtype)
+    H = config.hidden_size
+    params = {}
+    for name, shape in parameter_shapes(config).items():
+        if name == "embedding.weight":
+            if embeddings is not None:
+                if embeddings.shape != shape:
+                    raise ValueError(f"embeddings have shape {embeddings.shape}, expected {shape}")
+                w = np.array(embeddings, dtype=dtype)
+            else:
+                w = rng.normal(0.0, 1.0 / np.sqrt(shape[1]), shape)
+            w[0] = 0
+        elif name.endswith(".W_h"):
+            w = np.concatenate([_orthogonal(H, rng) for _ in range(shape[1] // H)], axis=1)
+        elif name.endswith((".W_x", "fc.W")):
+            limit = np.sqrt(6.0 / (shape[0] + (shape[1] // H if name.endswith("W_x") else shape[1])))
+            w = rng.uniform(-limit, limit, shape)
+        else:
+            w = np.zeros(shape)
+            if config.cell == "lstm" and name.endswith(".b"):
+                w[H:2 * H] = config.forget_bias      # gate order i, f, o, g
+        params[name] = np.ascontiguousarray(w, dtype=dtype)
+    return params
+
+
+def _orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(n, n)))
+    return q * np.sign(np.diag(r))
+
+
+class SentimentModel:
+    """The model: a config and a flat dict of parameters, with forward, backward and prediction."""
+
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
+        expected = parameter_shapes(config)
+        missing = set(expected) - set(params)
+        if missing:
+            raise ValueError(f"missing parameters: {', '.join(sorted(missing))}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, "
+                                 f"expected {shape}")
+        self.config = config
+        self.params = {name: params[name] for name in expected}
+
+    @classmethod
+    def create(cls, config: ModelConfig, rng: np.random.Generator,
+               embeddings: np.ndarray | None = None) -> "SentimentModel":
+        return cls(config, init_params(config, rng, embeddings))
+
+    def num_parameters(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
+
+    def astype(self, dtype) -> "SentimentModel":
+        """A copy with every parameter in `dtype` (float64 for gradient checks)."""
+        config = ModelConfig.from_dict({**self.config.to_dict(), "dtype": np.dtype(dtype).name})
+        return SentimentModel(config, {k: v.astype(dtype) for k, v in self.params.items()})
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, ids: np.ndarray, lengths: np.ndarray,
+                rng: np.random.Generator | None = None) -> tuple[np.ndarray, dict]:
+        """ids: (B, T) token ids, right-padded with 0; lengths: (B,) real lengths, each >= 1.
+        `rng` turns dropout on (training); None is inference. Returns logits (B,) and a cache."""
+        cfg, p = self.config, self.params
+        lengths = np.asarray(lengths)
+        if lengths.size and lengths.min() < 1:
+            raise ValueError("every sequence needs at least one token (encode empty text as UNK)")
+        order = np.argsort(-lengths, kind="stable")     # longest first: the loop's active prefix
+        lengths = lengths[order]
+        T = int(lengths[0]) if lengths.size else 0
+        ids = ids[order, :T]
+        X = embedding_forward(p["embedding.weight"], ids.T)          # (T, B, E)
+        dtype = X.dtype
+        layers, masks = [], []
+        for k in range(cfg.num_layers):
+            outs, finals = [], []
+            for d, name in enumerate(layer_names(cfg)[k * cfg.directions:(k + 1) * cfg.directions]):
+                sub = {key.rsplit(".", 1)[1]: v for key, v in p.items() if key.startswith(name + ".")}
+                out, final, cache = sequence_forward(X, lengths, sub, cfg.kind, reverse=d == 1)
+                outs.append(out)
+                finals.append(final[0])
+                layers.append(cache)
+            X = np.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
+            if k < cfg.num_layers - 1 and rng is not None:
+                masks.append(dropout_mask(X.shape, cfg.dropout, rng, dtype))
+                if masks[-1] is not None:
+                    X = X * masks[-1]
+        pooled, pool_cache = _pool(cfg.pooling, X, finals, lengths)
+        fc_mask = dropout_mask(pooled.shape, cfg.dropout, rng, dtype) if rng is not None else None
+        fc_in = pooled * fc_mask if fc_mask is not None else pooled
+        logits_sorted = dense_forward(fc_in, p["fc.W"], p["fc.b"])[:, 0]
+        logits = np.empty_like(logits_sorted)
+        logits[order] = logits_sorted
+        cache = dict(order=order, lengths=lengths, ids=ids, layers=layers, masks=masks,
+                     pool=pool_cache, fc_mask=fc_mask, fc_in=fc_in, T=T, out_shape=X.shape)
+        return logits, cache
+
+    # ---------------------------------------------------------------------------- backward
+    def backward(self, dlogits: np.ndarray, cache: dict, trace: bool = False
+                 ) -> tuple[dict, dict | None]:
+        """dlogits: (B,) gradient of the loss w.r.t. the logits from `forward`.
+
+        Returns the gradient of every trainable parameter (the embedding's as `SparseRows`) and,
+        when `trace` is set, the per-timestep trace of the bottom forward layer (`align_trace`)."""
+        cfg, p, c = self.config, self.params, cache
+        d_sorted = dlogits[c["order"]].astype(p["fc.W"].dtype)[:, None]
+        d_fc_in, dW, db = dense_backward(d_sorted, c["fc_in"], p["fc.W"])
+        grads = {"fc.W": dW, "fc.b": db}
+        d_pooled = d_fc_in * c["fc_mask"] if c["fc_mask"] is not None else d_fc_in
+        d_out, d_finals = _pool_backward(cfg.pooling, d_pooled, c["pool"], c["out_shape"],
+                                         c["lengths"], cfg.directions)
+        names, traces = layer_names(cfg), None
+        for k in range(cfg.num_layers - 1, -1, -1):
+            if k < cfg.num_layers - 1 and c["masks"] and c["masks"][k] is not None:
+                d_out = d_out * c["masks"][k]
+            H = cfg.hidden_size
+            d_in = None
+            for d in range(cfg.directions):
+                idx = k * cfg.directions + d
+                d_o = None if d_out is None else d_out[..., d * H:(d + 1) * H]
+                d_f = (d_finals[d], None) if d_finals is not None else None
+                dX, g, _, tr = sequence_backward(d_o, d_f, c["layers"][idx], trace=trace and idx == 0)
+                grads.update({f"{names[idx]}.{key}": v for key, v in g.items()})
+                traces = tr if idx == 0 else traces
+                d_in = dX if d_in is None else d_in + dX
+            d_out, d_finals = d_in, None
+        if not cfg.freeze_embedding:
+            grads["embedding.weight"] = embedding_backward(d_out, c["ids"].T, p["embedding.weight"].shape)
+        return grads, traces
+
+    # ------------------------------------------------------------------------- conveniences
+    def loss(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
+             rng: np.random.Generator | None = None, trace: bool = False
+             ) -> tuple[float, dict, np.ndarray, dict | None]:
+        """One training step's computation: returns (loss, grads, logits, trace)."""
+        logits, cache = self.forward(ids, lengths, rng)
+        loss, dlogits = bce_with_logits(logits, labels)
+        grads, traces = self.backward(dlogits, cache, trace)
+        return loss, grads, logits, traces
+
+    def predict_logits(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Logits (N,) for many sequences, in batches of similar length (inference, no dropout)."""
+        lengths = np.asarray(lengths)
+        out = np.empty(len(lengths), dtype=np.float64)
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out[idx] = self.forward(ids[idx], lengths[idx])[0]
+        return out
+
+    def predict_proba(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """P(positive) (N,)."""
+        return sigmoid(self.predict_logits(ids, lengths, batch_size))
+
+
+def _pool(mode: str, X: np.ndarray, finals: list, lengths: np.ndarray):
+    """Classifier input (B, F) from the top layer's outputs X (T, B, F) or its final states."""
+    if mode == "last":
+        return (np.concatenate(finals, axis=-1) if len(finals) > 1 else finals[0]), None
+    if mode == "mean":
+        return X.sum(0) / lengths[:, None].astype(X.dtype), None
+    padded = np.arange(X.shape[0])[:, None] >= lengths[None, :]          # (T, B)
+    masked = np.where(padded[:, :, None], -np.inf, X)
+    arg = masked.argmax(0)                                               # (B, F)
+    return np.take_along_axis(X, arg[None], 0)[0], arg
+
+
+def _pool_backward(mode, d_pooled, pool_cache, out_shape, lengths, directions):
+    """Gradient of the pooling: per-step output gradients (T, B, F) and/or final-state gradients."""
+    if mode == "last":
+        return None, np.split(d_pooled, directions, axis=-1)
+    T, B, F = out_shape
+    if mode == "mean":
+        valid = (np.arange(T)[:, None] < lengths[None, :])[:, :, None]
+        return valid * (d_pooled / lengths[:, None].astype(d_pooled.dtype)), None
+    d_out = np.zeros(out_shape, d_pooled.dtype)
+    np.put_along_axis(d_out, pool_cache[None], d_pooled[None], 0)
+    return d_out, None
+
+
+def dense_grad(g) -> np.ndarray:
+    """A gradient as a dense array, whether it is one already or `SparseRows`."""
+    return g.to_dense() if isinstance(g, SparseRows) else g

@@ -1,0 +1,156 @@
+"""Optimizers (SGD with momentum, Adam, AdamW), gradient clipping and gradient norms.
+
+Each optimizer keeps a global step counter in its state: Adam's bias correction uses it, and it
+survives epochs and checkpoints (the reference notebook reset it every epoch). Embedding gradients
+arrive as `SparseRows`; their optimizer state is updated lazily, only on the rows a batch used (the
+semantics of PyTorch's SparseAdam), which is what makes a 20,000-row vocabulary cheap.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import SparseRows
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+CLIP_MODES = ("none", "value", "norm")
+
+
+def _values(g) -> np.ndarray:
+    return g.values if isinstance(g, SparseRows) else g
+
+
+def group_norms(grads: dict) -> dict[str, float]:
+    """L2 norm of each parameter's gradient (computed in float64: tiny norms do not underflow)."""
+    return {k: float(np.linalg.norm(_values(g).astype(np.float64).ravel())) for k, g in grads.items()}
+
+
+def global_norm(grads: dict) -> float:
+    """L2 norm of all gradients taken together."""
+    return float(np.sqrt(sum(n * n for n in group_norms(grads).values())))
+
+
+def clip_gradients(grads: dict, mode: str, threshold: float) -> tuple[float, float, bool]:
+    """Clip in place. 'value' clamps every element to [-threshold, threshold] (the article's
+    element-wise clipping); 'norm' rescales all gradients together so that their global norm is at
+    most threshold (Pascanu et al., 2013), keeping the update's direction; 'none' leaves them.
+    Returns (norm before, norm after, whether clipping changed anything)."""
+    if mode not in CLIP_MODES:
+        raise ValueError(f"unknown clip mode {mode!r}: expected one of {', '.join(CLIP_MODES)}")
+    before = global_norm(grads)
+    clipped = False
+    if mode == "norm" and before > threshold:
+        scale = threshold / (before + 1e-12)
+        for g in grads.values():
+            _values(g)[...] *= scale
+        clipped = True
+    elif mode == "value":
+        for g in grads.values():
+            v = _values(g)
+            clipped |= bool(np.any(np.abs(v) > threshold))
+            np.clip(v, -threshold, threshold, out=v)
+    return before, (global_norm(grads) if clipped else before), clipped
+
+
+class Optimizer:
+    """Base class: `step(params, grads)` updates params in place; `state_dict` holds everything
+    needed to resume exactly (the step counter and the per-parameter moments)."""
+
+    def __init__(self, lr: float, weight_decay: float = 0.0):
+        if not lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {lr}")
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.t = 0
+        self.state: dict[str, dict[str, np.ndarray]] = {}
+
+    def step(self, params: dict, grads: dict) -> None:
+        self.t += 1
+        for name, g in grads.items():
+            p = params[name]
+            st = self.state.setdefault(name, {})
+            if isinstance(g, SparseRows):
+                rows = g.rows
+                sub = {k: v[rows] for k, v in st.items()}
+                p_rows = p[rows]
+                self._update(p_rows, g.values, sub, p.shape)
+                p[rows] = p_rows
+                for k, v in sub.items():
+                    st.setdefault(k, np.zeros_like(p))[rows] = v
+            else:
+                self._update(p, g, st, p.shape)
+
+    def _update(self, p, g, st, full_shape):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        arrays = {f"{name}/{k}": v for name, st in self.state.items() for k, v in st.items()}
+        return {"t": self.t, "arrays": arrays}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        self.state = {}
+        for key, v in state["arrays"].items():
+            name, k = key.rsplit("/", 1)
+            self.state.setdefault(name, {})[k] = np.array(v)
+
+
+class SGD(Optimizer):
+    """p -= lr * (g + wd * p), with heavy-ball momentum: buf = momentum * buf + g."""
+
+    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        self.momentum = float(momentum)
+
+    def _update(self, p, g, st, full_shape):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        if self.momentum:
+            buf = st.setdefault("momentum", np.zeros_like(p))
+            buf *= self.momentum
+            buf += g
+            g = buf
+        p -= self.lr * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015); `weight_decay` adds L2 to the gradient (coupled)."""
+    decoupled = False
+
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        self.b1, self.b2 = map(float, betas)
+        self.eps = float(eps)
+
+    def _update(self, p, g, st, full_shape):
+        if self.weight_decay and not self.decoupled:
+            g = g + self.weight_decay * p
+        m = st.setdefault("m", np.zeros_like(p))
+        v = st.setdefault("v", np.zeros_like(p))
+        m *= self.b1
+        m += (1 - self.b1) * g
+        v *= self.b2
+        v += (1 - self.b2) * np.square(g)
+        # bias correction with the global step, folded into the step size and epsilon
+        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+        denom = np.sqrt(v)
+        denom += self.eps * np.sqrt(c2)
+        if self.weight_decay and self.decoupled:
+            p *= 1 - self.lr * self.weight_decay
+        p -= (self.lr * np.sqrt(c2) / c1) * m / denom
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019): p *= 1 - lr * wd."""
+    decoupled = True
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Optimizer:
+    """An optimizer by name: sgd | adam | adamw."""
+    if name == "sgd":
+        return SGD(lr, momentum, weight_decay)
+    if name == "adam":
+        return Adam(lr, betas, eps, weight_decay)
+    if name == "adamw":
+        return AdamW(lr, betas, eps, weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,161 @@
+"""The time loop: one recurrent layer over a padded batch, forward and backpropagation through time.
+
+Layout is time-major: inputs X are (T, B, D), outputs (T, B, H). Sequences are right-padded and the
+batch is sorted by length, longest first (`SentimentModel` sorts and unsorts). At step t only the
+first `active[t]` rows are real, so the loop works on the prefix `[:active[t]]` and never touches a
+padded step: padded steps neither change the state nor receive gradient, and a sequence's final
+state is the one at its own last real token. This is what `torch.nn.utils.rnn.pack_padded_sequence`
+does, and it saves the work padding would cost.
+
+A reverse direction (bidirectional layers) runs the same loop on each sequence reversed within its
+own length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cells import CELLS, recurrent_weight_grads
+
+
+def active_rows(lengths: np.ndarray, T: int) -> np.ndarray:
+    """(T,) how many sequences are still running at each step; lengths (B,) sorted, longest first."""
+    if lengths.size and (lengths.min() < 1 or lengths.max() > T or np.any(np.diff(lengths) > 0)):
+        raise ValueError("lengths must lie in [1, T] and be sorted longest first")
+    return (lengths[None, :] > np.arange(T)[:, None]).sum(1)
+
+
+def reverse_index(lengths: np.ndarray, T: int) -> np.ndarray:
+    """(T, B) time index that reverses each sequence within its own length; padding stays put.
+
+    Applying it twice gives the identity, so it also maps reversed outputs back.
+    """
+    t = np.arange(T)[:, None]
+    return np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+
+
+def flush_threshold(dtype) -> float:
+    """Below this, a backpropagated value is set to zero.
+
+    Gradients that vanish through many steps reach float32's denormal range, where x86 arithmetic
+    runs 10-100x slower; they no longer change any weight. The margin of one mantissa width keeps
+    the next step's products normal too.
+    """
+    info = np.finfo(dtype)
+    return float(info.tiny) * 2.0 ** (info.nmant + 1)
+
+
+@dataclass
+class LayerCache:
+    kind: str
+    X: np.ndarray            # (T, B, D) input, in the order the loop saw it
+    lengths: np.ndarray      # (B,)
+    active: np.ndarray       # (T,)
+    buffers: list            # per-step arrays filled by the forward steps; buffers[0] = a history
+    caches: list             # per-step caches (views into buffers)
+    params: dict
+    rev: np.ndarray | None   # reverse_index for a reverse direction, else None
+
+
+def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str,
+                     state0: tuple | None = None, reverse: bool = False
+                     ) -> tuple[np.ndarray, tuple, LayerCache]:
+    """Run one direction of one layer over a batch.
+
+    X: (T, B, D); lengths: (B,) sorted longest first; params: W_x (D, G*H), W_h (H, G*H), b (G*H,)
+    and, for kind 'gru_after', b_hn (H,); state0: initial (a0,) or (a0, c0), each (B, H), zeros
+    when None. Returns the outputs (T, B, H) (zero at padded steps), the final states, each (B, H),
+    taken at each sequence's last real step, and the cache for `sequence_backward`.
+    """
+    cell = CELLS[kind]
+    T, B, D = X.shape
+    H = params["W_h"].shape[0]
+    rev = reverse_index(lengths, T) if reverse else None
+    if reverse:
+        X = X[rev, np.arange(B)]
+    x_proj = (X.reshape(T * B, D) @ params["W_x"] + params["b"]).reshape(T, B, -1)
+    buffers = [np.zeros((T + (k < cell.states), B, w * H), X.dtype) for k, w in enumerate(cell.buffers)]
+    for k in range(cell.states):
+        if state0 is not None:
+            buffers[k][0] = state0[k]
+    active = active_rows(lengths, T)
+    caches = []
+    W_h, b_hn = params["W_h"], params.get("b_hn")
+    for t in range(T):
+        n = active[t]
+        prev = tuple(buffers[k][t, :n] for k in range(cell.states))
+        out = tuple(buf[t + (k < cell.states), :n] for k, buf in enumerate(buffers))
+        caches.append(cell.step_forward(x_proj[t, :n], prev, W_h, b_hn, out=out)[1])
+    rows = np.arange(B)
+    final = tuple(buffers[k][lengths, rows] for k in range(cell.states))
+    outputs = buffers[0][1:]
+    if reverse:
+        outputs = outputs[rev, rows]
+    return outputs, final, LayerCache(kind, X, lengths, active, buffers, caches, params, rev)
+
+
+def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache: LayerCache,
+                      trace: bool = False) -> tuple[np.ndarray, dict, tuple, dict | None]:
+    """Backpropagation through time for `sequence_forward`.
+
+    d_outputs: (T, B, H) gradient of the outputs, or None; d_final: gradients of the final states,
+    each (B, H) (None entries or None for none). Returns dX (T, B, D), the parameter gradients
+    (same keys as params), the initial-state gradients, each (B, H), and, when `trace` is set, the
+    per-timestep gradient trace (see `align_trace`) of dL/da<t> and, for the LSTM, dL/dc<t>.
+    """
+    cell, c = CELLS[cache.kind], cache
+    T, B, D = c.X.shape
+    H = c.params["W_h"].shape[0]
+    rows = np.arange(B)
+    if d_outputs is not None and c.rev is not None:
+        d_outputs = d_outputs[c.rev, rows]
+    d_state = [np.zeros((B, H), c.X.dtype) for _ in range(cell.states)]
+    dX_proj = np.zeros((T, B, cell.gates * H), c.X.dtype)
+    norms = np.zeros((cell.states, T, B)) if trace else None
+    tiny = flush_threshold(c.X.dtype)
+    active = np.append(c.active, 0)
+    W_h = c.params["W_h"]
+    for t in range(T - 1, -1, -1):
+        n, ending = active[t], active[t + 1]
+        if n == 0:
+            continue
+        for k in range(cell.states):
+            if d_final is not None and d_final[k] is not None:   # rows whose last step is t
+                d_state[k][ending:n] += d_final[k][ending:n]
+            if k == 0 and d_outputs is not None:
+                d_state[0][:n] += d_outputs[t, :n]
+            dk = d_state[k][:n]
+            if trace:
+                norms[k, t, :n] = np.sqrt(np.einsum("ij,ij->i", dk, dk, dtype=np.float64))
+            np.copyto(dk, 0, where=np.abs(dk) < tiny)
+        _, d_prev = cell.step_backward(tuple(d[:n] for d in d_state), c.caches[t], W_h,
+                                       out=dX_proj[t, :n])
+        for k in range(cell.states):
+            d_state[k][:n] = d_prev[k]
+    flat = dX_proj.reshape(T * B, -1)
+    grads = {"W_x": c.X.reshape(T * B, D).T @ flat, "b": flat.sum(0),
+             **recurrent_weight_grads(c.kind, c.buffers, dX_proj, W_h)}
+    dX = (flat @ c.params["W_x"].T).reshape(T, B, D)
+    if c.rev is not None:
+        dX = dX[c.rev, rows]
+    traces = None
+    if trace:
+        names = ("a", "c")[:cell.states]
+        traces = {name: align_trace(norms[k], c.lengths) for k, name in enumerate(names)}
+    return dX, grads, tuple(d_state), traces
+
+
+def align_trace(norms: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Re-index per-step gradient norms by distance from each sequence's last real token.
+
+    norms: (T, B) norm of the gradient at step t of row b (in the order the loop ran).
+    Returns (sums, counts), each (T,): at distance d, the sum of the norms over the rows long enough
+    to have one, and how many rows that is. Sums and counts add across batches; their ratio is the
+    batch-mean norm. A zero norm far from the end means the gradient fell below `flush_threshold`.
+    """
+    T, B = norms.shape
+    t = lengths[None, :] - 1 - np.arange(T)[:, None]        # (T distances, B): step at distance d
+    valid = t >= 0
+    vals = np.where(valid, norms[np.clip(t, 0, None), np.arange(B)], 0.0)
+    return vals.sum(1), valid.sum(1)

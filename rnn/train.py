@@ -1,0 +1,227 @@
+"""The training loop: mini-batches, clipping, optimizer steps, validation, early stopping, and
+checkpoints from which an interrupted run resumes to exactly the result of an uninterrupted one.
+
+Progress is reported through callbacks (any object with `on_step(info)` and/or `on_epoch(info)`),
+so that a stage can plug in MLflow and a progress bar from outside.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .data import batches
+from .io import load_arrays, save_arrays
+from .losses import bce_with_logits
+from .model import SentimentModel
+from .optim import Optimizer, clip_gradients, group_norms
+
+CHECKPOINT = "checkpoint.npz"
+
+
+class Dataset(NamedTuple):
+    ids: np.ndarray        # (N, T) int, right-padded with 0
+    lengths: np.ndarray    # (N,) >= 1
+    labels: np.ndarray     # (N,) 0 or 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    clip_mode: str = "norm"      # none | value | norm
+    clip_threshold: float = 5.0
+    patience: int = 2            # epochs without a better validation accuracy before stopping; 0: never
+    trace: bool = True           # record the per-timestep gradient trace
+    trace_every: int = 1         # ... every this many steps
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
+
+
+def evaluate(model: SentimentModel, data: Dataset, batch_size: int = 256) -> dict[str, float]:
+    """Loss and accuracy on a dataset (no dropout)."""
+    logits = model.predict_logits(data.ids, data.lengths, batch_size)
+    loss, _ = bce_with_logits(logits, data.labels)
+    return {"loss": loss, "accuracy": float(np.mean((logits > 0) == (data.labels > 0.5)))}
+
+
+def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: TrainConfig,
+        rng: np.random.Generator, checkpoint_dir: str | Path | None = None, callbacks=()) -> dict:
+    """Train `model` in place and return the run's record.
+
+    rng draws the data order and dropout masks; `checkpoint_dir`, when given, receives a checkpoint
+    after every epoch (and on Ctrl-C / SIGTERM) and an existing one there is resumed. At the end the
+    parameters of the epoch with the best validation accuracy are restored.
+
+    Returns {"history": [per-epoch dicts], "traces": [per-epoch {"a": mean norm by distance, ...}],
+    "best_epoch", "best_val_accuracy", "stopped_early", "steps"}.
+    """
+    T = train.ids.shape[1]
+    run = {"history": [], "traces": [], "best_epoch": 0, "best_val_accuracy": -1.0,
+           "stopped_early": False, "epoch": 0, "position": 0, "partial": None}
+    best_params = {k: v.copy() for k, v in model.params.items()}
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    if ckpt is not None and ckpt.exists():
+        run, best_params = _load_checkpoint(ckpt, model, optimizer, rng)
+
+    stop = {"requested": False}
+    handlers = _catch_signals(stop)
+    try:
+        while run["epoch"] < cfg.epochs and not run["stopped_early"]:
+            epoch = run["epoch"] + 1
+            epoch_start_rng = rng.bit_generator.state
+            if run["partial"]:                            # resuming inside an epoch
+                epoch_start_rng = run["partial"]["epoch_start_rng"]
+                rng.bit_generator.state = epoch_start_rng
+            order = batches(train.lengths, cfg.batch_size, rng)
+            acc = run["partial"] or _new_epoch_sums(T, epoch_start_rng)
+            if run["partial"]:
+                rng.bit_generator.state = acc["rng_now"]
+                acc["trace"] = {k: [np.array(s), np.array(c)] for k, (s, c) in acc["trace"].items()}
+            run["partial"] = None
+            for position in range(run["position"], len(order)):
+                t0 = time.perf_counter()
+                idx = order[position]
+                trace = cfg.trace and optimizer.t % cfg.trace_every == 0
+                loss, grads, logits, traces = model.loss(train.ids[idx], train.lengths[idx],
+                                                         train.labels[idx], rng, trace)
+                norms = group_norms(grads)
+                pre = float(np.sqrt(sum(v * v for v in norms.values())))
+                if not (np.isfinite(loss) and np.isfinite(pre)):
+                    worst = max(norms, key=lambda k: norms[k] if np.isfinite(norms[k]) else np.inf)
+                    raise TrainingDiverged(
+                        f"epoch {epoch}, step {optimizer.t + 1}: loss {loss}, gradient norm {pre} "
+                        f"(largest: {worst} = {norms[worst]}); kept the checkpoint of epoch {epoch - 1}")
+                _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold)
+                optimizer.step(model.params, grads)
+                _accumulate(acc, loss, logits, train, idx, pre, clipped, traces, time.perf_counter() - t0)
+                info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
+                        "grad_norm_clipped": post, "clipped": clipped, "group_norms": norms,
+                        "batch": position + 1, "batches": len(order),
+                        "tokens": int(train.lengths[idx].sum())}
+                _call(callbacks, "on_step", info)
+                if stop["requested"]:
+                    run.update(position=position + 1, partial={**acc, "rng_now": rng.bit_generator.state})
+                    if ckpt is not None:
+                        _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
+                    raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {position + 1}"
+                                              + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
+            record, trace_means = _finish_epoch(acc, epoch, optimizer.t, model, val)
+            run["history"].append(record)
+            run["traces"].append(trace_means)
+            if record["val_accuracy"] > run["best_val_accuracy"]:
+                run["best_val_accuracy"], run["best_epoch"] = record["val_accuracy"], epoch
+                best_params = {k: v.copy() for k, v in model.params.items()}
+            elif cfg.patience and epoch - run["best_epoch"] >= cfg.patience:
+                run["stopped_early"] = True
+            run.update(epoch=epoch, position=0)
+            if ckpt is not None:
+                _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
+            _call(callbacks, "on_epoch", {**record, "trace": trace_means})
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    for k, v in best_params.items():
+        model.params[k][...] = v
+    return {k: run[k] for k in ("history", "traces", "best_epoch", "best_val_accuracy", "stopped_early")
+            } | {"steps": optimizer.t}
+
+
+def _call(callbacks, method: str, info: dict) -> None:
+    for cb in callbacks:
+        if hasattr(cb, method):
+            getattr(cb, method)(info)
+
+
+def _catch_signals(stop: dict) -> dict:
+    """Turn Ctrl-C and SIGTERM into a request to stop after the current step (never mid-update)."""
+    def handler(signum, frame):
+        if stop["requested"]:              # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["requested"] = True
+    try:
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:                     # not the main thread: no signals to catch
+        return {}
+
+
+def _new_epoch_sums(T: int, epoch_start_rng: dict) -> dict:
+    return {"loss": 0.0, "correct": 0, "n": 0, "tokens": 0, "seconds": 0.0, "steps": 0,
+            "norm_sum": 0.0, "norm_max": 0.0, "clipped": 0, "epoch_start_rng": epoch_start_rng,
+            "trace": {}}
+
+
+def _accumulate(acc, loss, logits, data, idx, norm, clipped, traces, seconds) -> None:
+    n = len(idx)
+    acc["loss"] += loss * n
+    acc["correct"] += int(np.sum((logits > 0) == (data.labels[idx] > 0.5)))
+    acc["n"] += n
+    acc["tokens"] += int(data.lengths[idx].sum())
+    acc["seconds"] += seconds
+    acc["steps"] += 1
+    acc["norm_sum"] += norm
+    acc["norm_max"] = max(acc["norm_max"], norm)
+    acc["clipped"] += int(clipped)
+    for name, (sums, counts) in (traces or {}).items():
+        T = data.ids.shape[1]
+        s, c = acc["trace"].setdefault(name, [np.zeros(T), np.zeros(T, np.int64)])
+        s[:len(sums)] += sums
+        c[:len(counts)] += counts
+
+
+def _finish_epoch(acc, epoch, step, model, val) -> tuple[dict, dict]:
+    t0 = time.perf_counter()
+    v = evaluate(model, val)
+    record = {"epoch": epoch, "step": step, "train_loss": acc["loss"] / acc["n"],
+              "train_accuracy": acc["correct"] / acc["n"], "val_loss": v["loss"],
+              "val_accuracy": v["accuracy"], "seconds": acc["seconds"],
+              "val_seconds": time.perf_counter() - t0,
+              "tokens_per_s": acc["tokens"] / max(acc["seconds"], 1e-9),
+              "grad_norm_mean": acc["norm_sum"] / acc["steps"], "grad_norm_max": acc["norm_max"],
+              "clipped_fraction": acc["clipped"] / acc["steps"]}
+    means = {name: [float(s / c) if c else None for s, c in zip(*sc)]
+             for name, sc in acc["trace"].items()}
+    return record, means
+
+
+def _save_checkpoint(path: Path, run: dict, model, optimizer, best_params, rng) -> None:
+    opt = optimizer.state_dict()
+    arrays = {**{f"param/{k}": v for k, v in model.params.items()},
+              **{f"best/{k}": v for k, v in best_params.items()},
+              **{f"opt/{k}": v for k, v in opt["arrays"].items()}}
+    meta = {"run": run, "optimizer_t": opt["t"], "rng": rng.bit_generator.state}
+    text = json.dumps(meta, default=lambda a: a.tolist())     # the partial epoch's trace arrays
+    arrays["meta_json"] = np.frombuffer(text.encode(), dtype=np.uint8)
+    save_arrays(path, arrays)
+
+
+def _load_checkpoint(path: Path, model, optimizer, rng) -> tuple[dict, dict]:
+    arrays = load_arrays(path)
+    try:
+        meta = json.loads(arrays.pop("meta_json").tobytes())
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a training checkpoint ({e})") from None
+    for k in model.params:
+        if f"param/{k}" not in arrays or arrays[f"param/{k}"].shape != model.params[k].shape:
+            raise ValueError(f"{path}: checkpoint does not match the model ({k}); delete it to restart")
+        model.params[k][...] = arrays[f"param/{k}"]
+    best = {k: arrays[f"best/{k}"] for k in model.params}
+    optimizer.load_state_dict({"t": meta["optimizer_t"],
+                               "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}})
+    rng.bit_generator.state = meta["rng"]
+    return meta["run"], best
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
