@@ -1,0 +1,132 @@
+"""Stage `embed`: initial embedding matrix (V, E) for the prepared vocabulary.
+
+"random" draws N(0, scale^2); "pretrained" copies vectors from a GloVe or
+word2vec text file and draws the rest at random. Row 0 (PAD) is always zero so
+padding contributes nothing before masking.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from rnn.text import PAD, UNK, TextEncoder  # noqa: E402
+from stages.common import (  # noqa: E402
+    Field,
+    get_param,
+    load_params,
+    project_root,
+    run_stage,
+    save_npy,
+    validate_section,
+    write_json,
+)
+
+SCHEMA = {
+    "method": Field(str, "random", choices=("random", "pretrained")),
+    "path": Field(str, None, nullable=True),
+    "scale": Field(float, None, min=0, min_exclusive=True, nullable=True),
+    "seed": Field(int, 0),
+}
+EMBED_DIM = Field(int, 100, min=1)
+
+
+def read_pretrained(path: Path, vocab_index: dict[str, int], dim: int) -> dict[int, np.ndarray]:
+    """{vocab id: vector} for vocabulary words found in a GloVe/word2vec text file.
+
+    Exact matches win over lowercased ones, so cased word2vec files still
+    cover our lowercase vocabulary without a capitalized variant overriding.
+    """
+    found: dict[int, np.ndarray] = {}
+    exact: set[int] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.rstrip().split(" ")
+                if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                    continue  # word2vec header "count dim"
+                if len(parts) == 1 and not parts[0]:
+                    continue
+                if len(parts) - 1 != dim:
+                    raise ValueError(
+                        f"{path}:{lineno}: expected {dim} values (train.embed_dim), got {len(parts) - 1}"
+                    )
+                word = parts[0]
+                idx = vocab_index.get(word)
+                is_exact = idx is not None
+                if idx is None:
+                    idx = vocab_index.get(word.lower())
+                if idx is None or idx in exact or (not is_exact and idx in found):
+                    continue
+                try:
+                    found[idx] = np.array(parts[1:], dtype=np.float32)
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: non-numeric vector value") from None
+                if is_exact:
+                    exact.add(idx)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text embedding file ({exc.reason})") from None
+    return found
+
+
+def build_embeddings(
+    tokens: list[str], dim: int, method: str, path: str | None, scale: float | None, seed: int
+) -> tuple[np.ndarray, float | None]:
+    """Return (embeddings (V, dim) float32 with zero PAD row, pretrained coverage or None)."""
+    scale = scale if scale is not None else 1.0 / np.sqrt(dim)
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(0.0, scale, size=(len(tokens), dim)).astype(np.float32)
+    coverage = None
+    if method == "pretrained":
+        if not path:
+            raise ValueError("params.yaml: embed.path = null: required when embed.method is pretrained")
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: pretrained embedding file not found (embed.path)")
+        index = {t: i for i, t in enumerate(tokens) if i not in (PAD, UNK)}
+        found = read_pretrained(file, index, dim)
+        for i, vec in found.items():
+            emb[i] = vec
+        coverage = len(found) / len(index) if index else 0.0
+    emb[PAD] = 0.0
+    return emb, coverage
+
+
+def run(cfg: dict, dim: int, root: Path) -> dict:
+    vocab_path = root / "data/prepared/vocab.json"
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"{vocab_path}: not found (run the prepare stage first)")
+    try:
+        encoder = TextEncoder.from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{vocab_path}: not a valid vocabulary file ({exc})") from None
+    path = cfg["path"]
+    if path and not Path(path).is_absolute():
+        path = str(root / path)
+    emb, coverage = build_embeddings(encoder.vocab.tokens, dim, cfg["method"], path, cfg["scale"], cfg["seed"])
+    metrics = {
+        "method": cfg["method"],
+        "dim": dim,
+        "vocab_size": len(encoder.vocab),
+        "coverage": coverage,  # null for random: nothing was looked up
+    }
+    save_npy(root / "data/embeddings.npy", emb)
+    write_json(root / "metrics/embed.json", metrics)
+    return metrics
+
+
+def main() -> None:
+    root = project_root()
+    params = load_params(root / "params.yaml")
+    cfg = validate_section(params, "embed", SCHEMA)
+    dim = get_param(params, "train.embed_dim", EMBED_DIM)
+    print(run(cfg, dim, root))
+
+
+if __name__ == "__main__":
+    run_stage(main)
