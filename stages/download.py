@@ -11,6 +11,7 @@ copies may be repacked.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import posixpath
@@ -118,7 +119,9 @@ def read_archive(archive: Path) -> dict[tuple[str, str], dict[int, tuple[int, by
         (s, c): {} for s, classes in SPLITS.items() for c in classes
     }
     try:
-        with tarfile.open(archive, mode="r|gz") as tar:
+        # gzip.GzipFile rather than tarfile's "r|gz": tarfile treats a cut-off gzip
+        # stream as a normal end of archive, GzipFile raises EOFError instead.
+        with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw) as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
             for member in tar:
                 name = _safe_name(archive, member)
                 m = _MEMBER.match(name)
@@ -136,6 +139,8 @@ def read_archive(archive: Path) -> dict[tuple[str, str], dict[int, tuple[int, by
                 f = tar.extractfile(member)
                 assert f is not None  # regular file
                 bucket[rid] = (rating, f.read())
+            while gz.read(1 << 20):  # reach the gzip trailer so truncation and CRC errors surface
+                pass
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise ValueError(f"{archive}: corrupt or truncated archive ({exc})") from None
     except OSError as exc:

@@ -1,0 +1,92 @@
+"""Test helpers usable without pytest fixtures (e.g. from a copied project)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+POSITIVE = ["great", "excellent", "loved", "wonderful", "brilliant", "superb", "enjoyed"]
+NEGATIVE = ["awful", "boring", "terrible", "waste", "worst", "dull", "not good"]
+FILLER = (
+    "the movie film plot actor actress scene story director camera music it was "
+    "and a of to in this that with as for on its his her they script ending"
+).split()
+SPLIT_DIRS = ("train/pos", "train/neg", "train/unsup", "test/pos", "test/neg")
+
+
+def synthetic_review(rng: np.random.Generator, sentiment: str) -> str:
+    """A review of 5-120 words whose sentiment words make the label learnable."""
+    n = int(rng.integers(5, 121))
+    words = list(rng.choice(FILLER, size=n))
+    cues = {"pos": POSITIVE, "neg": NEGATIVE, "unsup": POSITIVE + NEGATIVE}[sentiment]
+    for _ in range(max(1, n // 10)):
+        words[int(rng.integers(0, n))] = str(rng.choice(cues))
+    if n > 20:
+        words.insert(n // 2, "<br /><br />")
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + "."
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    tar.addfile(info)
+
+
+def build_imdb_archive(
+    path: str | Path,
+    n_per_class: int = 20,
+    unsup: int = 10,
+    seed: int = 0,
+    extra_members: Iterable[tarfile.TarInfo | tuple[str, bytes]] | None = None,
+    drop_split: str | None = None,
+) -> Path:
+    """Write a small .tar.gz in the official aclImdb layout and return its path.
+
+    `drop_split` (e.g. "train/unsup") leaves that folder out; `extra_members`
+    are appended as (name, bytes) files or ready-made TarInfo (links etc.).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w:gz") as tar:
+        _add_dir(tar, "aclImdb")
+        _add(tar, "aclImdb/README", b"synthetic IMDB-like data for tests\n")
+        for split in ("train", "test"):
+            _add_dir(tar, f"aclImdb/{split}")
+            for cls in ("pos", "neg", "unsup"):
+                d = f"{split}/{cls}"
+                if d not in SPLIT_DIRS or d == drop_split:
+                    continue
+                _add_dir(tar, f"aclImdb/{d}")
+                count = unsup if cls == "unsup" else n_per_class
+                # Shuffled ids so "sorted by id" differs from insertion order.
+                for rid in rng.permutation(count):
+                    rating = {"pos": rng.integers(7, 11), "neg": rng.integers(1, 5), "unsup": 0}[cls]
+                    text = synthetic_review(rng, cls)
+                    _add(tar, f"aclImdb/{d}/{rid}_{int(rating)}.txt", text.encode("utf-8"))
+        for extra in extra_members or ():
+            if isinstance(extra, tarfile.TarInfo):
+                tar.addfile(extra)
+            else:
+                _add(tar, extra[0], extra[1])
+    return path
+
+
+def write_params(root: Path, text: str) -> Path:
+    """Write params.yaml into a tmp project dir."""
+    p = Path(root) / "params.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p

@@ -1,0 +1,396 @@
+"""Tests for stages.common and the data stages: download, prepare, embed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages import download, embed, prepare
+from stages.common import (
+    Field,
+    ParamsError,
+    atomic_path,
+    load_params,
+    run_stage,
+    save_npz,
+    validate_section,
+    write_json,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCHEMA = {
+    "lr": Field(float, 0.01, min=0, min_exclusive=True),
+    "epochs": Field(int, 3, min=1, max=100),
+    "optimizer": Field(str, "adam", choices=("sgd", "adam", "adamw")),
+    "clip": {"mode": Field(str, "norm", choices=("norm", "value")), "threshold": Field(float, 5.0, min=0)},
+    "seed": Field(int, None, nullable=True),
+}
+
+
+def params(**train) -> dict:
+    return {"train": train}
+
+
+# --- stages.common -----------------------------------------------------------
+
+
+def test_validate_fills_defaults_and_converts_int_to_float():
+    out = validate_section(params(lr=1, clip={"mode": "value"}), "train", TRAIN_SCHEMA)
+    assert out == {
+        "lr": 1.0, "epochs": 3, "optimizer": "adam", "clip": {"mode": "value", "threshold": 5.0}, "seed": None,
+    }
+    assert isinstance(out["lr"], float)
+    assert validate_section({}, "train", TRAIN_SCHEMA)["epochs"] == 3  # all keys have defaults
+
+
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        ({"lr": -0.1}, "params.yaml: train.lr = -0.1: must be > 0"),
+        ({"lr": 0}, "params.yaml: train.lr = 0: must be > 0"),
+        ({"lrr": 0.1}, "params.yaml: unknown key train.lrr (did you mean train.lr?)"),
+        ({"zzz": 1}, "params.yaml: unknown key train.zzz"),
+        ({"optimizer": "adamm"}, "params.yaml: train.optimizer = 'adamm': must be one of sgd, adam, adamw"),
+        ({"lr": "fast"}, "params.yaml: train.lr = 'fast': must be a number"),
+        ({"epochs": 2.5}, "params.yaml: train.epochs = 2.5: must be an integer"),
+        ({"epochs": True}, "params.yaml: train.epochs = true: must be an integer"),
+        ({"lr": True}, "params.yaml: train.lr = true: must be a number"),
+        ({"epochs": 0}, "params.yaml: train.epochs = 0: must be >= 1"),
+        ({"epochs": 101}, "params.yaml: train.epochs = 101: must be <= 100"),
+        ({"epochs": None}, "params.yaml: train.epochs = null: must be an integer"),
+        ({"clip": {"mode": "l3"}}, "params.yaml: train.clip.mode = 'l3': must be one of norm, value"),
+        ({"clip": {"treshold": 1}}, "params.yaml: unknown key train.clip.treshold (did you mean train.clip.threshold?)"),
+        ({"clip": 5}, "params.yaml: train.clip = 5: must be a mapping"),
+        ({"seed": "x"}, "params.yaml: train.seed = 'x': must be an integer or null"),
+    ],
+)
+def test_validate_errors_are_one_line(train, message):
+    with pytest.raises(ParamsError) as exc:
+        validate_section(params(**train), "train", TRAIN_SCHEMA)
+    assert str(exc.value) == message
+
+
+def test_validate_required_key_and_section():
+    schema = {"size": Field(int), "name": Field(str, "x")}
+    with pytest.raises(ParamsError, match=r"^params.yaml: missing section model$"):
+        validate_section({}, "model", schema)
+    with pytest.raises(ParamsError, match=r"^params.yaml: missing required key model.size$"):
+        validate_section({"model": {"name": "y"}}, "model", schema)
+    with pytest.raises(ParamsError, match=r"model = \[1\]: must be a mapping"):
+        validate_section({"model": [1]}, "model", schema)
+
+
+def test_load_params(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("a: [1\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 1e-3\n  n: 5\n")
+    p = load_params(tmp_path / "params.yaml")
+    assert p == {"train": {"lr": 0.001, "n": 5}}  # YAML 1.1 would give the string '1e-3'
+    with pytest.raises(ParamsError, match="^params.yaml: train.n = 5: must be > 10$"):
+        validate_section(p, "train", {"lr": Field(float), "n": Field(int, min=10, min_exclusive=True)})
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert list((tmp_path / "sub").iterdir()) == []
+    write_json(target, {"a": 1.5})
+    assert json.loads(target.read_text()) == {"a": 1.5}
+    save_npz(tmp_path / "x.npz", a=np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "x.npz"]
+    assert np.load(tmp_path / "x.npz")["a"].tolist() == [0, 1, 2]
+
+
+def test_run_stage_exit_codes(capsys):
+    def bad():
+        raise ParamsError("params.yaml: train.lr = -1: must be > 0")
+
+    with pytest.raises(SystemExit) as exc:
+        run_stage(bad)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: params.yaml: train.lr = -1: must be > 0\n"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        run_stage(interrupted)
+    assert exc.value.code == 130
+
+
+# --- download ----------------------------------------------------------------
+
+DATA_CFG = {"url": "unused", "md5": "unused", "limit": None, "retries": 0, "timeout": 1.0}
+
+
+def raw_outputs(root: Path) -> list[Path]:
+    return [p for p in (root / "data/raw/train.parquet", root / "data/raw/test.parquet",
+                        root / "data/raw/unsup.parquet", root / "metrics/download.json") if p.exists()]
+
+
+def test_download_reads_archive(tmp_path, make_imdb_archive):
+    archive = make_imdb_archive(n_per_class=12, unsup=7)
+    metrics = download.run(DATA_CFG, tmp_path, str(archive))
+    train = pd.read_parquet(tmp_path / "data/raw/train.parquet")
+    test = pd.read_parquet(tmp_path / "data/raw/test.parquet")
+    unsup = pd.read_parquet(tmp_path / "data/raw/unsup.parquet")
+    assert list(train.columns) == ["id", "text", "label", "rating"]
+    assert train["label"].dtype == np.int8 and train["rating"].dtype == np.int8
+    assert train["label"].tolist() == [1] * 12 + [0] * 12
+    assert train["id"].tolist() == list(range(12)) * 2  # sorted by (label desc, id)
+    assert train.loc[train.label == 1, "rating"].between(7, 10).all()
+    assert train.loc[train.label == 0, "rating"].between(1, 4).all()
+    assert len(test) == 24 and len(unsup) == 7
+    assert (unsup["label"] == -1).all() and (unsup["rating"] == 0).all()
+    pos_text = " ".join(train.loc[train.label == 1, "text"])
+    assert "<br /><br />" in pos_text and "great" in pos_text or "loved" in pos_text
+    saved = json.loads((tmp_path / "metrics/download.json").read_text())
+    assert saved == metrics
+    assert saved["counts"]["train"] == {"total": 24, "pos": 12, "neg": 12}
+    assert saved["source"] == str(archive) and len(saved["sha256"]) == 64 and saved["decode_errors"] == 0
+
+
+def test_download_limit_is_balanced_and_deterministic(tmp_path, make_imdb_archive):
+    archive = make_imdb_archive(n_per_class=10, unsup=10)
+    download.run({**DATA_CFG, "limit": 5}, tmp_path, str(archive))
+    train = pd.read_parquet(tmp_path / "data/raw/train.parquet")
+    assert train["label"].tolist() == [1, 1, 0, 0, 0]
+    assert train["id"].tolist() == [0, 1, 0, 1, 2]
+    assert len(pd.read_parquet(tmp_path / "data/raw/unsup.parquet")) == 5
+
+
+def test_download_counts_decode_errors(tmp_path, make_imdb_archive):
+    archive = make_imdb_archive(n_per_class=3, extra_members=[("aclImdb/train/pos/99_8.txt", b"caf\xe9 great")])
+    metrics = download.run(DATA_CFG, tmp_path, str(archive))
+    assert metrics["decode_errors"] == 1
+    train = pd.read_parquet(tmp_path / "data/raw/train.parquet")
+    assert train.loc[train.id == 99, "text"].item() == "caf\ufffd great"
+
+
+def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+def _fifo(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.FIFOTYPE
+    return info
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([("../evil.txt", b"x")], "unsafe member path '../evil.txt'"),
+        ([("aclImdb/../../evil.txt", b"x")], "unsafe member path 'aclImdb/../../evil.txt'"),
+        ([("/etc/evil.txt", b"x")], "unsafe member path '/etc/evil.txt'"),
+        ([_link("aclImdb/train/pos/50_9.txt", "/etc/passwd", tarfile.SYMTYPE)], "refusing link member"),
+        ([_link("aclImdb/x", "aclImdb/README", tarfile.LNKTYPE)], "refusing link member 'aclImdb/x'"),
+        ([_fifo("aclImdb/fifo")], "refusing special file member 'aclImdb/fifo'"),
+        ([("aclImdb/train/pos/notes.txt", b"x")], "review file name not <id>_<rating>.txt"),
+    ],
+)
+def test_download_rejects_hostile_members(tmp_path, make_imdb_archive, extra, message):
+    archive = make_imdb_archive(n_per_class=3, extra_members=extra)
+    with pytest.raises(ValueError) as exc:
+        download.run(DATA_CFG, tmp_path, str(archive))
+    assert message in str(exc.value) and str(archive) in str(exc.value)
+    assert "\n" not in str(exc.value)
+    assert raw_outputs(tmp_path) == []
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_download_rejects_truncated_archive(tmp_path, make_imdb_archive, keep):
+    archive = make_imdb_archive(n_per_class=20)
+    data = archive.read_bytes()
+    # At 0.999 every review is present; only the gzip trailer is cut.
+    archive.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match="corrupt or truncated archive"):
+        download.run(DATA_CFG, tmp_path, str(archive))
+    archive.write_bytes(b"not a gzip file at all")
+    with pytest.raises(ValueError, match="corrupt or truncated archive"):
+        download.run(DATA_CFG, tmp_path, str(archive))
+    assert raw_outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize("split", ["train/unsup", "test/neg"])
+def test_download_rejects_missing_split(tmp_path, make_imdb_archive, split):
+    archive = make_imdb_archive(n_per_class=3, drop_split=split)
+    with pytest.raises(ValueError, match=f"missing or empty split aclImdb/{split}$"):
+        download.run(DATA_CFG, tmp_path, str(archive))
+    assert raw_outputs(tmp_path) == []
+
+
+def test_download_fetch_uses_cache_and_checks_md5(tmp_path):
+    cached = tmp_path / "a.tar.gz"
+    cached.write_bytes(b"payload")
+    md5 = download.file_hashes(cached)[0]
+    # A correct cached copy means no network access at all (the URL is bogus).
+    assert download.fetch("http://invalid.invalid/x", cached, md5, retries=0, timeout=1) == cached
+    source = tmp_path / "src.bin"
+    source.write_bytes(b"other bytes")
+    with pytest.raises(ValueError, match="md5 mismatch"):
+        download.fetch(source.as_uri(), tmp_path / "b.tar.gz", md5, retries=0, timeout=1)
+    assert not (tmp_path / "b.tar.gz").exists() and not (tmp_path / "b.tar.gz.part").exists()
+
+
+# --- prepare -----------------------------------------------------------------
+
+PREP_CFG = {"max_len": 50, "truncate": "both", "vocab_size": 1000, "min_freq": 1, "val_fraction": 0.25, "seed": 0}
+
+
+def test_prepare_split_vocab_and_metrics(tmp_path, make_imdb_archive):
+    download.run(DATA_CFG, tmp_path, str(make_imdb_archive(n_per_class=20)))
+    # Words seen only outside the training part must not enter the vocabulary.
+    test = pd.read_parquet(tmp_path / "data/raw/test.parquet")
+    test.loc[0, "text"] = "zzonlyintest " * 3
+    test.to_parquet(tmp_path / "data/raw/test.parquet", index=False)
+    metrics = prepare.run(PREP_CFG, tmp_path)
+
+    vocab = json.loads((tmp_path / "data/prepared/vocab.json").read_text())
+    assert vocab["max_len"] == 50 and vocab["truncate"] == "both" and vocab["tokens"][:2] == ["<pad>", "<unk>"]
+    assert "zzonlyintest" not in vocab["tokens"] and "great" in vocab["tokens"]
+    parts = {n: np.load(tmp_path / f"data/prepared/{n}.npz") for n in ("train", "val", "test")}
+    assert {k: len(v["labels"]) for k, v in parts.items()} == {"train": 30, "val": 10, "test": 40}
+    assert np.bincount(parts["val"]["labels"]).tolist() == [5, 5]  # stratified
+    assert not set(parts["val"]["review_ids"][parts["val"]["labels"] == 1]) & set(
+        parts["train"]["review_ids"][parts["train"]["labels"] == 1])
+    for arr in parts.values():
+        assert arr["ids"].dtype == np.int32 and arr["ids"].shape[1] == 50
+        assert arr["lengths"].dtype == np.int32 and arr["labels"].dtype == np.int8
+        assert arr["review_ids"].dtype == np.int64
+        assert (arr["lengths"] >= 1).all() and (arr["ids"] < len(vocab["tokens"])).all()
+
+    # Val words outside the train part's vocabulary exist, so its OOV rate is positive.
+    saved = json.loads((tmp_path / "metrics/prepare.json").read_text())
+    assert saved == metrics and saved["splits"] == {"train": 30, "val": 10, "test": 40}
+    assert saved["oov_rate"]["train"] == 0.0 and saved["oov_rate"]["test"] > 0
+    assert set(saved["length_percentiles"]) == {"p50", "p90", "p95", "p99"}
+    assert 0 < saved["truncated_fraction"]["train"] < 1  # reviews are 5..120 words
+    assert saved["vocab_size"] == len(vocab["tokens"])
+
+
+def test_prepare_is_deterministic_and_seeded(tmp_path, make_imdb_archive):
+    download.run(DATA_CFG, tmp_path, str(make_imdb_archive(n_per_class=20)))
+    prepare.run(PREP_CFG, tmp_path)
+    first = np.load(tmp_path / "data/prepared/val.npz")["review_ids"].copy()
+    prepare.run(PREP_CFG, tmp_path)
+    assert np.load(tmp_path / "data/prepared/val.npz")["review_ids"].tolist() == first.tolist()
+    prepare.run({**PREP_CFG, "seed": 1}, tmp_path)
+    assert np.load(tmp_path / "data/prepared/val.npz")["review_ids"].tolist() != first.tolist()
+
+
+def test_prepare_missing_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.parquet: not found"):
+        prepare.run(PREP_CFG, tmp_path)
+
+
+# --- embed -------------------------------------------------------------------
+
+TOKENS = ["<pad>", "<unk>", "great", "awful", "film", "Rare"]
+
+
+def write_vocab(root: Path) -> None:
+    write_json(root / "data/prepared/vocab.json", {"tokens": TOKENS, "max_len": 10, "truncate": "head"})
+
+
+def test_embed_random(tmp_path):
+    write_vocab(tmp_path)
+    cfg = {"method": "random", "path": None, "scale": None, "seed": 0}
+    metrics = embed.run(cfg, 16, tmp_path)
+    emb = np.load(tmp_path / "data/embeddings.npy")
+    assert emb.shape == (6, 16) and emb.dtype == np.float32
+    assert (emb[0] == 0).all() and (emb[1:] != 0).all()
+    assert metrics == {"method": "random", "dim": 16, "vocab_size": 6, "coverage": None}
+    big, _ = embed.build_embeddings(["<pad>", "<unk>"] + [f"w{i}" for i in range(4000)], 64, "random", None, None, 0)
+    assert abs(big[1:].std() - 1 / 8) < 0.005  # default scale 1/sqrt(dim)
+
+
+@pytest.mark.parametrize("header", ["", "3 4\n"])
+def test_embed_pretrained_glove_and_word2vec(tmp_path, header):
+    write_vocab(tmp_path)
+    (tmp_path / "vec.txt").write_text(
+        header + "great 1 2 3 4\nmovie 0 0 0 1\nAwful -1 -2 -3 -4\nawful 5 5 5 5\n<pad> 9 9 9 9\n", encoding="utf-8"
+    )
+    cfg = {"method": "pretrained", "path": "vec.txt", "scale": 0.1, "seed": 0}
+    metrics = embed.run(cfg, 4, tmp_path)
+    emb = np.load(tmp_path / "data/embeddings.npy")
+    assert emb[2].tolist() == [1, 2, 3, 4]
+    assert emb[3].tolist() == [5, 5, 5, 5]  # exact match beats the lowercased "Awful"
+    assert (emb[0] == 0).all()
+    assert metrics["coverage"] == pytest.approx(2 / 4)  # great, awful of great/awful/film/Rare
+
+
+def test_embed_pretrained_wrong_dimension(tmp_path):
+    write_vocab(tmp_path)
+    (tmp_path / "vec.txt").write_text("great 1 2 3 4\nfilm 1 2 3\n", encoding="utf-8")
+    cfg = {"method": "pretrained", "path": str(tmp_path / "vec.txt"), "scale": None, "seed": 0}
+    with pytest.raises(ValueError, match=r"vec.txt:2: expected 4 values \(train.embed_dim\), got 3$"):
+        embed.run(cfg, 4, tmp_path)
+    assert not (tmp_path / "data/embeddings.npy").exists() and not (tmp_path / "metrics").exists()
+    with pytest.raises(ValueError, match="embed.path = null"):
+        embed.run({**cfg, "path": None}, 4, tmp_path)
+
+
+# --- scripts end to end ------------------------------------------------------
+
+PARAMS = """
+data: {limit: 16}
+prepare: {max_len: 40, vocab_size: 200, min_freq: 1, val_fraction: 0.25}
+embed: {method: random}
+train: {embed_dim: 8}
+"""
+
+
+def run_script(name: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"} | env
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{name}.py")],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_scripts_run_in_project_dir(tmp_path, make_imdb_archive):
+    archive = make_imdb_archive(n_per_class=10)
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    for name in ("download", "prepare", "embed"):
+        proc = run_script(name, tmp_path, IMDB_ARCHIVE=str(archive))
+        assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "metrics/download.json").read_text())["counts"]["train"]["total"] == 16
+    assert json.loads((tmp_path / "metrics/prepare.json").read_text())["splits"]["val"] == 4
+    assert np.load(tmp_path / "data/embeddings.npy").shape[1] == 8
+
+
+def test_script_errors_are_one_line_exit_2(tmp_path, make_imdb_archive):
+    (tmp_path / "params.yaml").write_text("data: {limitt: 5}\n")
+    proc = run_script("download", tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: params.yaml: unknown key data.limitt (did you mean data.limit?)\n"
+
+    archive = make_imdb_archive(n_per_class=2, extra_members=[("../x.txt", b"x")])
+    (tmp_path / "params.yaml").write_text("data: {}\n")
+    proc = run_script("download", tmp_path, IMDB_ARCHIVE=str(archive))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: ") and "unsafe member path '../x.txt'" in proc.stderr
+    assert raw_outputs(tmp_path) == []
