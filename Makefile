@@ -4,6 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
+# Offline copy of the IMDB archive kept beside the repo (shared/data); when it
+# exists the download stage reads it instead of fetching from the network.
+IMDB_ARCHIVE ?= $(wildcard $(abspath $(CURDIR)/../shared/data/aclImdb_v1_text.tar.gz))
+ifneq ($(IMDB_ARCHIVE),)
+export IMDB_ARCHIVE
+endif
+
 .PHONY: pipeline test bench venv
 
 venv: $(PY)
