@@ -61,13 +61,14 @@ def rnn_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
 def rnn_step_backward(dstate, cache, W_h, out=None):
     """dstate: (da (N, H),), the total gradient reaching a<t>; cache from the forward step.
 
-    Returns dx_proj (N, H) (written into `out` when given) and (da_prev (N, H),).
+    Returns dx_proj (N, H) (written into `out` when given) and (da_prev (N, H),). Like every
+    backward step, it overwrites the arrays of dstate with the previous step's gradients.
     """
     (da,), (a,) = dstate, cache
     dz = np.multiply(a, a, out=out)
     np.subtract(1, dz, out=dz)
     dz *= da
-    return dz, (dz @ W_h.T,)
+    return dz, (np.matmul(dz, W_h.T, out=da),)
 
 
 # ----------------------------------------------------------------------------------------- gru
@@ -118,11 +119,11 @@ def gru_step_backward(dstate, cache, W_h, out=None):
     np.subtract(n, a_prev, out=du)           # du = da * (n - a_prev) * u (1 - u)
     du *= da
     np.multiply(d_ra, a_prev, out=dr)        # dr = d(r a_prev) * a_prev * r (1 - r)
-    s = gates[:, :2 * H] * (1 - gates[:, :2 * H])
-    dz[:, :2 * H] *= s
-    da_prev = dz[:, :2 * H] @ W_h[:, :2 * H].T
-    da_prev += d_ra * r
-    da_prev += da * (1 - u)
+    dz[:, :2 * H] *= gates[:, :2 * H] * (1 - gates[:, :2 * H])
+    d_ra *= r
+    d_ra += da * (1 - u)                     # the two direct paths from a_prev to a
+    da_prev = np.matmul(dz[:, :2 * H], W_h[:, :2 * H].T, out=da)
+    da_prev += d_ra
     return dz, (da_prev,)
 
 
@@ -176,9 +177,9 @@ def gru_after_step_backward(dstate, cache, W_h, out=None):
     dx[:, :2 * H] *= gates[:, :2 * H] * (1 - gates[:, :2 * H])
     dh = dx.copy()
     dh[:, 2 * H:] *= r
-    da_prev = dh @ W_h.T
-    da_prev += da * z
-    return dx, (da_prev,)
+    da *= z                                  # the direct path from a_prev to a
+    da += dh @ W_h.T
+    return dx, (da,)
 
 
 # ---------------------------------------------------------------------------------------- lstm
@@ -210,7 +211,7 @@ def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
 
 def lstm_step_backward(dstate, cache, W_h, out=None):
     """Backward of `lstm_step_forward`. dstate: (da, dc), each (N, H): the total gradients reaching
-    a<t> and c<t>. `dc` is overwritten (it becomes dc_prev).
+    a<t> and c<t>; they are overwritten with da_prev and dc_prev.
 
     Returns dx_proj (N, 4H), the gradient of the pre-activations [i, f, o, g], and
     (da_prev, dc_prev), each (N, H).
@@ -234,7 +235,7 @@ def lstm_step_backward(dstate, cache, W_h, out=None):
     dg *= i
     dg *= dc
     dc *= f
-    return dx, (dx @ W_h.T, dc)
+    return dx, (np.matmul(dx, W_h.T, out=da), dc)
 
 
 # ------------------------------------------------------------------------------------ registry

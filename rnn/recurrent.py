@@ -129,10 +129,7 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
             if trace:
                 norms[k, t, :n] = np.sqrt(np.einsum("ij,ij->i", dk, dk, dtype=np.float64))
             np.copyto(dk, 0, where=np.abs(dk) < tiny)
-        _, d_prev = cell.step_backward(tuple(d[:n] for d in d_state), c.caches[t], W_h,
-                                       out=dX_proj[t, :n])
-        for k in range(cell.states):
-            d_state[k][:n] = d_prev[k]
+        cell.step_backward(tuple(d[:n] for d in d_state), c.caches[t], W_h, out=dX_proj[t, :n])
     flat = dX_proj.reshape(T * B, -1)
     grads = {"W_x": c.X.reshape(T * B, D).T @ flat, "b": flat.sum(0),
              **recurrent_weight_grads(c.kind, c.buffers, dX_proj, W_h)}
