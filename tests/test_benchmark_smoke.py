@@ -1,0 +1,53 @@
+"""benchmarks/speed.py runs end to end on a tiny shape and reports every field (no timing checks)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+KEYS = {"cell", "batch", "steps", "embed", "hidden", "threads", "numpy_train_step_s",
+        "numpy_tokens_per_s", "numpy_infer_tokens_per_s", "torch_train_step_s",
+        "torch_infer_tokens_per_s", "train_ratio", "infer_ratio", "peak_rss_mb", "flush"}
+TORCH_KEYS = {"torch_train_step_s", "torch_infer_tokens_per_s", "train_ratio", "infer_ratio"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--shape", "4x5x8x8", "--repeats", "1",
+                           "--threads", "1", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("vs_torch", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_TORCH, reason="torch is not installed"))])
+def test_json_lines_have_every_key(vs_torch):
+    proc = run("--json", *(["--vs-torch"] if vs_torch else []))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["cell"] for r in rows] == ["rnn", "gru", "lstm"]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert (r["batch"], r["steps"], r["embed"], r["hidden"], r["threads"]) == (4, 5, 8, 8, 1)
+        assert r["flush"] is True and r["numpy_train_step_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["numpy_tokens_per_s"] == pytest.approx(20 / r["numpy_train_step_s"])
+        for key in TORCH_KEYS:
+            assert (r[key] is not None) == vs_torch, key
+
+
+def test_table_with_random_lengths_and_no_flush():
+    proc = run("--cells", "lstm", "--lengths", "random", "--no-flush",
+               *(["--vs-torch"] if HAS_TORCH else []))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "flush=False" in lines[0] and lines[1].split()[0] == "cell"
+    assert lines[2].split()[:2] == ["lstm", "4x5x8x8"]
+
+
+def test_bad_shape_is_a_usage_error():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "4x5"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "BxTxExH" in proc.stderr
