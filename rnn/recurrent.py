@@ -35,6 +35,9 @@ def reverse_index(lengths: np.ndarray, T: int) -> np.ndarray:
     return np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
 
 
+FLUSH_DENORMALS = True     # switch off only to measure what denormal arithmetic costs
+
+
 def flush_threshold(dtype) -> float:
     """Below this, a backpropagated value is set to zero.
 
@@ -113,7 +116,7 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
     d_state = [np.zeros((B, H), c.X.dtype) for _ in range(cell.states)]
     dX_proj = np.zeros((T, B, cell.gates * H), c.X.dtype)
     norms = np.zeros((cell.states, T, B)) if trace else None
-    tiny = flush_threshold(c.X.dtype)
+    tiny = flush_threshold(c.X.dtype) if FLUSH_DENORMALS else 0.0
     active = np.append(c.active, 0)
     W_h = c.params["W_h"]
     for t in range(T - 1, -1, -1):
@@ -128,7 +131,8 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
             dk = d_state[k][:n]
             if trace:
                 norms[k, t, :n] = np.sqrt(np.einsum("ij,ij->i", dk, dk, dtype=np.float64))
-            np.copyto(dk, 0, where=np.abs(dk) < tiny)
+            if tiny:
+                np.copyto(dk, 0, where=np.abs(dk) < tiny)
         cell.step_backward(tuple(d[:n] for d in d_state), c.caches[t], W_h, out=dX_proj[t, :n])
     flat = dX_proj.reshape(T * B, -1)
     grads = {"W_x": c.X.reshape(T * B, D).T @ flat, "b": flat.sum(0),
