@@ -76,6 +76,8 @@ def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
     try:
         meta = json.loads((folder / CONFIG).read_text())
         config = ModelConfig.from_dict(meta["model"])
+        if not _is_float_dtype(config.dtype):
+            raise ValueError(f"dtype {config.dtype!r} is not a floating-point type")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / CONFIG}: bad model config: {e}") from None
     arrays = load_arrays(folder / WEIGHTS)
@@ -84,9 +86,23 @@ def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
     if missing:
         raise ValueError(f"{folder / WEIGHTS}: missing arrays {', '.join(missing)}")
     for name, shape in expected.items():
+        if arrays[name].dtype.kind not in "fiu":
+            raise ValueError(f"{folder / WEIGHTS}: {name} has dtype {arrays[name].dtype}, not numbers")
         if arrays[name].shape != shape:
             raise ValueError(f"{folder / WEIGHTS}: {name} has shape {arrays[name].shape}, "
                              f"config says {shape}")
     params = {k: np.ascontiguousarray(arrays[k], dtype=config.dtype) for k in expected}
-    encoder = json.loads((folder / ENCODER).read_text()) if (folder / ENCODER).is_file() else None
+    encoder = None
+    if (folder / ENCODER).is_file():
+        try:
+            encoder = json.loads((folder / ENCODER).read_text())
+        except ValueError as e:
+            raise ValueError(f"{folder / ENCODER}: not valid JSON ({e})") from None
     return SentimentModel(config, params), encoder, meta.get("metadata", {})
+
+
+def _is_float_dtype(name) -> bool:
+    try:
+        return np.dtype(name).kind == "f"
+    except TypeError:
+        return False
