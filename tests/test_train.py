@@ -1,0 +1,357 @@
+"""The training loop: learning a toy task, early stopping, divergence, Adam's global step,
+reproducibility, and checkpoints that resume to exactly the uninterrupted result, also after the
+process was killed (SIGKILL) or stopped (SIGTERM, SIGINT) in the middle of an epoch."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rnn.io import load_arrays
+from rnn.losses import bce_with_logits
+from rnn.model import ModelConfig, SentimentModel
+from rnn.optim import Adam
+from rnn.train import Dataset, TrainConfig, TrainingDiverged, evaluate, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("seconds", "val_seconds", "tokens_per_s")
+
+
+def toy_data(n: int, seed: int, T: int = 10, V: int = 16, max_len: int = 8) -> Dataset:
+    """Sequences of filler tokens (4..V-1) with one cue, token 2 (label 1) or 3 (label 0), at a
+    random real position; padded with 0 to T > max_len, so the longest distances have no data."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, max_len + 1, n)
+    labels = rng.integers(0, 2, n)
+    ids = rng.integers(4, V, (n, T))
+    ids[np.arange(n), rng.integers(0, lengths)] = np.where(labels == 1, 2, 3)
+    ids[np.arange(T)[None, :] >= lengths[:, None]] = 0
+    return Dataset(ids.astype(np.int32), lengths, labels.astype(np.int8))
+
+
+def toy_model(cell="lstm", reset_after=False, seed=0, **config) -> SentimentModel:
+    cfg = ModelConfig(**{"vocab_size": 16, "cell": cell, "reset_after": reset_after,
+                         "embed_dim": 8, "hidden_size": 8, **config})
+    return SentimentModel.create(cfg, np.random.default_rng(seed))
+
+
+def metrics(result: dict) -> dict:
+    """A fit result without its timing fields."""
+    return {**result, "history": [{k: v for k, v in h.items() if k not in TIMING}
+                                  for h in result["history"]]}
+
+
+class Recorder:
+    """Callback keeping every step's info and a copy of the parameters after every epoch."""
+
+    def __init__(self, model):
+        self.model, self.steps, self.epochs, self.params = model, [], [], []
+
+    def on_step(self, info):
+        self.steps.append(info)
+
+    def on_epoch(self, info):
+        self.epochs.append(info)
+        self.params.append({k: v.copy() for k, v in self.model.params.items()})
+
+
+TRAIN, VAL = toy_data(256, 1), toy_data(128, 2)
+
+
+@pytest.mark.parametrize("cell,reset_after", [("rnn", False), ("gru", False), ("gru", True),
+                                              ("lstm", False)], ids=["rnn", "gru", "gru_after", "lstm"])
+def test_fit_learns_a_toy_task(cell, reset_after):
+    model = toy_model(cell, reset_after)
+    assert evaluate(model, VAL)["accuracy"] < 0.75
+    result = fit(model, Adam(0.03), TRAIN, VAL, TrainConfig(epochs=4, batch_size=16, patience=0),
+                 np.random.default_rng(0))
+    assert result["best_val_accuracy"] >= 0.95
+    assert evaluate(model, VAL)["accuracy"] == result["best_val_accuracy"]
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
+    assert result["steps"] == 4 * 16 and result["history"][-1]["step"] == 64
+    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+
+
+def test_callbacks_and_trace_record():
+    model = toy_model("lstm")
+    rec = Recorder(model)
+    result = fit(model, Adam(0.01), TRAIN, VAL, TrainConfig(epochs=1, batch_size=32, trace_every=1),
+                 np.random.default_rng(0), callbacks=[rec])
+    assert [s["step"] for s in rec.steps] == list(range(1, 9))
+    assert [s["batch"] for s in rec.steps] == list(range(1, 9)) and rec.steps[0]["batches"] == 8
+    assert sum(s["tokens"] for s in rec.steps) == TRAIN.lengths.sum()
+    for s in rec.steps:
+        assert s["grad_norm"] == pytest.approx(np.sqrt(sum(v * v for v in s["group_norms"].values())))
+        assert s["grad_norm_clipped"] == pytest.approx(min(s["grad_norm"], 5.0), rel=1e-6)
+    record = rec.epochs[0]
+    assert set(record) >= {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                           "seconds", "val_seconds", "tokens_per_s", "grad_norm_mean", "grad_norm_max",
+                           "clipped_fraction", "trace"}
+    assert record["train_loss"] == pytest.approx(np.mean([s["loss"] for s in rec.steps]))
+    assert record["val_loss"] == pytest.approx(evaluate(model, VAL)["loss"])
+    trace = result["traces"][0]
+    assert set(trace) == {"a", "c"} and len(trace["a"]) == TRAIN.ids.shape[1]
+    assert all(v is not None and v > 0 for v in trace["a"][:8]) and trace["a"][8:] == [None, None]
+
+
+def test_evaluate():
+    model = toy_model("gru")
+    logits = model.forward(VAL.ids, VAL.lengths)[0]
+    got = evaluate(model, VAL, batch_size=7)
+    assert got["loss"] == pytest.approx(bce_with_logits(logits.astype(np.float64), VAL.labels)[0], rel=1e-6)
+    assert got["accuracy"] == np.mean((logits > 0) == (VAL.labels == 1))
+
+
+@pytest.mark.parametrize("n,batch_size", [(5, 1), (9, 4)])
+def test_batches_of_one(n, batch_size):
+    data = toy_data(n, 3)
+    model = toy_model("gru", reset_after=True, dropout=0.3, bidirectional=True)
+    rec = Recorder(model)
+    result = fit(model, Adam(0.01), data, data, TrainConfig(epochs=2, batch_size=batch_size),
+                 np.random.default_rng(0), callbacks=[rec])
+    assert result["steps"] == 2 * -(-n // batch_size)
+    assert all(np.isfinite(s["loss"]) for s in rec.steps)
+
+
+def test_early_stopping_restores_the_best_epoch():
+    """Validation labels are the training labels flipped: learning makes validation worse, so
+    training stops after `patience` epochs without improvement and the best epoch comes back."""
+    flipped = TRAIN._replace(labels=(1 - TRAIN.labels).astype(np.int8))
+    model = toy_model("lstm")
+    rec = Recorder(model)
+    result = fit(model, Adam(0.03), TRAIN, flipped, TrainConfig(epochs=6, batch_size=16, patience=2),
+                 np.random.default_rng(0), callbacks=[rec])
+    accs = [h["val_accuracy"] for h in result["history"]]
+    assert result["stopped_early"] and len(accs) < 6
+    assert result["best_epoch"] == int(np.argmax(accs)) + 1 == len(accs) - 2
+    assert result["best_val_accuracy"] == max(accs)
+    best = rec.params[result["best_epoch"] - 1]
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(p, best[name], err_msg=name)
+    assert not np.array_equal(model.params["fc.W"], rec.params[-1]["fc.W"])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("poisoned,message", [("rnn.l0.W_x", "gradient norm nan"), ("fc.b", "loss nan")])
+def test_divergence_names_epoch_and_step(tmp_path, poisoned, message):
+    """A parameter set to inf after step 10 (epoch 2, batch 2) makes step 11 non-finite."""
+    model = toy_model("rnn")
+
+    class Poison:
+        def on_step(self, info):
+            if info["epoch"] == 2 and info["batch"] == 2:
+                model.params[poisoned].reshape(-1)[0] = np.inf
+
+    with pytest.raises(TrainingDiverged, match=rf"^epoch 2, step 11: .*{message}"):
+        fit(model, Adam(0.01), TRAIN, VAL, TrainConfig(epochs=3, batch_size=32), np.random.default_rng(0),
+            checkpoint_dir=tmp_path, callbacks=[Poison()])
+    meta = json.loads(load_arrays(tmp_path / "checkpoint.npz")["meta_json"].tobytes())
+    assert meta["run"]["epoch"] == 1 and meta["optimizer_t"] == 8, "the epoch-1 checkpoint is kept"
+
+
+class CheckedAdam(Adam):
+    """Adam that checks each update against Algorithm 1 with t = the number of steps so far."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.m, self.v, self.worst = 0, {}, {}, 0.0
+
+    def step(self, params, grads):
+        before = {k: params[k].copy() for k in grads}
+        grads_copy = {k: np.array(g, copy=True) for k, g in grads.items()}
+        super().step(params, grads)
+        self.calls += 1
+        k = self.calls
+        for name, g in grads_copy.items():
+            m = self.m[name] = self.b1 * self.m.get(name, 0) + (1 - self.b1) * g
+            v = self.v[name] = self.b2 * self.v.get(name, 0) + (1 - self.b2) * g * g
+            update = self.lr * (m / (1 - self.b1 ** k)) / (np.sqrt(v / (1 - self.b2 ** k)) + self.eps)
+            err = np.abs(before[name] - update - params[name]).max() / np.abs(update).max()
+            self.worst = max(self.worst, err)
+
+
+def test_adam_bias_correction_uses_the_global_step_across_epochs():
+    model = toy_model("gru", freeze_embedding=True).astype(np.float64)   # dense gradients only
+    opt = CheckedAdam(0.01)
+    result = fit(model, opt, TRAIN, VAL, TrainConfig(epochs=2, batch_size=64, patience=0),
+                 np.random.default_rng(0))
+    assert opt.t == opt.calls == result["steps"] == 2 * 4
+    assert opt.worst < 1e-9, f"an update deviates from Adam with the global step by {opt.worst:.3g}"
+
+
+def test_same_seed_same_run_and_different_seed_different_run():
+    runs = []
+    for seed in (0, 0, 1):
+        model = toy_model("lstm", seed=seed, dropout=0.3, num_layers=2)
+        rec = Recorder(model)
+        fit(model, Adam(0.01), TRAIN, VAL, TrainConfig(epochs=1, batch_size=64),
+            np.random.default_rng(seed), callbacks=[rec])
+        runs.append(([s["loss"] for s in rec.steps], model.params))
+    (loss_a, p_a), (loss_b, p_b), (loss_c, p_c) = runs
+    assert loss_a == loss_b
+    for name in p_a:
+        assert p_a[name].tobytes() == p_b[name].tobytes(), name
+    assert loss_a != loss_c and not np.array_equal(p_a["fc.W"], p_c["fc.W"])
+
+
+# --------------------------------------------------------------------------------- checkpoints
+RESUME_CFG = TrainConfig(epochs=3, batch_size=32, patience=0, trace_every=3)
+
+
+def resume_model(seed=0):
+    return toy_model("lstm", seed=seed, dropout=0.3, bidirectional=True, num_layers=2)
+
+
+def test_resume_after_one_epoch_equals_uninterrupted_run(tmp_path):
+    reference = resume_model()
+    expected = fit(reference, Adam(0.01), TRAIN, VAL, RESUME_CFG, np.random.default_rng(5))
+    first = resume_model()
+    fit(first, Adam(0.01), TRAIN, VAL, TrainConfig(**{**RESUME_CFG.__dict__, "epochs": 1}),
+        np.random.default_rng(5), checkpoint_dir=tmp_path)
+    # a fresh process would start from other weights, optimizer state and rng: all must come back
+    resumed = resume_model(seed=99)
+    rec = Recorder(resumed)
+    got = fit(resumed, Adam(0.01), TRAIN, VAL, RESUME_CFG, np.random.default_rng(99),
+              checkpoint_dir=tmp_path, callbacks=[rec])
+    assert rec.steps[0]["epoch"] == 2 and rec.steps[0]["step"] == 9, "it must resume, not restart"
+    for name, p in reference.params.items():
+        assert np.array_equal(resumed.params[name], p), name
+    assert metrics(got) == metrics(expected)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    fit(toy_model("gru"), Adam(0.01), TRAIN, VAL, TrainConfig(epochs=1, batch_size=64),
+        np.random.default_rng(0), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="checkpoint does not match the model"):
+        fit(toy_model("lstm"), Adam(0.01), TRAIN, VAL, TrainConfig(epochs=2, batch_size=64),
+            np.random.default_rng(0), checkpoint_dir=tmp_path)
+
+
+SCRIPT = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import numpy as np
+from rnn.io import save_arrays
+from rnn.model import ModelConfig, SentimentModel
+from rnn.optim import Adam
+from rnn.train import Dataset, TrainConfig, TrainingInterrupted, fit
+
+{toy_data}
+
+mode, checkpoint_dir, out = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3])
+marker, go = out.with_suffix(".paused"), out.with_suffix(".go")
+
+
+class Pause:
+    steps = 0
+
+    def on_step(self, info):
+        Pause.steps += 1
+        if mode == "pause" and info["epoch"] == 2 and info["batch"] == 3:
+            marker.write_text("paused")            # the test now signals or kills this process
+            deadline = time.monotonic() + 60
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+cfg = ModelConfig(vocab_size=16, cell="lstm", embed_dim=8, hidden_size=8, dropout=0.3,
+                  bidirectional=True, num_layers=2)
+model = SentimentModel.create(cfg, np.random.default_rng(0))
+try:
+    result = fit(model, Adam(0.01), toy_data(256, 1), toy_data(128, 2),
+                 TrainConfig(epochs=3, batch_size=32, patience=0, trace_every=3),
+                 np.random.default_rng(5), checkpoint_dir=checkpoint_dir, callbacks=[Pause()])
+except TrainingInterrupted as e:
+    print(e)
+    sys.exit(3)
+save_arrays(out, model.params)
+timing = {timing!r}
+result["history"] = [{{k: v for k, v in h.items() if k not in timing}} for h in result["history"]]
+out.with_suffix(".json").write_text(json.dumps({{"result": result, "steps_run": Pause.steps}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def train_script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("script") / "train_toy.py"
+    path.write_text(SCRIPT.format(root=str(ROOT), toy_data=inspect.getsource(toy_data), timing=TIMING))
+    return path
+
+
+def run_script(script: Path, mode: str, checkpoint_dir, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), mode, str(checkpoint_dir or ""), str(out)],
+                          capture_output=True, text=True, timeout=180)
+
+
+def start_paused(script: Path, checkpoint_dir: Path, out: Path) -> subprocess.Popen:
+    """Start a run and wait until it sits inside step 3 of epoch 2."""
+    proc = subprocess.Popen([sys.executable, str(script), "pause", str(checkpoint_dir), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not out.with_suffix(".paused").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run never reached the pause point: {proc.communicate()}")
+        time.sleep(0.01)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(train_script, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "params.npz"
+    proc = run_script(train_script, "run", None, out)
+    assert proc.returncode == 0, proc.stderr
+    return load_arrays(out), json.loads(out.with_suffix(".json").read_text())
+
+
+def finish_and_compare(train_script, checkpoint_dir, tmp_path, uninterrupted, steps_expected):
+    out = tmp_path / "resumed.npz"
+    proc = run_script(train_script, "run", checkpoint_dir, out)
+    assert proc.returncode == 0, proc.stderr
+    params, record = load_arrays(out), json.loads(out.with_suffix(".json").read_text())
+    ref_params, ref_record = uninterrupted
+    assert record["steps_run"] == steps_expected, "the rerun must resume, not start over"
+    assert set(params) == set(ref_params)
+    for name in ref_params:
+        assert np.array_equal(params[name], ref_params[name]), name
+    assert record["result"] == ref_record["result"]
+
+
+def checkpoint_meta(checkpoint_dir: Path) -> dict:
+    return json.loads(load_arrays(checkpoint_dir / "checkpoint.npz")["meta_json"].tobytes())
+
+
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(train_script, uninterrupted, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = start_paused(train_script, ckpt, tmp_path / "killed.npz")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    meta = checkpoint_meta(ckpt)
+    assert meta["run"]["epoch"] == 1 and meta["run"]["partial"] is None
+    finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, steps_expected=2 * 8)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_epoch_saves_checkpoint_and_resumes_exactly(train_script, uninterrupted, tmp_path, sig):
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "stopped.npz"
+    proc = start_paused(train_script, ckpt, out)
+    os.kill(proc.pid, sig)
+    out.with_suffix(".go").write_text("go")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    assert "interrupted in epoch 2 after batch 3; checkpoint saved" in stdout
+    meta = checkpoint_meta(ckpt)
+    assert meta["run"]["epoch"] == 1 and meta["run"]["position"] == 3 and meta["optimizer_t"] == 11
+    assert meta["run"]["partial"] is not None
+    finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, steps_expected=5 + 8)
