@@ -12,3 +12,5 @@ from .io import read_model, save_model
 
 __all__ = ["ModelConfig", "SentimentModel", "SGD", "Adam", "AdamW", "clip_gradients", "global_norm",
            "make_optimizer", "Dataset", "TrainConfig", "evaluate", "fit", "read_model", "save_model"]
+from .predict import Predictor, load_model  # noqa: E402
+__all__ += ["Predictor", "load_model"]
