@@ -1,0 +1,290 @@
+"""The `rnn` command (also `python -m rnn`): use trained models and list tracked runs.
+
+    rnn predict  --model models/lstm "A wonderful film." ...   (or --file F, or standard input)
+    rnn evaluate --model models/lstm --dir aclImdb/test         (or --csv F with text,label columns)
+    rnn explain  --model models/lstm "Not a bad film at all"    [--no-color] [--html page.html]
+    rnn runs     [--experiment NAME] [--tracking-uri URI]
+
+Errors are reported in one line on stderr with exit status 2. pandas and mlflow are imported
+only by the subcommands that need them.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+from pathlib import Path
+
+from .io import atomic_file
+from .metrics import binary_metrics
+from .predict import LABELS, load_model
+from .text import tokenize
+
+LABEL_VALUES = {"1": 1, "1.0": 1, "pos": 1, "positive": 1, "0": 0, "0.0": 0, "neg": 0, "negative": 0}
+DEFAULT_EXPERIMENT = "imdb-sentiment"
+# Columns of `rnn runs`: train settings (params "train.<name>", or the cell's override
+# "train.overrides.<cell>.<name>"), then metrics as logged by the train and evaluate stages.
+RUN_PARAMS = ("optimizer", "lr", "hidden_size", "num_layers", "pooling", "dropout")
+RUN_METRICS = {"test_acc": "test_accuracy", "test_auc": "test_roc_auc",
+               "best_val_acc": "best_val_accuracy", "epochs": "epochs_run"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as e:
+        print(f"rnn {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnn", description="Use trained sentiment models; list tracked runs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, run, help):
+        s = sub.add_parser(name, help=help, description=help)
+        s.set_defaults(run=run)
+        if name != "runs":
+            s.add_argument("--model", required=True, help="model folder, e.g. models/lstm")
+        return s
+
+    s = command("predict", _predict, "Label reviews as positive or negative.")
+    s.add_argument("texts", nargs="*", help="reviews (default: --file, else standard input, one per line)")
+    s.add_argument("--file", help="a text file with one review per line, or a .csv with a 'text' column")
+    s.add_argument("--json", action="store_true",
+                   help="print JSON lines {text, label, probability (of that label), p_positive}")
+
+    s = command("evaluate", _evaluate, "Score a model on labelled reviews.")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dir", help="folder with pos/ and neg/ subfolders of .txt reviews (aclImdb layout)")
+    src.add_argument("--csv", help="a .csv with 'text' and 'label' (1/0, pos/neg, positive/negative) columns")
+    s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+    s = command("explain", _explain, "Show how much each word moved the prediction (leave-one-out).")
+    s.add_argument("text", nargs="*", help="the review (default: standard input)")
+    s.add_argument("--top", type=int, default=10, help="how many of the strongest words to list")
+    s.add_argument("--no-color", action="store_true", help="plain text with scores instead of colours")
+    s.add_argument("--html", help="also write a self-contained HTML page highlighting the words")
+
+    s = command("runs", _runs, "List the MLflow runs of an experiment.")
+    s.add_argument("--experiment", help="default: params.yaml mlflow.experiment, else " + DEFAULT_EXPERIMENT)
+    s.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db")
+    return p
+
+
+# ------------------------------------------------------------------------------------ predict
+def _predict(args) -> int:
+    predictor = load_model(args.model)
+    if args.texts and args.file:
+        raise ValueError("give reviews as arguments or with --file, not both")
+    texts = args.texts or (_read_texts(Path(args.file)) if args.file else _stdin_lines())
+    if not texts:
+        raise ValueError(f"no reviews in {args.file or 'standard input'}")
+    probs = predictor.predict_proba(texts)
+    if args.json:
+        for text, p in zip(texts, probs):
+            label = LABELS[int(p >= 0.5)]
+            print(json.dumps({"text": text, "label": label, "probability": round(float(max(p, 1 - p)), 6),
+                              "p_positive": round(float(p), 6)}, ensure_ascii=False))
+        return 0
+    print(f"{'label':<9} {'prob':>5}  text")
+    for text, p in zip(texts, probs):
+        print(f"{LABELS[int(p >= 0.5)]:<9} {max(p, 1 - p):5.3f}  {_shorten(text, 70)}")
+    return 0
+
+
+def _read_texts(path: Path) -> list[str]:
+    """Reviews of a .csv's 'text' column, or the non-blank lines of any other file."""
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path, ["text"])["text"].tolist()
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_csv(path: Path, columns: list[str]):
+    import pandas as pd
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except ValueError as e:          # pandas ParserError and EmptyDataError are ValueErrors
+        raise ValueError(f"{path}: not a readable CSV file: {e}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} "
+                         f"(columns: {', '.join(map(str, df.columns))})")
+    return df
+
+
+def _stdin_lines() -> list[str]:
+    if sys.stdin.isatty():
+        print("reading reviews from standard input, one per line; end with Ctrl-D", file=sys.stderr)
+    return [line for line in sys.stdin.read().splitlines() if line.strip()]
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# ----------------------------------------------------------------------------------- evaluate
+def _evaluate(args) -> int:
+    predictor = load_model(args.model)
+    source = Path(args.dir or args.csv)
+    texts, labels = _read_labelled_dir(source) if args.dir else _read_labelled_csv(source)
+    m = binary_metrics(labels, predictor.predict_proba(texts))
+    positives = sum(labels)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": str(source), **m}))
+        return 0
+    print(f"model      {args.model}\ndata       {source}: {m['n']} reviews "
+          f"({positives} positive, {m['n'] - positives} negative)")
+    for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"):
+        print(f"{k:<10} {'n/a (one class only)' if m[k] is None else format(m[k], '.4f')}")
+    (tn, fp), (fn, tp) = m["confusion"]
+    w = max(len(str(m["n"])), 9)
+    print(f"\nconfusion   {'predicted':>{2 * w + 1}}\n{'actual':<11} {'negative':>{w}} {'positive':>{w}}")
+    print(f"{'negative':<11} {tn:>{w}} {fp:>{w}}\n{'positive':<11} {fn:>{w}} {tp:>{w}}")
+    return 0
+
+
+def _read_labelled_dir(folder: Path) -> tuple[list[str], list[int]]:
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
+    texts, labels = [], []
+    for label, name in ((1, "pos"), (0, "neg")):
+        for f in sorted((folder / name).glob("*.txt")):
+            # Corpora other than IMDB are not always clean UTF-8; a stray byte should not stop scoring.
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            labels.append(label)
+    if not texts:
+        raise ValueError(f"{folder}: no reviews in pos/*.txt or neg/*.txt")
+    return texts, labels
+
+
+def _read_labelled_csv(path: Path) -> tuple[list[str], list[int]]:
+    df = _read_csv(path, ["text", "label"])
+    labels = []
+    for row, value in enumerate(df["label"], start=2):       # row 1 is the header
+        label = LABEL_VALUES.get(value.strip().lower())
+        if label is None:
+            raise ValueError(f"{path}: line {row}: label {value!r} is not one of "
+                             "1/0, pos/neg, positive/negative")
+        labels.append(label)
+    if not labels:
+        raise ValueError(f"{path}: no reviews")
+    return df["text"].tolist(), labels
+
+
+# ------------------------------------------------------------------------------------ explain
+def _explain(args) -> int:
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    predictor = load_model(args.model)
+    text = " ".join(args.text) if args.text else sys.stdin.read()
+    p = float(predictor.predict_proba([text])[0])
+    label = LABELS[int(p >= 0.5)]
+    words = predictor.explain(text)
+    print(f"{label} {max(p, 1 - p):.3f}")
+    if not words:
+        print("no words to explain")
+        return 0
+    scale = max(abs(s) for _, s in words) or 1.0
+    color = not args.no_color and "NO_COLOR" not in os.environ
+    print(" ".join(_ansi(w, s / scale) if color else f"{w}({s:+.2f})" for w, s in words))
+    total = len(tokenize(text))
+    if total > len(words):
+        print(f"(the model reads {len(words)} of the {total} words: truncate={predictor.encoder.truncate})")
+    print("\nstrongest words (change in logit when left out):")
+    for w, s in sorted(words, key=lambda ws: -abs(ws[1]))[:args.top]:
+        print(f"  {s:+7.3f}  {_ansi(w, s / scale) if color else w}")
+    if args.html:
+        with atomic_file(args.html, "w") as f:
+            f.write(_html_page(words, scale, label, max(p, 1 - p), args.model))
+        print(f"\nwrote {args.html}")
+    return 0
+
+
+def _ansi(word: str, t: float) -> str:
+    """`word` in green (t > 0) or red (t < 0), from grey at t = 0 to full colour and bold at |t| = 1."""
+    target = (0, 200, 0) if t > 0 else (230, 40, 40)
+    r, g, b = (round(150 + (c - 150) * abs(t)) for c in target)
+    bold = "1;" if abs(t) > 0.5 else ""
+    return f"\x1b[{bold}38;2;{r};{g};{b}m{word}\x1b[0m"
+
+
+def _html_page(words: list[tuple[str, float]], scale: float, label: str, prob: float, model: str) -> str:
+    spans = " ".join(
+        f'<span title="{s:+.3f}" style="background:rgba({"0,170,0" if s > 0 else "220,30,30"},'
+        f'{abs(s) / scale * 0.8:.2f})">{html.escape(w)}</span>' for w, s in words)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>rnn explain: {label}</title>
+<style>body{{font:17px/1.9 sans-serif;max-width:46em;margin:2em auto;padding:0 1em}}
+span{{padding:.1em .15em;border-radius:.2em}} small{{color:#666}}</style></head>
+<body><h1>{label} <small>{prob:.3f}</small></h1>
+<p>{spans}</p>
+<p><small>Green words pushed the prediction towards positive, red towards negative (the change in
+the logit when the word is left out; hover for the value). Model: {html.escape(model)}</small></p>
+</body></html>
+"""
+
+
+# --------------------------------------------------------------------------------------- runs
+def _runs(args) -> int:
+    root = _project_root()
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    experiment = args.experiment or _params_experiment(root) or DEFAULT_EXPERIMENT
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ValueError(f"no MLflow store at {uri[len('sqlite:///'):]}: nothing tracked yet")
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ValueError(f"no experiment {experiment!r} in {uri}")
+        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                                  max_results=10_000)
+    except MlflowException as e:
+        raise ValueError(f"{uri}: {e.message}") from None
+    if not runs:
+        print(f"no runs in experiment {experiment!r} ({uri})")
+        return 0
+    rows = []
+    for r in runs:
+        params, metrics, cell = r.data.params, r.data.metrics, r.data.tags.get("cell")
+        row = {"run": r.info.run_name, "cell": cell, "status": r.info.status,
+               "started": pd.Timestamp(r.info.start_time, unit="ms").strftime("%Y-%m-%d %H:%M")}
+        for k in RUN_PARAMS:
+            row[k] = params.get(f"train.overrides.{cell}.{k}", params.get(f"train.{k}"))
+        row.update({header: metrics.get(name) for header, name in RUN_METRICS.items()})
+        rows.append(row)
+    table = pd.DataFrame(rows).dropna(axis=1, how="all")
+    print(f"experiment {experiment!r} ({uri}): {len(rows)} run{'s' * (len(rows) > 1)}, newest first")
+    print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def _project_root() -> Path:
+    """$DVC_ROOT, else the nearest directory upward from here holding params.yaml or dvc.yaml."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    marked = (d for d in (cwd, *cwd.parents) if (d / "params.yaml").is_file() or (d / "dvc.yaml").is_file())
+    return next(marked, cwd)
+
+
+def _params_experiment(root: Path) -> str | None:
+    path = root / "params.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    mlflow = params.get("mlflow") if isinstance(params, dict) else None
+    return mlflow.get("experiment") if isinstance(mlflow, dict) else None
