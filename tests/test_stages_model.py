@@ -1,0 +1,269 @@
+"""The train / evaluate / compare stages' own logic, on tiny synthetic prepared data (fast).
+
+The real `dvc repro` of the whole pipeline is in test_pipeline_e2e.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages import compare, evaluate, train
+from stages.common import ParamsError, load_params, validate_section
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _params(train_section: dict | None = None, **sections) -> dict:
+    return {"train": train_section or {}, **sections}
+
+
+# ------------------------------------------------------------------------------------ params
+def test_defaults_fill_an_empty_section():
+    cfg = train.cell_config(_params(), "lstm")
+    assert cfg["epochs"] == 6 and cfg["lr"] == 0.002 and cfg["optimizer"] == "adam"
+    assert cfg["clip"] == {"mode": "norm", "threshold": 5.0}
+    assert cfg["pooling"] == "last" and cfg["reset_after"] is False
+    assert train.train_section(_params())["cells"] == ["rnn", "gru", "lstm"]
+
+
+def test_overrides_apply_to_their_cell_only_and_merge_nested_keys():
+    params = _params({"lr": 0.01, "clip": {"mode": "value", "threshold": 2.0},
+                      "overrides": {"lstm": {"lr": 0.001, "clip": {"threshold": 1}}, "gru": None}})
+    lstm = train.cell_config(params, "lstm")
+    assert lstm["lr"] == 0.001
+    assert lstm["clip"] == {"mode": "value", "threshold": 1.0}   # mode kept, int made float
+    assert train.cell_config(params, "gru")["lr"] == 0.01
+    assert train.cell_config(params, "rnn")["clip"]["threshold"] == 2.0
+
+
+def test_override_defaults_do_not_mask_the_base_section():
+    # An override naming only `epochs` must not reset lr to its schema default.
+    params = _params({"lr": 0.05, "overrides": {"rnn": {"epochs": 2}}})
+    cfg = train.cell_config(params, "rnn")
+    assert (cfg["epochs"], cfg["lr"]) == (2, 0.05)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"lrr": 0.1}, "unknown key train.lrr (did you mean train.lr?)"),
+    ({"lr": -0.1}, "train.lr = -0.1: must be > 0"),
+    ({"optimizer": "adagrad"}, "train.optimizer = 'adagrad': must be one of sgd, adam, adamw"),
+    ({"pooling": "attention"}, "train.pooling = 'attention': must be one of last, mean, max"),
+    ({"clip": {"mode": "global"}}, "train.clip.mode = 'global': must be one of none, value, norm"),
+    ({"cells": ["rnn", "lstn"]}, "train.cells = ['rnn', 'lstn']: unknown cell 'lstn' (did you mean lstm?)"),
+    ({"cells": []}, "train.cells = []: must list at least one of rnn, gru, lstm"),
+    ({"cells": ["gru", "gru"]}, "lists a cell twice"),
+    ({"epochs": True}, "train.epochs = true: must be an integer"),
+    ({"overrides": {"lsmt": {"lr": 0.1}}}, "unknown key train.overrides.lsmt (did you mean train.overrides.lstm?)"),
+    ({"overrides": {"gru": {"dropout": 1.5}}}, "train.overrides.gru.dropout = 1.5: must be <= 0.95"),
+    ({"overrides": {"gru": {"cells": ["gru"]}}}, "unknown key train.overrides.gru.cells"),
+])
+def test_bad_settings_fail_with_one_line_naming_key_and_value(section, message):
+    with pytest.raises(ParamsError) as info:
+        train.cell_config(_params(section), "gru")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_cell_argument_is_refused():
+    with pytest.raises(ValueError, match="unknown cell 'transformer'"):
+        train.cell_config(_params(), "transformer")
+
+
+def test_project_params_yaml_validates_with_the_documented_defaults():
+    params = load_params(REPO / "params.yaml")
+    section = train.train_section(params)
+    assert section["cells"] == ["rnn", "gru", "lstm"]
+    cfg = train.cell_config(params, "lstm")
+    assert (cfg["epochs"], cfg["batch_size"], cfg["optimizer"], cfg["hidden_size"]) == (6, 64, "adam", 128)
+    assert cfg["clip"] == {"mode": "norm", "threshold": 5.0} and cfg["seed"] == 0
+    evaluate.check_edges(validate_section(params, "evaluate", evaluate.SCHEMA)["length_edges"])
+
+
+def test_model_config_keeps_reset_after_to_the_gru():
+    cfg = train.cell_config(_params({"reset_after": True}), "lstm")
+    assert train.model_config(cfg, "lstm", 50).reset_after is False
+    assert train.model_config(cfg, "gru", 50).kind == "gru_after"
+
+
+# ----------------------------------------------------------------------------- csv writers
+def test_history_csv_has_one_row_per_epoch_in_column_order():
+    record = {c: i + 0.5 for i, c in enumerate(train.HISTORY_COLUMNS)} | {"epoch": 1, "step": 9}
+    rows = list(csv.reader(io.StringIO(train.history_csv([record, {**record, "epoch": 2}]))))
+    assert rows[0] == list(train.HISTORY_COLUMNS)
+    assert [r[0] for r in rows[1:]] == ["1", "2"]
+    assert float(rows[1][rows[0].index("val_accuracy")]) == record["val_accuracy"]
+
+
+def test_grad_trace_rows_skip_missing_distances_and_keep_zero_norms():
+    traces = [{"a": [0.1, None, 0.0], "c": [0.0, 0.01]}, {"a": [1.0]}]
+    rows = train.grad_trace_rows(traces)
+    assert rows == [(1, 0, "a", 0.1, -1.0), (1, 2, "a", 0.0, ""), (1, 0, "c", 0.0, ""),
+                    (1, 1, "c", 0.01, -2.0), (2, 0, "a", 1.0, 0.0)]
+    parsed = list(csv.DictReader(io.StringIO(train.grad_trace_csv(rows))))
+    assert list(parsed[0]) == list(train.TRACE_COLUMNS) and len(parsed) == 5
+    series = compare.last_epoch_trace(parsed)
+    assert list(series) == ["a"] and series["a"][1].tolist() == [1.0]
+    first = train.trace_series(rows, 1)
+    assert first["c"][0].tolist() == [0, 1] and first["a"][1].tolist() == [0.1, 0.0]
+
+
+def test_no_trace_gives_a_header_only_csv():
+    assert train.grad_trace_csv(train.grad_trace_rows([{}, {}])) == ",".join(train.TRACE_COLUMNS) + "\n"
+
+
+# --------------------------------------------------------------------------- length buckets
+def test_length_buckets_bound_labels_and_accuracy():
+    lengths = np.array([5, 99, 100, 250, 399, 400, 1000])
+    correct = np.array([1, 0, 1, 1, 0, 1, 1], dtype=bool)
+    rows = evaluate.length_buckets(lengths, correct, [100, 200, 400])
+    assert [(r["bucket"], r["count"], r["accuracy"]) for r in rows] == [
+        ("<100", 2, 0.5), ("100-200", 1, 1.0), ("200-400", 2, 0.5), (">=400", 2, 1.0)]
+    assert (rows[1]["min_length"], rows[1]["max_length"], rows[-1]["max_length"]) == (100, 200, None)
+
+
+def test_length_buckets_leave_out_empty_buckets():
+    rows = evaluate.length_buckets(np.array([10, 20]), np.array([True, False]), [100, 200])
+    assert [(r["bucket"], r["count"], r["accuracy"]) for r in rows] == [("<100", 2, 0.5)]
+
+
+@pytest.mark.parametrize("edges", [[100, 100], [200, 100], [0, 10], [1.5], [True]])
+def test_bad_length_edges_are_refused(edges):
+    with pytest.raises(ParamsError, match="evaluate.length_edges"):
+        evaluate.check_edges(edges)
+
+
+# ---------------------------------------------------------------------------------- summary
+def _row(cell: str, acc: float, auc: float | None = 0.9) -> dict:
+    return compare.summary_row(
+        cell,
+        {"best_val_accuracy": acc - 0.01, "best_epoch": 2, "epochs_run": 3, "train_seconds": 12.34,
+         "num_parameters": 1000},
+        {"accuracy": acc, "f1": acc - 0.02, "roc_auc": auc})
+
+
+def test_summary_csv_and_markdown():
+    rows = [_row("rnn", 0.6, None), _row("lstm", 0.85)]
+    parsed = list(csv.DictReader(io.StringIO(compare.summary_csv(rows))))
+    assert [r["cell"] for r in parsed] == ["rnn", "lstm"]
+    assert parsed[0]["test_auc"] == "" and float(parsed[1]["test_auc"]) == 0.9
+    assert list(parsed[0]) == list(compare.COLUMNS)
+    md = compare.summary_markdown(rows)
+    assert "| rnn | 0.6000 | 0.5800 | n/a | 0.5900 | 2 | 3 | 12.3 | 1000 |" in md
+    assert "Best test accuracy: **lstm** (0.8500)" in md
+    assert "(val_accuracy.png)" in md and "(grad_trace.png)" in md
+
+
+# ------------------------------------------------------------- stages on synthetic data
+V, T, E = 30, 12, 8
+
+
+def _split(rng: np.random.Generator, n: int) -> dict:
+    """Reviews whose label is whether token 2 occurs: learnable, and every length 3..T."""
+    lengths = rng.integers(3, T + 1, n).astype(np.int32)
+    ids = np.zeros((n, T), np.int32)
+    labels = rng.integers(0, 2, n).astype(np.int8)
+    for i, (n_tok, y) in enumerate(zip(lengths, labels)):
+        ids[i, :n_tok] = rng.integers(3, V, n_tok)
+        if y:
+            ids[i, rng.integers(0, n_tok)] = 2
+    return {"ids": ids, "lengths": lengths, "labels": labels, "review_ids": np.arange(n)}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project dir with params.yaml (tiny model, tracking off) and synthetic prepared data."""
+    rng = np.random.default_rng(0)
+    prepared = tmp_path / "data/prepared"
+    prepared.mkdir(parents=True)
+    for name, n in (("train", 64), ("val", 16), ("test", 40)):
+        np.savez(prepared / f"{name}.npz", **_split(rng, n))
+    tokens = ["<pad>", "<unk>"] + [f"w{i}" for i in range(2, V)]
+    (prepared / "vocab.json").write_text(json.dumps({"tokens": tokens, "max_len": T, "truncate": "head"}))
+    emb = rng.normal(0, 0.3, (V, E)).astype(np.float32)
+    emb[0] = 0
+    np.save(tmp_path / "data/embeddings.npy", emb)
+    params = {"train": {"cells": ["rnn", "lstm"], "epochs": 2, "batch_size": 16, "hidden_size": 6,
+                        "embed_dim": E, "lr": 0.01},
+              "evaluate": {"length_edges": [5, 10]},
+              "mlflow": {"enabled": False}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _main(module, *argv: str, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [f"stages/{module.__name__.split('.')[-1]}.py", *argv])
+    module.main()
+
+
+def test_train_evaluate_compare_write_their_declared_outputs(project, monkeypatch):
+    stale = project / "checkpoints/lstm/0123456789ab-stale"
+    stale.mkdir(parents=True)
+    (stale / "checkpoint.npz").write_bytes(b"from other settings")
+    for cell in ("rnn", "lstm"):
+        _main(train, cell, monkeypatch=monkeypatch)
+        _main(evaluate, cell, monkeypatch=monkeypatch)
+    _main(compare, monkeypatch=monkeypatch)
+
+    assert not stale.exists(), "a checkpoint from other settings must be deleted, not resumed"
+    assert not list((project / "checkpoints").rglob("*.npz")), "checkpoint kept after success"
+    for cell in ("rnn", "lstm"):
+        meta = json.loads((project / "models" / cell / "config.json").read_text())
+        assert meta["model"]["cell"] == cell and meta["model"]["hidden_size"] == 6
+        assert meta["metadata"]["best_epoch"] in (1, 2) and meta["metadata"]["params_hash"]
+        assert json.loads((project / "models" / cell / "mlflow_run.json").read_text())["run_id"] is None
+        m = json.loads((project / "metrics" / cell / "train.json").read_text())
+        assert m["epochs_run"] == 2 and m["steps"] == 8 and m["resumed"] is False
+        hist = list(csv.DictReader(open(project / "plots" / cell / "history.csv")))
+        assert max(float(r["val_accuracy"]) for r in hist) == m["best_val_accuracy"]
+        trace = list(csv.DictReader(open(project / "plots" / cell / "grad_trace.csv")))
+        assert {r["state"] for r in trace} == ({"a", "c"} if cell == "lstm" else {"a"})
+        assert {int(r["epoch"]) for r in trace} == {1, 2}
+        assert all(math.isclose(float(r["log10_grad_norm"]), math.log10(float(r["grad_norm"])))
+                   for r in trace if r["log10_grad_norm"])
+        ev = json.loads((project / "metrics" / cell / "eval.json").read_text())
+        assert ev["n"] == 40 and sum(ev["confusion"].values()) == 40 and ev["seconds"] >= 0
+        buckets = list(csv.DictReader(open(project / "plots" / cell / "length_buckets.csv")))
+        assert sum(int(b["count"]) for b in buckets) == 40
+        assert {b["bucket"] for b in buckets} <= {"<5", "5-10", ">=10"}
+        assert len(list(csv.DictReader(open(project / "plots" / cell / "confusion.csv")))) == 40
+        for png in ("grad_trace.png", "roc.png", "confusion.png"):
+            assert (project / "plots" / cell / png).read_bytes()[:4] == b"\x89PNG"
+    summary = list(csv.DictReader(open(project / "reports/summary.csv")))
+    assert [r["cell"] for r in summary] == ["rnn", "lstm"]
+    assert (project / "reports/grad_trace.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diverged_training_exits_2_and_saves_no_model(project, monkeypatch, capsys):
+    emb = np.load(project / "data/embeddings.npy")
+    emb[3] = np.nan                                   # every review uses some token >= 3
+    np.save(project / "data/embeddings.npy", emb)
+    with pytest.raises(SystemExit) as info:
+        _main(train, "rnn", monkeypatch=monkeypatch)
+    assert info.value.code == 2
+    assert "diverged" in capsys.readouterr().err
+    assert not (project / "models/rnn").exists()
+    assert not (project / "metrics/rnn").exists()
+
+
+def test_embed_dim_must_match_the_embeddings(project):
+    params = load_params(project / "params.yaml")
+    params["train"]["overrides"] = {"lstm": {"embed_dim": E + 1}}
+    with pytest.raises(ParamsError, match=rf"train.overrides.lstm.embed_dim = {E + 1}: must equal the width {E}"):
+        train.run("lstm", params, project, tracker=None)
+
+
+def test_compare_names_the_missing_stage(project, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"metrics/rnn/train.json: not found \(run the train@rnn stage"):
+        _main(compare, monkeypatch=monkeypatch)
