@@ -44,7 +44,7 @@ SCHEMA = {
 }
 
 # Sections whose values decide what a train run computes; their hash tells identical setups apart.
-HASHED_SECTIONS = ("data", "prepare", "embed", "train")
+HASHED_SECTIONS = ("data", "prepare", "embed")
 STEP_METRICS = ("loss", "grad_norm", "grad_norm_clipped", "clipped")
 # MLflow metric name -> key of rnn.train.fit's per-epoch record.
 EPOCH_METRICS = {
@@ -150,9 +150,37 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def cell_overrides(params: Mapping[str, Any], cell: str) -> dict:
+    """`train.overrides.<cell>` as written, {} when absent."""
+    train = params.get("train")
+    overrides = train.get("overrides") if isinstance(train, Mapping) else None
+    mine = overrides.get(cell) if isinstance(overrides, Mapping) else None
+    return dict(mine) if isinstance(mine, Mapping) else {}
+
+
+def effective_train(params: Mapping[str, Any], cell: str) -> dict:
+    """The train section as `cell` sees it: `train.overrides.<cell>` merged on top; the list of
+    cells and the other cells' overrides dropped, as they do not change this cell's run."""
+    train = params.get("train")
+    if not isinstance(train, Mapping):
+        return {}
+    base = {k: v for k, v in train.items() if k not in ("cells", "overrides")}
+    return _merged(base, cell_overrides(params, cell))
+
+
 def params_hash(params: Mapping[str, Any], cell: str) -> str:
-    """sha256 of the canonical JSON of the sections that decide a train run, plus the cell."""
+    """sha256 of the canonical JSON of what decides `cell`'s train run: the data, prepare and
+    embed sections, the train section as the cell sees it (see effective_train), and the cell."""
     relevant = {s: params.get(s) for s in HASHED_SECTIONS if s in params}
+    relevant["train"] = effective_train(params, cell)
     relevant["cell"] = cell
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -388,8 +416,11 @@ class Tracker(NullTracker):
         except Exception as exc:
             raise TrackingUnavailable(f"MLflow store {uri}: cannot create a run: {_one_line(exc)}") from None
         tracker = cls(client, run.info.run_id, experiment_id, uri, cell, cfg["log_every_steps"])
-        train = params.get("train") or {}
-        tracker.log_params(flatten(train, "train") if isinstance(train, Mapping) else {"train": train})
+        # Effective values, so runs of different cells compare key by key; what this cell
+        # overrides is kept as one param to show why its values differ.
+        flat = flatten(effective_train(params, cell), "train")
+        flat["train.overrides"] = _param_value(cell_overrides(params, cell))
+        tracker.log_params(flat)
         return tracker
 
     @classmethod

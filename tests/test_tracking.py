@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from stages.tracking import (  # noqa: E402
     NullTracker,
     Tracker,
     TrackingUnavailable,
+    params_hash,
     read_trace_csv,
     resolve_root,
     tracking_location,
@@ -41,8 +43,9 @@ def make_params(log_every_steps: int = 200, **mlflow) -> dict:
     return {
         "data": {"limit": 100},
         "prepare": {"max_len": 12},
-        "train": {"lr": 0.001, "optimizer": "adam", "clip": {"mode": "norm", "threshold": 5.0},
-                  "hidden_sizes": [64, 128], "note": "x" * 7000},
+        "train": {"cells": ["gru", "lstm"], "lr": 0.001, "optimizer": "adam",
+                  "clip": {"mode": "norm", "threshold": 5.0}, "hidden_sizes": [64, 128], "note": "x" * 7000,
+                  "overrides": {"lstm": {"lr": 0.0005, "clip": {"threshold": 1.0}}, "gru": {"lr": 9.0}}},
         "mlflow": {"log_every_steps": log_every_steps, **mlflow},
     }
 
@@ -150,7 +153,7 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     metric_calls = [m for m, _ in calls if m]
     assert len(metric_calls) == 6 and max(metric_calls) <= 1000
     assert sum(metric_calls) == 750 * 4 + 3 * 10
-    assert [p for _, p in calls if p] == [6, 2]      # all train params in one request
+    assert [p for _, p in calls if p] == [7, 2]      # all train params in one request
 
     record = json.loads((root / "run.json").read_text())
     assert set(record) == {"run_id", "tracking_uri", "experiment_id"}
@@ -169,7 +172,11 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     assert len(tags["params_hash"]) == 64
 
     params = run.data.params
-    assert params["train.lr"] == "0.001" and params["train.clip.mode"] == "norm"
+    # The values lstm trained with: its overrides on top, other cells' overrides left out.
+    assert params["train.lr"] == "0.0005" and params["train.clip.threshold"] == "1.0"
+    assert params["train.clip.mode"] == "norm" and params["train.optimizer"] == "adam"
+    assert params["train.overrides"] == '{"clip": {"threshold": 1.0}, "lr": 0.0005}'
+    assert not any(k.startswith(("train.cells", "train.overrides.")) for k in params)
     assert params["train.hidden_sizes"] == "[64, 128]" and params["data.vocab_size"] == "20000"
     assert len(params["train.note"]) == 6000 and params["train.note"].endswith("...")
 
@@ -296,6 +303,25 @@ def test_tracking_location_default_is_absolute_and_env_uri_wins(tmp_path):
     assert artifacts == f"file://{tmp_path}/mlartifacts"
     assert tracking_location(tmp_path, {"MLFLOW_TRACKING_URI": "http://h:5000"}) == ("http://h:5000", None)
     assert tracking_location(tmp_path, {"MLFLOW_TRACKING_URI": " "})[0].startswith("sqlite:")
+
+
+def test_params_hash_follows_what_the_cell_trains_with():
+    base = make_params()
+    h = params_hash(base, "lstm")
+    assert len(h) == 64 and h != params_hash(base, "gru")
+    same = copy.deepcopy(base)
+    same["train"]["cells"] = ["lstm"]
+    same["train"]["overrides"]["gru"]["lr"] = 1.0
+    same["mlflow"]["log_every_steps"] = 7
+    same["train"]["lr"] = 1.0                    # lstm overrides it
+    assert params_hash(same, "lstm") == h
+    for change in (("train", "overrides", "lstm", "lr"), ("train", "clip", "mode"), ("prepare", "max_len"), ("data", "limit")):
+        other = copy.deepcopy(base)
+        node = other
+        for key in change[:-1]:
+            node = node[key]
+        node[change[-1]] = 3
+        assert params_hash(other, "lstm") != h, change
 
 
 def test_trace_csv_round_trip_keeps_gaps(tmp_path):
