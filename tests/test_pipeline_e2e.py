@@ -1,0 +1,132 @@
+"""The whole DVC pipeline, for real, on a tiny synthetic IMDB archive in a copy of the project.
+
+download -> prepare -> embed -> train@<cell> -> evaluate@<cell> -> compare via `dvc repro`, then
+a second `dvc repro` that must find nothing to do, then `dvc exp run -S train.lr=...` that
+`dvc exp show` must list. MLflow writes to a SQLite store inside the copy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from helpers import build_imdb_archive
+
+REPO = Path(__file__).resolve().parents[1]
+COPY = ["rnn", "stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml",
+        ".gitignore"]
+# Two cells keep the run short (each stage pays ~3 s of imports) and still cover foreach and the
+# LSTM's extra cell-state trace; the unit tests train every cell.
+CELLS = ["rnn", "lstm"]
+
+
+def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    for name in COPY:
+        src, dst = REPO / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["limit"] = 200
+    params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)
+    params["train"].update(cells=CELLS, epochs=1, hidden_size=16, embed_dim=16, batch_size=32)
+    params["mlflow"] = {**(params.get("mlflow") or {}), "enabled": True}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def _env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    env.update(
+        # dvc's stage commands call plain `python`: the venv's must come first.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        IMDB_ARCHIVE=str(build_imdb_archive(tmp_path / "imdb.tar.gz", n_per_class=100, unsup=5)),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+        CI="1",
+    )
+    return env
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _check_outputs(root: Path) -> None:
+    for cell in CELLS:
+        model = root / "models" / cell
+        for name in ("weights.npz", "config.json", "encoder.json", "mlflow_run.json"):
+            assert (model / name).is_file(), model / name
+        assert json.loads((model / "mlflow_run.json").read_text())["run_id"]
+        train = json.loads((root / "metrics" / cell / "train.json").read_text())
+        assert train["epochs_run"] == 1 and 0 <= train["best_val_accuracy"] <= 1
+        evaluation = json.loads((root / "metrics" / cell / "eval.json").read_text())
+        assert 0 <= evaluation["accuracy"] <= 1 and evaluation["n"] == 200
+        assert sum(evaluation["confusion"].values()) == 200
+        plots = root / "plots" / cell
+        history = _csv(plots / "history.csv")
+        assert [int(r["epoch"]) for r in history] == [1]
+        states = {r["state"] for r in _csv(plots / "grad_trace.csv")}
+        assert states == ({"a", "c"} if cell == "lstm" else {"a"})
+        roc = _csv(plots / "roc.csv")
+        assert (float(roc[0]["fpr"]), float(roc[-1]["tpr"])) == (0.0, 1.0)
+        assert sum(int(r["count"]) for r in _csv(plots / "length_buckets.csv")) == 200
+        assert len(_csv(plots / "confusion.csv")) == 200
+        for png in ("grad_trace.png", "roc.png", "confusion.png"):
+            assert (plots / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plots / png
+    summary = _csv(root / "reports" / "summary.csv")
+    assert [r["cell"] for r in summary] == CELLS
+    assert "| lstm |" in (root / "reports" / "summary.md").read_text()
+    for png in ("val_accuracy.png", "grad_trace.png"):
+        assert (root / "reports" / png).read_bytes()[:4] == b"\x89PNG"
+    assert not any((root / "checkpoints").rglob("checkpoint.npz")), "checkpoints left after success"
+
+
+def test_dvc_pipeline_end_to_end(tmp_path: Path) -> None:
+    root, env = _project(tmp_path), _env(tmp_path)
+    dvc = [sys.executable, "-m", "dvc"]
+    _run(["git", "init", "-q", "-b", "main"], root, env)
+    _run(["git", "add", "."], root, env)
+    _run(["git", "commit", "-q", "-m", "project"], root, env)
+
+    stages = _run(dvc + ["stage", "list", "--name-only"], root, env).stdout.split()
+    assert [f"train@{c}" for c in CELLS] + [f"evaluate@{c}" for c in CELLS] + ["compare"] == \
+        [s for s in stages if s.startswith(("train@", "evaluate@", "compare"))]
+
+    _run(dvc + ["repro"], root, env)
+    _check_outputs(root)
+    _run(["git", "add", "."], root, env)
+    _run(["git", "commit", "-q", "-m", "pipeline outputs"], root, env)
+
+    again = _run(dvc + ["repro"], root, env).stdout
+    assert "Running stage" not in again, again
+
+    metrics = json.dumps(json.loads(_run(dvc + ["metrics", "show", "--json"], root, env).stdout))
+    assert "metrics/lstm/eval.json" in metrics and "best_val_accuracy" in metrics
+    plots = json.loads(_run(dvc + ["plots", "show", "--json"], root, env).stdout)["data"]
+    assert {"val_accuracy", "grad_trace"} <= set(plots), sorted(plots)
+
+    _run(dvc + ["exp", "run", "-S", "train.lr=0.005"], root, env)
+    shown = json.loads(_run(dvc + ["exp", "show", "--json"], root, env).stdout)
+    experiments = [rev for baseline in shown for exp in baseline.get("experiments") or []
+                   for rev in exp["revs"]]
+    lrs = [rev["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for rev in experiments]
+    assert 0.005 in lrs, f"dvc exp show lists no experiment with train.lr=0.005: {lrs}"
