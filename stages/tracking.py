@@ -116,14 +116,19 @@ def resolve_root(environ: Mapping[str, str] | None = None, cwd: str | Path | Non
 def tracking_location(root: Path, environ: Mapping[str, str] | None = None) -> tuple[str, str | None]:
     """(tracking URI, artifact location for a new experiment or None for the store's default).
 
-    `MLFLOW_TRACKING_URI` wins; otherwise a SQLite file in the root, addressed by absolute path so
-    a stage running in another directory (a queued experiment's copy) writes to the same store.
+    `MLFLOW_TRACKING_URI` wins; otherwise a SQLite file in the root. SQLite paths are made absolute
+    (a relative one is taken from the root) and artifacts go beside the database: both would
+    otherwise follow the cwd, which in a queued experiment is a copy deleted after the run.
     """
     environ = os.environ if environ is None else environ
     uri = environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if uri:
+    if not uri:
+        uri = f"sqlite:///{DEFAULT_DB}"
+    if not uri.startswith("sqlite:///"):
         return uri, None
-    return f"sqlite:///{(root / DEFAULT_DB).as_posix()}", (root / DEFAULT_ARTIFACTS).as_uri()
+    path, query = uri[len("sqlite:///"):].partition("?")[::2]
+    db = root / path if not path.startswith("/") else Path(path)
+    return f"sqlite:///{db.as_posix()}" + (f"?{query}" if query else ""), (db.parent / DEFAULT_ARTIFACTS).as_uri()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +396,7 @@ class Tracker(NullTracker):
         cfg = validate_section(params, "mlflow", SCHEMA)
         if not cfg["enabled"]:
             return NullTracker()
-        client, uri, experiment_id = _connect(cfg)
+        client, uri, experiment_id = _connect(cfg["experiment"])
         exp_name = os.environ.get("DVC_EXP_NAME") or None
         tags = {
             "cell": cell,
@@ -447,7 +452,7 @@ class Tracker(NullTracker):
         if run_id is None:
             _warn(f"{path} names no run (tracking was off when training); starting a new run")
             return cls.start(params, cell, stage)
-        client, uri, experiment_id = _connect(cfg)
+        client, uri, experiment_id = _connect(cfg["experiment"])
         try:
             run = client.get_run(run_id)
         except Exception as exc:
@@ -580,10 +585,12 @@ def _warn(message: str) -> None:
     print(f"warning: mlflow: {message}", file=sys.stderr, flush=True)
 
 
-def _connect(cfg: Mapping[str, Any]) -> tuple[Any, str, str]:
+def _connect(experiment: str) -> tuple[Any, str, str]:
     """(MlflowClient, tracking URI, experiment id), creating the store and experiment if needed."""
     root = resolve_root()
     uri, artifact_location = tracking_location(root)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):].partition("?")[0]).parent.mkdir(parents=True, exist_ok=True)
     if uri.startswith(("http://", "https://")):
         _probe_http(uri)
         # Once a run is going, a dead server must not stall training for minutes per request
@@ -592,11 +599,10 @@ def _connect(cfg: Mapping[str, Any]) -> tuple[Any, str, str]:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow import MlflowClient
 
-    name = cfg["experiment"]
     try:
         with _store_lock(root):
             client = MlflowClient(tracking_uri=uri)   # a SQLite store is created/migrated here
-            experiment_id = _get_or_create_experiment(client, name, artifact_location)
+            experiment_id = _get_or_create_experiment(client, experiment, artifact_location)
     except TrackingUnavailable:
         raise
     except Exception as exc:

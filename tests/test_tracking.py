@@ -302,7 +302,13 @@ def test_tracking_location_default_is_absolute_and_env_uri_wins(tmp_path):
     assert uri == f"sqlite:///{tmp_path}/mlflow.db" and uri.startswith("sqlite:////")
     assert artifacts == f"file://{tmp_path}/mlartifacts"
     assert tracking_location(tmp_path, {"MLFLOW_TRACKING_URI": "http://h:5000"}) == ("http://h:5000", None)
-    assert tracking_location(tmp_path, {"MLFLOW_TRACKING_URI": " "})[0].startswith("sqlite:")
+    assert tracking_location(tmp_path, {"MLFLOW_TRACKING_URI": " "}) == (uri, artifacts)
+    # A SQLite URI from the environment: relative paths from the root, artifacts beside the file.
+    other = tmp_path / "elsewhere"
+    assert tracking_location(tmp_path, {"MLFLOW_TRACKING_URI": f"sqlite:///{other}/t.db?timeout=30"}) == (
+        f"sqlite:///{other}/t.db?timeout=30", f"file://{other}/mlartifacts")
+    assert tracking_location(tmp_path, {"MLFLOW_TRACKING_URI": "sqlite:///runs/t.db"}) == (
+        f"sqlite:///{tmp_path}/runs/t.db", f"file://{tmp_path}/runs/mlartifacts")
 
 
 def test_params_hash_follows_what_the_cell_trains_with():
