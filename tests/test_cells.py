@@ -19,7 +19,10 @@ def _sigmoid(x):
 def reference_step(kind: str, x_proj, prev, W_h, b_hn=None):
     """The cell equations written out gate by gate, unfused, in the documented column order."""
     a_prev = prev[0]
-    blocks = lambda m: [m[:, k * H:(k + 1) * H] for k in range(m.shape[1] // H)]   # noqa: E731
+
+    def blocks(m):
+        return [m[:, k * H:(k + 1) * H] for k in range(m.shape[1] // H)]
+
     if kind == "rnn":
         return (np.tanh(x_proj + a_prev @ W_h),)
     if kind == "gru":

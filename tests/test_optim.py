@@ -117,7 +117,10 @@ def test_state_dict_round_trip_continues_identically(name):
     steps = [{"w": rng.normal(size=SHAPE),
               "emb": SparseRows(np.sort(rng.choice(6, 2, replace=False)), rng.normal(size=(2, 3)), (6, 3))}
              for _ in range(5)]
-    copy = lambda g: {"w": g["w"].copy(), "emb": g["emb"]._replace(values=g["emb"].values.copy())}  # noqa: E731
+
+    def copy(g):
+        return {"w": g["w"].copy(), "emb": g["emb"]._replace(values=g["emb"].values.copy())}
+
     a, params_a = OPTIMIZERS[name](), {**start_params(), "emb": rng.normal(size=(6, 3))}
     for g in steps[:2]:
         a.step(params_a, copy(g))

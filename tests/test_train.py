@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rnn.data import batches
 from rnn.io import load_arrays
 from rnn.losses import bce_with_logits
 from rnn.model import ModelConfig, SentimentModel
@@ -121,6 +122,22 @@ def test_batches_of_one(n, batch_size):
     assert all(np.isfinite(s["loss"]) for s in rec.steps)
 
 
+def test_batches_cover_every_example_once():
+    lengths = np.random.default_rng(0).integers(1, 50, 103)
+    in_order = batches(lengths, 8)
+    assert [len(b) for b in in_order] == [8] * 12 + [7]
+    np.testing.assert_array_equal(np.concatenate(in_order), np.argsort(-lengths, kind="stable"))
+    shuffled = batches(lengths, 8, np.random.default_rng(1), bucket_batches=3)
+    np.testing.assert_array_equal(np.sort(np.concatenate(shuffled)), np.arange(103))
+    assert max(len(b) for b in shuffled) == 8 and len(shuffled) == 4 * 3 + 1
+    for b in shuffled:                                    # sorted by length within each batch
+        assert np.all(np.diff(lengths[b]) <= 0)
+    again = batches(lengths, 8, np.random.default_rng(1), bucket_batches=3)
+    assert all(np.array_equal(a, b) for a, b in zip(shuffled, again))
+    with pytest.raises(ValueError, match="batch_size"):
+        batches(lengths, 0)
+
+
 def test_early_stopping_restores_the_best_epoch():
     """Validation labels are the training labels flipped: learning makes validation worse, so
     training stops after `patience` epochs without improvement and the best epoch comes back."""
@@ -210,18 +227,28 @@ def resume_model(seed=0):
     return toy_model("lstm", seed=seed, dropout=0.3, bidirectional=True, num_layers=2)
 
 
-def test_resume_after_one_epoch_equals_uninterrupted_run(tmp_path):
+FLIPPED = VAL._replace(labels=(1 - VAL.labels).astype(np.int8))
+
+
+@pytest.mark.parametrize("split,val", [(1, VAL), (2, FLIPPED)], ids=["after-epoch-1", "best-before-split"])
+def test_resume_equals_uninterrupted_run(tmp_path, split, val):
+    """Fit `split` epochs with a checkpoint, then call fit for all 3: the same parameters and
+    record as one uninterrupted run. With flipped validation labels the best epoch precedes the
+    checkpoint, so the best parameters must come back from it too."""
     reference = resume_model()
-    expected = fit(reference, Adam(0.01), TRAIN, VAL, RESUME_CFG, np.random.default_rng(5))
+    expected = fit(reference, Adam(0.01), TRAIN, val, RESUME_CFG, np.random.default_rng(5))
     first = resume_model()
-    fit(first, Adam(0.01), TRAIN, VAL, TrainConfig(**{**RESUME_CFG.__dict__, "epochs": 1}),
+    fit(first, Adam(0.01), TRAIN, val, TrainConfig(**{**RESUME_CFG.__dict__, "epochs": split}),
         np.random.default_rng(5), checkpoint_dir=tmp_path)
     # a fresh process would start from other weights, optimizer state and rng: all must come back
     resumed = resume_model(seed=99)
     rec = Recorder(resumed)
-    got = fit(resumed, Adam(0.01), TRAIN, VAL, RESUME_CFG, np.random.default_rng(99),
+    got = fit(resumed, Adam(0.01), TRAIN, val, RESUME_CFG, np.random.default_rng(99),
               checkpoint_dir=tmp_path, callbacks=[rec])
-    assert rec.steps[0]["epoch"] == 2 and rec.steps[0]["step"] == 9, "it must resume, not restart"
+    assert rec.steps[0]["epoch"] == split + 1 and rec.steps[0]["step"] == 8 * split + 1, \
+        "it must resume, not restart"
+    if val is FLIPPED:
+        assert expected["best_epoch"] < split
     for name, p in reference.params.items():
         assert np.array_equal(resumed.params[name], p), name
     assert metrics(got) == metrics(expected)
