@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from stages.common import Field, validate_section, write_json
+from stages.common import Field, atomic_path, validate_section, write_json
 
 SCHEMA = {
     "enabled": Field(bool, True),
@@ -202,20 +202,16 @@ def write_trace_csv(traces: Iterable[tuple[int, Mapping[str, list]]], path: str 
     """
     traces = [(int(e), t) for e, t in traces if t]
     states = sorted({name for _, t in traces for name in t})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         out.writerow(["epoch", "distance", *states])
         for epoch, trace in traces:
-            length = max(len(trace.get(s) or ()) for s in states)
-            for d in range(length):
-                row = [(trace.get(s) or ())[d] if d < len(trace.get(s) or ()) else None for s in states]
+            columns = [list(trace.get(s) or ()) for s in states]
+            for d in range(max(map(len, columns))):
+                row = [c[d] if d < len(c) else None for c in columns]
                 if any(v is not None for v in row):
                     out.writerow([epoch, d, *("" if v is None else repr(float(v)) for v in row)])
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def read_trace_csv(path: str | Path) -> dict[str, dict[int, tuple[list[int], list[float]]]]:
