@@ -47,6 +47,9 @@ def _project(tmp_path: Path) -> Path:
     params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)
     params["train"].update(cells=CELLS, epochs=1, hidden_size=16, embed_dim=16, batch_size=32)
     params["mlflow"] = {**(params.get("mlflow") or {}), "enabled": True}
+    if "probe" in params:  # part of the same `dvc repro`; its defaults take minutes
+        params["probe"].update(cells=CELLS, distances=[1, 3], lead=3, steps=4, trace_steps=2,
+                               test_size=16, batch_size=8, hidden_size=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
