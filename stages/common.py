@@ -277,10 +277,12 @@ def write_parquet(path: str | Path, df: Any) -> None:
 
 
 def project_root() -> Path:
-    """`DVC_ROOT` if set, else the nearest directory upward from cwd holding params.yaml."""
-    env = os.environ.get("DVC_ROOT")
-    if env:
-        return Path(env)
+    """The nearest directory upward from cwd holding params.yaml: where a stage reads and writes.
+
+    Not `DVC_ROOT`: in a queued or temp experiment DVC runs the stage in a copy of the repository
+    under .dvc/tmp/exps/ but points DVC_ROOT at the original, so outputs written there would miss
+    the copy. Only what must outlive the copy (the MLflow store) belongs under DVC_ROOT.
+    """
     cwd = Path.cwd().resolve()
     for d in (cwd, *cwd.parents):
         if (d / "params.yaml").is_file():

@@ -169,7 +169,7 @@ def test_stage_command_line(tmp_path):
                  + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in params.items()))
     env = {**os.environ, "DVC_ROOT": str(tmp_path)}
     for arg in ("lstm", "report"):
-        done = subprocess.run([sys.executable, str(ROOT / "stages/probe.py"), arg], env=env,
+        done = subprocess.run([sys.executable, str(ROOT / "stages/probe.py"), arg], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "metrics/probe/lstm.json").read_text())["settings"]["lead"] == 2
