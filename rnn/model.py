@@ -50,6 +50,8 @@ class ModelConfig:
         for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
@@ -112,7 +114,8 @@ def init_params(config: ModelConfig, rng: np.random.Generator,
         elif name.endswith(".W_h"):
             w = np.concatenate([_orthogonal(H, rng) for _ in range(shape[1] // H)], axis=1)
         elif name.endswith((".W_x", "fc.W")):
-            limit = np.sqrt(6.0 / (shape[0] + (shape[1] // H if name.endswith("W_x") else shape[1])))
+            fan_out = H if name.endswith("W_x") else shape[1]     # W_x: per gate block
+            limit = np.sqrt(6.0 / (shape[0] + fan_out))
             w = rng.uniform(-limit, limit, shape)
         else:
             w = np.zeros(shape)
@@ -168,6 +171,7 @@ class SentimentModel:
         lengths = lengths[order]
         T = int(lengths[0]) if lengths.size else 0
         ids = ids[order, :T]
+        ids = np.where(np.arange(T) < lengths[:, None], ids, 0)  # whatever padding held: PAD
         X = embedding_forward(p["embedding.weight"], ids.T)          # (T, B, E)
         dtype = X.dtype
         layers, masks = [], []

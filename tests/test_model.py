@@ -198,10 +198,6 @@ def test_padded_token_ids_change_nothing(config):
     assert 0 not in grads0["embedding.weight"].rows
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rnn/model.py: embedding_backward gets the ids of padded positions too, so a row used only "
-    "at padding is listed in SparseRows (with zero values); the optimizers' lazy sparse update "
-    "then moves it with stale momentum, so training depends on what the padding holds"))
 def test_rows_used_only_at_padding_are_not_listed():
     model = make_model(seed=6, **MASK_CONFIGS[0])
     ids, lengths, labels = make_batch([2, 6, 3, 1], seed=5, pad_id="random")
@@ -329,9 +325,6 @@ def test_init_biases_and_recurrent_weights():
         np.testing.assert_allclose(block.T @ block, np.eye(5), atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rnn/model.py init_params: the W_x Glorot limit is sqrt(6 / (D + shape[1] // H)), i.e. fan_out "
-    "= G (the number of gates, 1 for rnn) instead of H: input weights start 1.5-2x too wide"))
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_init_input_weights_are_glorot_uniform(cell):
     """Whether Glorot is taken per gate block (D + H) or over the fused matrix (D + G*H), no input
