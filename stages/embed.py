@@ -1,21 +1,26 @@
 """Stage `embed`: initial embedding matrix (V, E) for the prepared vocabulary.
 
 "random" draws N(0, scale^2); "pretrained" copies vectors from a GloVe or
-word2vec text file and draws the rest at random. Row 0 (PAD) is always zero so
-padding contributes nothing before masking.
+word2vec text file and draws the rest at random; "svd" learns vectors without
+labels from the training part and the unlabelled reviews (rnn.embeddings:
+PPMI + truncated SVD). Row 0 (PAD) is always zero so padding contributes
+nothing before masking.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from rnn.text import PAD, UNK, TextEncoder  # noqa: E402
+from rnn.embeddings import svd_embeddings  # noqa: E402
+from rnn.text import PAD, UNK, TextEncoder, tokenize  # noqa: E402
 from stages.common import (  # noqa: E402
     Field,
     get_param,
@@ -28,10 +33,12 @@ from stages.common import (  # noqa: E402
 )
 
 SCHEMA = {
-    "method": Field(str, "random", choices=("random", "pretrained")),
+    "method": Field(str, "random", choices=("random", "pretrained", "svd")),
     "path": Field(str, None, nullable=True),
     "scale": Field(float, None, min=0, min_exclusive=True, nullable=True),
     "seed": Field(int, 0),
+    "context_size": Field(int, 10000, min=2),  # svd: the most frequent ids used as contexts
+    "window": Field(int, 5, min=1),  # svd: words on each side that count as context
 }
 EMBED_DIM = Field(int, 100, min=1)
 
@@ -97,6 +104,19 @@ def build_embeddings(
     return emb, coverage
 
 
+def corpus(encoder: TextEncoder, root: Path) -> list[np.ndarray]:
+    """Id sequences of the training part (never validation or test) and of the
+    unlabelled reviews, the latter encoded whole: no truncation."""
+    train_path, unsup_path = root / "data/prepared/train.npz", root / "data/raw/unsup.parquet"
+    for path in (train_path, unsup_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (needed by embed.method svd)")
+    with np.load(train_path, allow_pickle=False) as train:
+        seqs = [row[:n] for row, n in zip(train["ids"], train["lengths"])]
+    texts = pd.read_parquet(unsup_path, columns=["text"])["text"]
+    return seqs + [encoder.vocab.encode(tokenize(t)) for t in texts]
+
+
 def run(cfg: dict, dim: int, root: Path) -> dict:
     vocab_path = root / "data/prepared/vocab.json"
     if not vocab_path.is_file():
@@ -108,12 +128,22 @@ def run(cfg: dict, dim: int, root: Path) -> dict:
     path = cfg["path"]
     if path and not Path(path).is_absolute():
         path = str(root / path)
-    emb, coverage = build_embeddings(encoder.vocab.tokens, dim, cfg["method"], path, cfg["scale"], cfg["seed"])
+    extra = {}
+    if cfg["method"] == "svd":
+        t0 = time.perf_counter()
+        seqs = corpus(encoder, root)
+        rng = np.random.default_rng(cfg["seed"])
+        emb, seen = svd_embeddings(seqs, len(encoder.vocab), dim, rng, cfg["context_size"], cfg["window"], cfg["scale"])
+        coverage = float(seen.sum() / max(len(seen) - 2, 1))  # of the words: PAD and UNK are never rows
+        extra = {"tokens": int(sum(len(s) for s in seqs)), "seconds": round(time.perf_counter() - t0, 1)}
+    else:
+        emb, coverage = build_embeddings(encoder.vocab.tokens, dim, cfg["method"], path, cfg["scale"], cfg["seed"])
     metrics = {
         "method": cfg["method"],
         "dim": dim,
         "vocab_size": len(encoder.vocab),
         "coverage": coverage,  # null for random: nothing was looked up
+        **extra,
     }
     save_npy(root / "data/embeddings.npy", emb)
     write_json(root / "metrics/embed.json", metrics)

@@ -1,0 +1,209 @@
+"""Tests for rnn.embeddings (co-occurrence, PPMI, randomized SVD) and the embed stage's svd method."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rnn.embeddings import cooccurrence, ppmi, randomized_svd, svd_embeddings
+from stages import embed
+from stages.common import ParamsError, save_npz, validate_section, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- cooccurrence --------------------------------------------------------------
+
+# Ids 2..5 are words, 1 is UNK. Pairs within window 2: (2,3)@1, (3,4)@1, (2,4)@2 in the first
+# sequence; in the second only (5,3)@2 counts, UNK pairs do not. Without separators 4 and 5
+# would be neighbours.
+SEQS = [np.array([2, 3, 4]), np.array([5, 1, 3])]
+EXPECTED = np.zeros((6, 6))
+for _w, _c, _n in [(2, 3, 1.0), (3, 4, 1.0), (2, 4, 0.5), (5, 3, 0.5)]:
+    EXPECTED[_w, _c] = EXPECTED[_c, _w] = _n
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 20])
+def test_cooccurrence_hand_checked(chunk):
+    counts = cooccurrence(SEQS, 6, 100, 2, chunk=chunk)  # context_size 100 > V: clipped to 6
+    assert counts.shape == (6, 6) and counts.dtype == np.float64
+    np.testing.assert_array_equal(counts, EXPECTED)
+
+
+def test_cooccurrence_window_context_clip_and_pad():
+    np.testing.assert_array_equal(cooccurrence(SEQS, 6, 4, 2), EXPECTED[:, :4])  # 4 and 5 are not contexts
+    near = cooccurrence([np.array([2, 3, 0, 4, 5])], 6, 6, 1)  # window 1; a PAD inside is skipped
+    expected = np.zeros((6, 6))
+    expected[2, 3] = expected[3, 2] = expected[4, 5] = expected[5, 4] = 1.0
+    np.testing.assert_array_equal(near, expected)
+    assert not cooccurrence([], 6, 6, 3).any()
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 6\), got 0..6"):
+        cooccurrence([np.array([2, 6])], 6, 6, 2)
+
+
+# --- ppmi -----------------------------------------------------------------------
+
+
+def test_ppmi_matches_direct_formula():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 4, size=(7, 5)).astype(np.float64) * rng.random((7, 5))
+    counts[3] = 0.0  # an unseen word and an unused context must give zeros, not NaN
+    counts[:, 4] = 0.0
+    alpha = 0.75
+    total, ctx = counts.sum(), counts.sum(axis=0) ** alpha
+    expected = np.zeros_like(counts)
+    for w in range(7):
+        for c in range(5):
+            if counts[w, c] > 0:
+                p_wc, p_w, p_c = counts[w, c] / total, counts[w].sum() / total, ctx[c] / ctx.sum()
+                expected[w, c] = max(0.0, np.log(p_wc / (p_w * p_c)))
+    assert 0 < (expected > 0).sum() < (counts > 0).sum()  # some PMI is negative and gets clipped
+    np.testing.assert_allclose(ppmi(counts, alpha, dtype=np.float64), expected, rtol=1e-12, atol=1e-12)
+    out32 = ppmi(counts, alpha)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- randomized_svd ---------------------------------------------------------------
+
+
+def test_randomized_svd_recovers_top_singular_values_and_is_seeded():
+    rng = np.random.default_rng(1)
+    low_rank = rng.standard_normal((120, 6)) @ rng.standard_normal((6, 80))
+    U_true, S_true, _ = np.linalg.svd(low_rank)
+    U, S = randomized_svd(low_rank, 4, np.random.default_rng(0))
+    assert U.shape == (120, 4) and S.shape == (4,)
+    np.testing.assert_allclose(S, S_true[:4], rtol=1e-10)
+    np.testing.assert_allclose(np.abs(np.sum(U * U_true[:, :4], axis=0)), 1.0, rtol=1e-8)  # same up to sign
+
+    # Full rank, slowly decaying spectrum: the power iterations still pin down the top values.
+    Q1, _ = np.linalg.qr(rng.standard_normal((200, 100)))
+    Q2, _ = np.linalg.qr(rng.standard_normal((100, 100)))
+    decaying = (Q1 * 0.9 ** np.arange(100)) @ Q2.T
+    _, S = randomized_svd(decaying, 5, np.random.default_rng(0))
+    np.testing.assert_allclose(S, 0.9 ** np.arange(5), rtol=1e-3)
+
+    again = randomized_svd(decaying, 5, np.random.default_rng(0))
+    other = randomized_svd(decaying, 5, np.random.default_rng(1))
+    assert np.array_equal(again[1], S) and not np.array_equal(other[1], S)
+
+
+# --- svd_embeddings ---------------------------------------------------------------
+
+WORDS = ["<pad>", "<unk>", "the", "movie", "was", "and", "good", "great", "bad", "awful",
+         "fun", "enjoyable", "loved", "dull", "tedious", "hated", "never_seen"]
+ID = {w: i for i, w in enumerate(WORDS)}
+
+
+def toy_corpus(n: int = 400, seed: int = 0) -> list[np.ndarray]:
+    """'good'/'great' share contexts (fun, enjoyable, loved), 'bad'/'awful' share others."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(n):
+        pos = rng.random() < 0.5
+        word = rng.choice(["good", "great"] if pos else ["bad", "awful"])
+        cues = rng.choice(["fun", "enjoyable", "loved"] if pos else ["dull", "tedious", "hated"], size=2)
+        seqs.append(np.array([ID[w] for w in ["the", "movie", "was", word, "and", *cues, "<unk>"]]))
+    return seqs
+
+
+def cos(E: np.ndarray, a: str, b: str) -> float:
+    u, v = E[ID[a]], E[ID[b]]
+    return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+
+
+def test_svd_embeddings_group_words_by_context():
+    E, seen = svd_embeddings(toy_corpus(), len(WORDS), 8, np.random.default_rng(0), context_size=100, window=3)
+    assert E.shape == (len(WORDS), 8) and E.dtype == np.float32
+    assert (E[0] == 0).all()
+    assert not seen[[ID["<pad>"], ID["<unk>"], ID["never_seen"]]].any() and seen[2:-1].all()
+    assert (E[ID["<unk>"]] != 0).all() and (E[ID["never_seen"]] != 0).all()  # random, not zero
+    norms = np.linalg.norm(E[seen], axis=1)
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-5)  # unit rows, then one common factor
+    assert E[seen].std() == pytest.approx(1 / np.sqrt(8), rel=1e-4)
+
+    within = min(cos(E, "good", "great"), cos(E, "bad", "awful"))
+    across = max(cos(E, a, b) for a in ("good", "great") for b in ("bad", "awful"))
+    assert within > across + 0.3, (within, across)
+
+    again, _ = svd_embeddings(toy_corpus(), len(WORDS), 8, np.random.default_rng(0), context_size=100, window=3)
+    np.testing.assert_array_equal(again, E)
+
+
+def test_svd_embeddings_tiny_vocab_and_scale():
+    # dim 16 > rank of a 6 x 6 matrix: the extra columns stay zero, nothing fails.
+    E, seen = svd_embeddings(SEQS, 6, 16, np.random.default_rng(0), scale=0.5)
+    assert E.shape == (6, 16) and seen.tolist() == [False, False, True, True, True, True]
+    assert (E[seen][:, 6:] == 0).all() and E[seen].std() == pytest.approx(0.5, rel=1e-5)
+
+
+# --- embed stage, method svd -------------------------------------------------------
+
+TOKENS = ["<pad>", "<unk>", "great", "awful", "film", "rare", "the", "movie"]
+CFG = {"method": "svd", "path": None, "scale": None, "seed": 0, "context_size": 10000, "window": 2}
+
+
+def write_prepared(root: Path) -> None:
+    """Vocabulary with max_len 4; 'film' only in validation/test, 'rare' only far into an unlabelled review."""
+    write_json(root / "data/prepared/vocab.json", {"tokens": TOKENS, "max_len": 4, "truncate": "head"})
+    ids = np.array([[6, 7, 2, 0], [6, 7, 3, 3]], dtype=np.int32)
+    film = np.array([[6, 4, 0, 0]], dtype=np.int32)
+    save_npz(root / "data/prepared/train.npz", ids=ids, lengths=np.array([3, 4], dtype=np.int32),
+             labels=np.array([1, 0], dtype=np.int8), review_ids=np.array([0, 1]))
+    for part in ("val", "test"):
+        save_npz(root / f"data/prepared/{part}.npz", ids=film, lengths=np.array([2], dtype=np.int32),
+                 labels=np.array([1], dtype=np.int8), review_ids=np.array([2]))
+    unsup = pd.DataFrame({"id": [0], "text": ["The movie was great, the MOVIE was great rare!"], "label": [-1],
+                          "rating": [0]})
+    (root / "data/raw").mkdir(parents=True)
+    unsup.to_parquet(root / "data/raw/unsup.parquet", index=False)
+
+
+def test_embed_stage_svd_uses_train_part_and_whole_unlabelled_reviews(tmp_path):
+    write_prepared(tmp_path)
+    metrics = embed.run(CFG, 6, tmp_path)
+    E = np.load(tmp_path / "data/embeddings.npy")
+    assert E.shape == (8, 6) and E.dtype == np.float32 and (E[0] == 0).all()
+    # Seen: great, awful, the, movie, and rare (token 10 of the review: no truncation to 4);
+    # not film, which only validation and test reviews contain.
+    assert metrics["coverage"] == pytest.approx(5 / 6)
+    assert metrics["tokens"] == 3 + 4 + 10  # train lengths + the whole unlabelled review
+    assert {k: metrics[k] for k in ("method", "dim", "vocab_size")} == {"method": "svd", "dim": 6, "vocab_size": 8}
+    assert metrics["seconds"] >= 0
+    assert json.loads((tmp_path / "metrics/embed.json").read_text()) == metrics
+
+
+def test_embed_stage_svd_missing_input_and_bad_params(tmp_path):
+    write_prepared(tmp_path)
+    (tmp_path / "data/raw/unsup.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"unsup.parquet: not found \(needed by embed.method svd\)"):
+        embed.run(CFG, 6, tmp_path)
+    assert not (tmp_path / "data/embeddings.npy").exists()
+    with pytest.raises(ParamsError, match=r"^params.yaml: embed.context_size = 1: must be >= 2$"):
+        validate_section({"embed": {"method": "svd", "context_size": 1}}, "embed", embed.SCHEMA)
+    with pytest.raises(ParamsError, match=r"^params.yaml: embed.window = 0: must be >= 1$"):
+        validate_section({"embed": {"window": 0}}, "embed", embed.SCHEMA)
+
+
+def test_embed_script_svd_on_synthetic_archive(tmp_path, make_imdb_archive):
+    """download -> prepare -> embed with method svd: a tiny vocabulary, context_size clipped to it."""
+    (tmp_path / "params.yaml").write_text(
+        "data: {limit: 16}\nprepare: {max_len: 40, vocab_size: 200, min_freq: 1, val_fraction: 0.25}\n"
+        "embed: {method: svd}\ntrain: {embed_dim: 8}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"} | {"IMDB_ARCHIVE": str(make_imdb_archive())}
+    for name in ("download", "prepare", "embed"):
+        proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "metrics/embed.json").read_text())
+    vocab_size = len(json.loads((tmp_path / "data/prepared/vocab.json").read_text())["tokens"])
+    assert metrics["method"] == "svd" and metrics["vocab_size"] == vocab_size < 10000
+    assert metrics["coverage"] == 1.0  # every training word has neighbours
+    assert np.load(tmp_path / "data/embeddings.npy").shape == (vocab_size, 8)
