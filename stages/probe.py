@@ -7,8 +7,8 @@ For each distance d the cell is trained from scratch for a fixed budget of optim
 batches of the synthetic task in rnn/probe.py (sequences of d + 1 + lead tokens), then scored on a
 seeded test set, shared by all cells, whose decisive token sits exactly d steps before the end.
 With train_distance "upto" the training batches draw each row's distance from 0..d: the short ones
-teach what matters, the long ones whether the cell can hold it ("exact" trains at d only, which no
-cell learns beyond a few dozen steps from a random start within a cheap budget).
+teach what matters, the long ones whether the cell can hold it. ("exact" trains at d only: with the
+default 300 steps no cell, gated or not, learned d = 50 that way.)
 
 The per-timestep gradient norms dL/da<t> (and dL/dc<t> for the LSTM), by distance from the end, are
 averaged over the first and over the last `trace_steps` steps: at initialisation and once trained.
@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-# Matrices of 64 x 32 are too small for BLAS threads to pay off: one thread ran the training step
-# several times faster on the 2-core machine (see the probe section of the README).
+# Matrices of 64 x 32 are too small for BLAS threads to pay off: on the shared 2-core machine an LSTM
+# training step took 0.26 ms per time step with one OpenBLAS thread and 1.5-1.9 ms with two.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
