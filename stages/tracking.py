@@ -411,17 +411,20 @@ class Tracker(NullTracker):
         commit = _git_commit(os.getcwd()) or os.environ.get("DVC_EXP_BASELINE_REV")
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        run_name = f"{cell} ({exp_name})" if exp_name else cell
+        train_run = stage.startswith("train@")
+        base_name = cell if train_run else stage          # e.g. "probe@lstm" beside "lstm"
+        run_name = f"{base_name} ({exp_name})" if exp_name else base_name
         try:
             run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         except Exception as exc:
             raise TrackingUnavailable(f"MLflow store {uri}: cannot create a run: {_one_line(exc)}") from None
         tracker = cls(client, run.info.run_id, experiment_id, uri, cell, cfg["log_every_steps"])
-        # Effective values, so runs of different cells compare key by key; what this cell
-        # overrides is kept as one param to show why its values differ.
-        flat = flatten(effective_train(params, cell), "train")
-        flat["train.overrides"] = _param_value(cell_overrides(params, cell))
-        tracker.log_params(flat)
+        if train_run:     # other stages (the probe) log their own settings
+            # Effective values, so runs of different cells compare key by key; what this cell
+            # overrides is kept as one param to show why its values differ.
+            flat = flatten(effective_train(params, cell), "train")
+            flat["train.overrides"] = _param_value(cell_overrides(params, cell))
+            tracker.log_params(flat)
         return tracker
 
     @classmethod
