@@ -222,7 +222,8 @@ class SentimentModel:
                 idx = k * cfg.directions + d
                 d_o = None if d_out is None else d_out[..., d * H:(d + 1) * H]
                 d_f = (d_finals[d], None) if d_finals is not None else None
-                dX, g, _, tr = sequence_backward(d_o, d_f, c["layers"][idx], trace=trace and idx == 0)
+                need_dX = k > 0 or not cfg.freeze_embedding
+                dX, g, _, tr = sequence_backward(d_o, d_f, c["layers"][idx], trace and idx == 0, need_dX)
                 grads.update({f"{names[idx]}.{key}": v for key, v in g.items()})
                 traces = tr if idx == 0 else traces
                 d_in = dX if d_in is None else d_in + dX

@@ -99,13 +99,15 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
 
 
 def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache: LayerCache,
-                      trace: bool = False) -> tuple[np.ndarray, dict, tuple, dict | None]:
+                      trace: bool = False, input_grad: bool = True
+                      ) -> tuple[np.ndarray | None, dict, tuple, dict | None]:
     """Backpropagation through time for `sequence_forward`.
 
     d_outputs: (T, B, H) gradient of the outputs, or None; d_final: gradients of the final states,
     each (B, H) (None entries or None for none). Returns dX (T, B, D), the parameter gradients
     (same keys as params), the initial-state gradients, each (B, H), and, when `trace` is set, the
     per-timestep gradient trace (see `align_trace`) of dL/da<t> and, for the LSTM, dL/dc<t>.
+    With `input_grad` off (a frozen embedding below), dX is None and its product is skipped.
     """
     cell, c = CELLS[cache.kind], cache
     T, B, D = c.X.shape
@@ -137,8 +139,8 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
     flat = dX_proj.reshape(T * B, -1)
     grads = {"W_x": c.X.reshape(T * B, D).T @ flat, "b": flat.sum(0),
              **recurrent_weight_grads(c.kind, c.buffers, dX_proj, W_h)}
-    dX = (flat @ c.params["W_x"].T).reshape(T, B, D)
-    if c.rev is not None:
+    dX = (flat @ c.params["W_x"].T).reshape(T, B, D) if input_grad else None
+    if c.rev is not None and input_grad:
         dX = dX[c.rev, rows]
     traces = None
     if trace:
