@@ -159,10 +159,11 @@ class SentimentModel:
         return SentimentModel(config, {k: v.astype(dtype) for k, v in self.params.items()})
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, ids: np.ndarray, lengths: np.ndarray,
-                rng: np.random.Generator | None = None) -> tuple[np.ndarray, dict]:
+    def forward(self, ids: np.ndarray, lengths: np.ndarray, rng: np.random.Generator | None = None,
+                keep_cache: bool = True) -> tuple[np.ndarray, dict]:
         """ids: (B, T) token ids, right-padded with 0; lengths: (B,) real lengths, each >= 1.
-        `rng` turns dropout on (training); None is inference. Returns logits (B,) and a cache."""
+        `rng` turns dropout on (training); None is inference. Returns logits (B,) and the cache
+        for `backward` (without `keep_cache`, nothing a backward pass would need is kept)."""
         cfg, p = self.config, self.params
         lengths = np.asarray(lengths)
         if lengths.size and lengths.min() < 1:
@@ -179,7 +180,8 @@ class SentimentModel:
             outs, finals = [], []
             for d, name in enumerate(layer_names(cfg)[k * cfg.directions:(k + 1) * cfg.directions]):
                 sub = {key.rsplit(".", 1)[1]: v for key, v in p.items() if key.startswith(name + ".")}
-                out, final, cache = sequence_forward(X, lengths, sub, cfg.kind, reverse=d == 1)
+                out, final, cache = sequence_forward(X, lengths, sub, cfg.kind, reverse=d == 1,
+                                                     keep_cache=keep_cache)
                 outs.append(out)
                 finals.append(final[0])
                 layers.append(cache)
@@ -249,7 +251,7 @@ class SentimentModel:
         order = np.argsort(-lengths, kind="stable")
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            out[idx] = self.forward(ids[idx], lengths[idx])[0]
+            out[idx] = self.forward(ids[idx], lengths[idx], keep_cache=False)[0]
         return out
 
     def predict_proba(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256) -> np.ndarray:

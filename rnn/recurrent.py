@@ -35,6 +35,7 @@ def reverse_index(lengths: np.ndarray, T: int) -> np.ndarray:
     return np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
 
 
+PROJ_STEPS = 16           # timesteps whose input projection is computed in one product
 FLUSH_DENORMALS = True     # switch off only to measure what denormal arithmetic costs
 
 
@@ -62,14 +63,15 @@ class LayerCache:
 
 
 def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str,
-                     state0: tuple | None = None, reverse: bool = False
-                     ) -> tuple[np.ndarray, tuple, LayerCache]:
+                     state0: tuple | None = None, reverse: bool = False, keep_cache: bool = True
+                     ) -> tuple[np.ndarray, tuple, LayerCache | None]:
     """Run one direction of one layer over a batch.
 
     X: (T, B, D); lengths: (B,) sorted longest first; params: W_x (D, G*H), W_h (H, G*H), b (G*H,)
     and, for kind 'gru_after', b_hn (H,); state0: initial (a0,) or (a0, c0), each (B, H), zeros
     when None. Returns the outputs (T, B, H) (zero at padded steps), the final states, each (B, H),
-    taken at each sequence's last real step, and the cache for `sequence_backward`.
+    taken at each sequence's last real step, and the cache for `sequence_backward` (None without
+    `keep_cache`: inference then keeps one step of gate values instead of all of them).
     """
     cell = CELLS[kind]
     T, B, D = X.shape
@@ -77,25 +79,38 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
     rev = reverse_index(lengths, T) if reverse else None
     if reverse:
         X = X[rev, np.arange(B)]
-    x_proj = (X.reshape(T * B, D) @ params["W_x"] + params["b"]).reshape(T, B, -1)
-    buffers = [np.zeros((T + (k < cell.states), B, w * H), X.dtype) for k, w in enumerate(cell.buffers)]
+    buffers = [np.zeros((T + 1, B, w * H), X.dtype) if k < cell.states else
+               np.zeros((T if keep_cache else 1, B, w * H), X.dtype)
+               for k, w in enumerate(cell.buffers)]
     for k in range(cell.states):
         if state0 is not None:
             buffers[k][0] = state0[k]
     active = active_rows(lengths, T)
     caches = []
-    W_h, b_hn = params["W_h"], params.get("b_hn")
+    W_x, b, W_h, b_hn = params["W_x"], params["b"], params["W_h"], params.get("b_hn")
+    # x W_x + b for PROJ_STEPS timesteps at a time: one large product, into a buffer that stays
+    # in cache instead of a (T, B, G*H) array (the backward pass does not need it).
+    x_proj = np.empty((min(T, PROJ_STEPS) * B, cell.gates * H), X.dtype)
     for t in range(T):
+        if t % PROJ_STEPS == 0:
+            chunk = X[t:t + PROJ_STEPS].reshape(-1, D)
+            np.matmul(chunk, W_x, out=x_proj[:len(chunk)])
+            x_proj += b
         n = active[t]
         prev = tuple(buffers[k][t, :n] for k in range(cell.states))
-        out = tuple(buf[t + (k < cell.states), :n] for k, buf in enumerate(buffers))
-        caches.append(cell.step_forward(x_proj[t, :n], prev, W_h, b_hn, out=out)[1])
+        out = tuple(buf[t + 1 if k < cell.states else (t if keep_cache else 0), :n]
+                    for k, buf in enumerate(buffers))
+        row = (t % PROJ_STEPS) * B
+        cache = cell.step_forward(x_proj[row:row + n], prev, W_h, b_hn, out=out)[1]
+        if keep_cache:
+            caches.append(cache)
     rows = np.arange(B)
     final = tuple(buffers[k][lengths, rows] for k in range(cell.states))
     outputs = buffers[0][1:]
     if reverse:
         outputs = outputs[rev, rows]
-    return outputs, final, LayerCache(kind, X, lengths, active, buffers, caches, params, rev)
+    cache = LayerCache(kind, X, lengths, active, buffers, caches, params, rev) if keep_cache else None
+    return outputs, final, cache
 
 
 def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache: LayerCache,
