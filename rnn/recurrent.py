@@ -121,7 +121,9 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
     d_outputs: (T, B, H) gradient of the outputs, or None; d_final: gradients of the final states,
     each (B, H) (None entries or None for none). Returns dX (T, B, D), the parameter gradients
     (same keys as params), the initial-state gradients, each (B, H), and, when `trace` is set, the
-    per-timestep gradient trace (see `align_trace`) of dL/da<t> and, for the LSTM, dL/dc<t>.
+    per-timestep gradient trace (see `align_trace`) of dL/da<t> and, for the LSTM, of the gradient
+    reaching c<t> along the memory path from step t+1 (so it is zero at the last step of 'last'
+    pooling, where only a<t> receives gradient).
     With `input_grad` off (a frozen embedding below), dX is None and its product is skipped.
     """
     cell, c = CELLS[cache.kind], cache

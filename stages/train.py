@@ -50,7 +50,7 @@ CELL_NAMES = ("rnn", "gru", "lstm")
 KNOBS: dict = {
     "epochs": Field(int, 6, min=1),
     "batch_size": Field(int, 64, min=1),
-    "lr": Field(float, 0.002, min=0, min_exclusive=True),
+    "lr": Field(float, 0.001, min=0, min_exclusive=True),
     "optimizer": Field(str, "adam", choices=OPTIMIZERS),
     "weight_decay": Field(float, 0.0, min=0),
     "momentum": Field(float, 0.9, min=0, max=0.999),
@@ -58,7 +58,7 @@ KNOBS: dict = {
     "embed_dim": Field(int, 100, min=1),
     "num_layers": Field(int, 1, min=1),
     "bidirectional": Field(bool, False),
-    "dropout": Field(float, 0.2, min=0, max=0.95),
+    "dropout": Field(float, 0.5, min=0, max=0.95),
     "pooling": Field(str, "last", choices=POOLINGS),
     "reset_after": Field(bool, False),
     "forget_bias": Field(float, 1.0),
