@@ -36,6 +36,7 @@ class TrainConfig:
     batch_size: int = 64
     clip_mode: str = "norm"      # none | value | norm
     clip_threshold: float = 5.0
+    lr_decay: float = 1.0        # the learning rate of epoch e is lr * lr_decay ** (e - 1)
     patience: int = 2            # epochs without a better validation accuracy before stopping; 0: never
     trace: bool = True           # record the per-timestep gradient trace
     trace_every: int = 1         # ... every this many steps
@@ -75,11 +76,13 @@ def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Datase
     if ckpt is not None and ckpt.exists():
         run, best_params = _load_checkpoint(ckpt, model, optimizer, rng)
 
+    base_lr = optimizer.lr           # the schedule follows from the epoch: resuming needs no state
     stop = {"requested": False}
     handlers = _catch_signals(stop)
     try:
         while run["epoch"] < cfg.epochs and not run["stopped_early"]:
             epoch = run["epoch"] + 1
+            optimizer.lr = base_lr * cfg.lr_decay ** (epoch - 1)
             epoch_start_rng = rng.bit_generator.state
             if run["partial"]:                            # resuming inside an epoch
                 epoch_start_rng = run["partial"]["epoch_start_rng"]
@@ -117,7 +120,7 @@ def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Datase
                         _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
                     raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {position + 1}"
                                               + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
-            record, trace_means = _finish_epoch(acc, epoch, optimizer.t, model, val)
+            record, trace_means = _finish_epoch(acc, epoch, optimizer.t, optimizer.lr, model, val)
             run["history"].append(record)
             run["traces"].append(trace_means)
             if record["val_accuracy"] > run["best_val_accuracy"]:
@@ -132,6 +135,7 @@ def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Datase
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
+    optimizer.lr = base_lr
     for k, v in best_params.items():
         model.params[k][...] = v
     return {k: run[k] for k in ("history", "traces", "best_epoch", "best_val_accuracy", "stopped_early")
@@ -180,7 +184,7 @@ def _accumulate(acc, loss, logits, data, idx, norm, clipped, traces, seconds) ->
         c[:len(counts)] += counts
 
 
-def _finish_epoch(acc, epoch, step, model, val) -> tuple[dict, dict]:
+def _finish_epoch(acc, epoch, step, lr, model, val) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     v = evaluate(model, val)
     record = {"epoch": epoch, "step": step, "train_loss": acc["loss"] / acc["n"],
@@ -188,7 +192,7 @@ def _finish_epoch(acc, epoch, step, model, val) -> tuple[dict, dict]:
               "val_accuracy": v["accuracy"], "seconds": acc["seconds"],
               "val_seconds": time.perf_counter() - t0,
               "tokens_per_s": acc["tokens"] / max(acc["seconds"], 1e-9),
-              "grad_norm_mean": acc["norm_sum"] / acc["steps"], "grad_norm_max": acc["norm_max"],
+              "lr": lr, "grad_norm_mean": acc["norm_sum"] / acc["steps"], "grad_norm_max": acc["norm_max"],
               "clipped_fraction": acc["clipped"] / acc["steps"]}
     means = {name: [float(s / c) if c else None for s, c in zip(*sc)]
              for name, sc in acc["trace"].items()}

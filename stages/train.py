@@ -50,7 +50,7 @@ CELL_NAMES = ("rnn", "gru", "lstm")
 KNOBS: dict = {
     "epochs": Field(int, 6, min=1),
     "batch_size": Field(int, 64, min=1),
-    "lr": Field(float, 0.001, min=0, min_exclusive=True),
+    "lr": Field(float, 0.002, min=0, min_exclusive=True),
     "optimizer": Field(str, "adam", choices=OPTIMIZERS),
     "weight_decay": Field(float, 0.0, min=0),
     "momentum": Field(float, 0.9, min=0, max=0.999),
@@ -67,6 +67,7 @@ KNOBS: dict = {
         "mode": Field(str, "norm", choices=CLIP_MODES),
         "threshold": Field(float, 5.0, min=0, min_exclusive=True),
     },
+    "lr_decay": Field(float, 0.5, min=0, max=1, min_exclusive=True),
     "patience": Field(int, 2, min=0),
     "trace": Field(bool, True),
     "trace_every": Field(int, 1, min=1),
@@ -78,7 +79,7 @@ SCHEMA: dict = {
     "overrides": {cell: KNOBS for cell in CELL_NAMES},
 }
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
                    "tokens_per_s", "grad_norm_mean", "grad_norm_max", "clipped_fraction")
 TRACE_COLUMNS = ("epoch", "distance", "state", "grad_norm", "log10_grad_norm")
 
@@ -163,7 +164,8 @@ def model_config(cfg: dict, cell: str, vocab_size: int) -> ModelConfig:
 
 def train_config(cfg: dict) -> TrainConfig:
     return TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], clip_mode=cfg["clip"]["mode"],
-                       clip_threshold=cfg["clip"]["threshold"], patience=cfg["patience"],
+                       clip_threshold=cfg["clip"]["threshold"], lr_decay=cfg["lr_decay"],
+                       patience=cfg["patience"],
                        trace=cfg["trace"], trace_every=cfg["trace_every"])
 
 

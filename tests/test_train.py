@@ -220,7 +220,7 @@ def test_same_seed_same_run_and_different_seed_different_run():
 
 
 # --------------------------------------------------------------------------------- checkpoints
-RESUME_CFG = TrainConfig(epochs=3, batch_size=32, patience=0, trace_every=3)
+RESUME_CFG = TrainConfig(lr_decay=0.5, epochs=3, batch_size=32, patience=0, trace_every=3)
 
 
 def resume_model(seed=0):
@@ -382,3 +382,17 @@ def test_signal_mid_epoch_saves_checkpoint_and_resumes_exactly(train_script, uni
     assert meta["run"]["epoch"] == 1 and meta["run"]["position"] == 3 and meta["optimizer_t"] == 11
     assert meta["run"]["partial"] is not None
     finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, steps_expected=5 + 8)
+
+
+def test_lr_decay_schedule_per_epoch():
+    """Epoch e trains at lr * lr_decay ** (e - 1); the optimizer leaves fit with its own lr."""
+    opt = Adam(0.01)
+    seen = []
+    class Spy:
+        def on_step(self, info):
+            seen.append((info["epoch"], opt.lr))
+    result = fit(toy_model("rnn"), opt, TRAIN, VAL, TrainConfig(epochs=3, lr_decay=0.5, patience=0),
+                 np.random.default_rng(0), callbacks=[Spy()])
+    assert sorted(set(seen)) == [(1, 0.01), (2, 0.005), (3, 0.0025)]
+    assert [h["lr"] for h in result["history"]] == [0.01, 0.005, 0.0025]
+    assert opt.lr == 0.01
