@@ -26,6 +26,7 @@ import sys
 SHAPES = {"default": ["64x200x100x128"],
           "all": ["32x100x64x64", "64x200x100x128", "128x400x128x256"]}
 CELLS = ("rnn", "gru", "lstm")
+SETTLE_S = 0.3        # pause before each timed call when two libraries alternate
 
 
 def parse_shape(text: str) -> list[tuple[int, int, int, int]]:
@@ -219,6 +220,12 @@ def bench(cell: str, shape: tuple, args, torch) -> dict:
     for _ in range(args.repeats):            # alternate, so both sides share any change in load
         for what, k in (("train", 0), ("infer", 1)):
             for side, fns in sides.items():
+                if len(sides) > 1:
+                    # After a call, OpenBLAS's worker threads spin for ~2^28 cycles (~0.1 s) and
+                    # OpenMP's a little: without a pause the side timed next would share its
+                    # cores with the other side's idle threads (seen: torch's LSTM step 0.154 s
+                    # here against 0.100 s alone).
+                    time.sleep(SETTLE_S)
                 times[side, what].append(timed(fns[k]))
     med = {key: statistics.median(v) for key, v in times.items()}
     tokens = int(batch[1].sum())
