@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 import time
 from pathlib import Path
