@@ -53,7 +53,7 @@ CELL_NAMES = ("rnn", "gru", "lstm")
 
 # The settings one cell trains with; `train.overrides.<cell>` may set any of them.
 KNOBS: dict = {
-    "epochs": Field(int, 6, min=1),
+    "epochs": Field(int, 5, min=1),
     "batch_size": Field(int, 64, min=1),
     "lr": Field(float, 0.002, min=0, min_exclusive=True),
     "optimizer": Field(str, "adam", choices=OPTIMIZERS),

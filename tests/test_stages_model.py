@@ -29,7 +29,7 @@ def _params(train_section: dict | None = None, **sections) -> dict:
 # ------------------------------------------------------------------------------------ params
 def test_defaults_fill_an_empty_section():
     cfg = train.cell_config(_params(), "lstm")
-    assert cfg["epochs"] == 6 and cfg["lr"] == 0.002 and cfg["optimizer"] == "adam"
+    assert cfg["epochs"] == 5 and cfg["lr"] == 0.002 and cfg["optimizer"] == "adam"
     assert cfg["clip"] == {"mode": "norm", "threshold": 5.0}
     assert cfg["pooling"] == "last" and cfg["reset_after"] is False
     assert train.train_section(_params())["cells"] == ["rnn", "gru", "lstm"]
