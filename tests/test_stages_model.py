@@ -83,7 +83,7 @@ def test_project_params_yaml_validates_with_the_documented_defaults():
     section = train.train_section(params)
     assert section["cells"] == ["rnn", "gru", "lstm"]
     cfg = train.cell_config(params, "lstm")
-    assert (cfg["epochs"], cfg["batch_size"], cfg["optimizer"], cfg["hidden_size"]) == (6, 64, "adam", 128)
+    assert (cfg["epochs"], cfg["batch_size"], cfg["optimizer"], cfg["hidden_size"]) == (5, 64, "adam", 128)
     assert cfg["clip"] == {"mode": "norm", "threshold": 5.0} and cfg["seed"] == 0
     evaluate.check_edges(validate_section(params, "evaluate", evaluate.SCHEMA)["length_edges"])
 
