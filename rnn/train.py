@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -105,8 +105,8 @@ def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Datase
                     worst = max(norms, key=lambda k: norms[k] if np.isfinite(norms[k]) else np.inf)
                     raise TrainingDiverged(
                         f"epoch {epoch}, step {optimizer.t + 1}: loss {loss}, gradient norm {pre} "
-                        f"(largest: {worst} = {norms[worst]}); kept the checkpoint of epoch {epoch - 1}")
-                _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold)
+                        f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
+                _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
                 optimizer.step(model.params, grads)
                 _accumulate(acc, loss, logits, train, idx, pre, clipped, traces, time.perf_counter() - t0)
                 info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
@@ -211,21 +211,26 @@ def _save_checkpoint(path: Path, run: dict, model, optimizer, best_params, rng) 
 
 
 def _load_checkpoint(path: Path, model, optimizer, rng) -> tuple[dict, dict]:
+    """Everything is checked before anything is assigned: a bad checkpoint leaves the model as it was."""
     arrays = load_arrays(path)
     try:
         meta = json.loads(arrays.pop("meta_json").tobytes())
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: not a training checkpoint ({e})") from None
+        for k, p in model.params.items():
+            for kind in ("param", "best"):
+                if arrays[f"{kind}/{k}"].shape != p.shape:
+                    raise ValueError(f"{kind}/{k} has shape {arrays[f'{kind}/{k}'].shape}, not {p.shape}")
+        opt_arrays = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+        for key, v in opt_arrays.items():
+            if v.shape != model.params[key.rsplit("/", 1)[0]].shape:
+                raise ValueError(f"optimizer state {key} has shape {v.shape}")
+        run, t = meta["run"], int(meta["optimizer_t"])
+        rng_probe = np.random.default_rng()
+        rng_probe.bit_generator.state = meta["rng"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a usable checkpoint for this model ({e}); delete it to restart") \
+            from None
     for k in model.params:
-        if f"param/{k}" not in arrays or arrays[f"param/{k}"].shape != model.params[k].shape:
-            raise ValueError(f"{path}: checkpoint does not match the model ({k}); delete it to restart")
         model.params[k][...] = arrays[f"param/{k}"]
-    best = {k: arrays[f"best/{k}"] for k in model.params}
-    optimizer.load_state_dict({"t": meta["optimizer_t"],
-                               "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}})
+    optimizer.load_state_dict({"t": t, "arrays": opt_arrays})
     rng.bit_generator.state = meta["rng"]
-    return meta["run"], best
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
+    return run, {k: arrays[f"best/{k}"] for k in model.params}

@@ -257,7 +257,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, split, val):
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     fit(toy_model("gru"), Adam(0.01), TRAIN, VAL, TrainConfig(epochs=1, batch_size=64),
         np.random.default_rng(0), checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match="checkpoint does not match the model"):
+    with pytest.raises(ValueError, match="not a usable checkpoint for this model"):
         fit(toy_model("lstm"), Adam(0.01), TRAIN, VAL, TrainConfig(epochs=2, batch_size=64),
             np.random.default_rng(0), checkpoint_dir=tmp_path)
 
@@ -396,3 +396,22 @@ def test_lr_decay_schedule_per_epoch():
     assert sorted(set(seen)) == [(1, 0.01), (2, 0.005), (3, 0.0025)]
     assert [h["lr"] for h in result["history"]] == [0.01, 0.005, 0.0025]
     assert opt.lr == 0.01
+
+
+def test_broken_checkpoint_is_refused_and_leaves_the_model_alone(tmp_path):
+    """A checkpoint with a missing or misshapen array fails with one ValueError naming the file,
+    before any parameter is overwritten."""
+    fit(toy_model("gru"), Adam(0.01), TRAIN, VAL, TrainConfig(epochs=1, batch_size=64),
+        np.random.default_rng(0), checkpoint_dir=tmp_path)
+    path = tmp_path / "checkpoint.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    del arrays["best/fc.b"]
+    arrays["param/fc.W"] = np.zeros((1, 1), np.float32)
+    np.savez(path, **arrays)
+    model = toy_model("gru")
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(ValueError, match=f"{path}: not a usable checkpoint"):
+        fit(model, Adam(0.01), TRAIN, VAL, TrainConfig(epochs=2, batch_size=64),
+            np.random.default_rng(0), checkpoint_dir=tmp_path)
+    assert all(np.array_equal(before[k], model.params[k]) for k in before)
