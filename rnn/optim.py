@@ -29,20 +29,22 @@ def global_norm(grads: dict) -> float:
     return float(np.sqrt(sum(n * n for n in group_norms(grads).values())))
 
 
-def clip_gradients(grads: dict, mode: str, threshold: float) -> tuple[float, float, bool]:
+def clip_gradients(grads: dict, mode: str, threshold: float, norm: float | None = None
+                   ) -> tuple[float, float, bool]:
     """Clip in place. 'value' clamps every element to [-threshold, threshold] (the article's
     element-wise clipping); 'norm' rescales all gradients together so that their global norm is at
     most threshold (Pascanu et al., 2013), keeping the update's direction; 'none' leaves them.
+    `norm`, when the caller has it, is the global norm before clipping.
     Returns (norm before, norm after, whether clipping changed anything)."""
     if mode not in CLIP_MODES:
         raise ValueError(f"unknown clip mode {mode!r}: expected one of {', '.join(CLIP_MODES)}")
-    before = global_norm(grads)
+    before = global_norm(grads) if norm is None else norm
     clipped = False
     if mode == "norm" and before > threshold:
         scale = threshold / (before + 1e-12)
         for g in grads.values():
             _values(g)[...] *= scale
-        clipped = True
+        return before, before * scale, True
     elif mode == "value":
         for g in grads.values():
             v = _values(g)
@@ -71,14 +73,14 @@ class Optimizer:
                 rows = g.rows
                 sub = {k: v[rows] for k, v in st.items()}
                 p_rows = p[rows]
-                self._update(p_rows, g.values, sub, p.shape)
+                self._update(p_rows, g.values, sub)
                 p[rows] = p_rows
                 for k, v in sub.items():
                     st.setdefault(k, np.zeros_like(p))[rows] = v
             else:
-                self._update(p, g, st, p.shape)
+                self._update(p, g, st)
 
-    def _update(self, p, g, st, full_shape):
+    def _update(self, p, g, st):
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -100,7 +102,7 @@ class SGD(Optimizer):
         super().__init__(lr, weight_decay)
         self.momentum = float(momentum)
 
-    def _update(self, p, g, st, full_shape):
+    def _update(self, p, g, st):
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
@@ -121,7 +123,7 @@ class Adam(Optimizer):
         self.b1, self.b2 = map(float, betas)
         self.eps = float(eps)
 
-    def _update(self, p, g, st, full_shape):
+    def _update(self, p, g, st):
         if self.weight_decay and not self.decoupled:
             g = g + self.weight_decay * p
         m = st.setdefault("m", np.zeros_like(p))
