@@ -7,11 +7,11 @@ Notation (N rows of a batch, hidden size H, G gate blocks per cell):
     W_h                        (H, G*H)   recurrent weights, all gates fused into one product
 
 Splitting the article's `W [a<t-1>, x<t>]` into `a<t-1> W_h + x<t> W_x` is the same product; it lets
-the sequence layer compute `x W_x` for every timestep in one large matrix product before the loop.
+the sequence layer compute `x W_x` for many timesteps in one large matrix product.
 
 Every step function takes the state of the previous step as a tuple (`(a,)`, or `(a, c)` for the
-LSTM) and may write its results into preallocated arrays passed as `out`, so the sequence loop makes
-no allocations. Every backward step returns `dx_proj`, the gradient of the gate pre-activations,
+LSTM) and may write its results into preallocated arrays passed as `out`: the forward steps then
+allocate nothing (the backward steps still make a few small temporaries). Every backward step returns `dx_proj`, the gradient of the gate pre-activations,
 which is also the gradient of `x_proj`; the weight gradients are sums over timesteps of outer
 products with it, done after the loop as one large product (see `recurrent_weight_grads`).
 
@@ -203,7 +203,8 @@ def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
     np.tanh(gates[:, 3 * H:], out=gates[:, 3 * H:])
     i, f, o, g = (gates[:, k * H:(k + 1) * H] for k in range(4))
     np.multiply(f, c_prev, out=c)
-    c += i * g
+    np.multiply(i, g, out=tanh_c)            # tanh_c's buffer is free until the line after
+    c += tanh_c
     np.tanh(c, out=tanh_c)
     np.multiply(o, tanh_c, out=a)
     return (a, c), (gates, c_prev, tanh_c)

@@ -76,8 +76,6 @@ def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
     try:
         meta = json.loads((folder / CONFIG).read_text())
         config = ModelConfig.from_dict(meta["model"])
-        if not _is_float_dtype(config.dtype):
-            raise ValueError(f"dtype {config.dtype!r} is not a floating-point type")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / CONFIG}: bad model config: {e}") from None
     arrays = load_arrays(folder / WEIGHTS)
@@ -99,10 +97,3 @@ def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
         except ValueError as e:
             raise ValueError(f"{folder / ENCODER}: not valid JSON ({e})") from None
     return SentimentModel(config, params), encoder, meta.get("metadata", {})
-
-
-def _is_float_dtype(name) -> bool:
-    try:
-        return np.dtype(name).kind == "f"
-    except TypeError:
-        return False

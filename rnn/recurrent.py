@@ -5,7 +5,8 @@ batch is sorted by length, longest first (`SentimentModel` sorts and unsorts). A
 first `active[t]` rows are real, so the loop works on the prefix `[:active[t]]` and never touches a
 padded step: padded steps neither change the state nor receive gradient, and a sequence's final
 state is the one at its own last real token. This is what `torch.nn.utils.rnn.pack_padded_sequence`
-does, and it saves the work padding would cost.
+does. The recurrent part skips padding; the input projection and its gradients run over all T*B
+rows in a few large products (length-bucketed batches keep that waste small).
 
 A reverse direction (bidirectional layers) runs the same loop on each sequence reversed within its
 own length.
