@@ -243,6 +243,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        with open(tmp, "rb+") as f:          # on disk before the rename, or a crash could keep
+            os.fsync(f.fileno())             # the new name with the old (empty) contents
         os.replace(tmp, path)
     finally:
         # On success the temp was renamed away; on failure don't leave it behind.

@@ -92,6 +92,7 @@ def run(cfg: dict, root: Path) -> dict:
             lengths=lengths,
             labels=df["label"].to_numpy(dtype=np.int8),
             review_ids=df["id"].to_numpy(dtype=np.int64),
+            raw_lengths=raw_len.astype(np.int32),     # before truncation: accuracy by review length
         )
         metrics["splits"][name] = len(df)
         metrics["oov_rate"][name] = n_unk / n_tokens if n_tokens else 0.0

@@ -149,6 +149,14 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def code_digest() -> str:
+    """Digest of the code a checkpoint was trained with (rnn/ and this stage): after a code change
+    an interrupted run starts again rather than resume weights the old code produced."""
+    here = Path(__file__).resolve()
+    files = sorted((here.parents[1] / "rnn").glob("*.py")) + [here]
+    return hashlib.sha256("".join(file_digest(f) for f in files).encode()).hexdigest()[:12]
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -334,7 +342,7 @@ def run(cell: str, params: dict, root: Path, tracker) -> dict:
     overridden = "embed_dim" in raw_override(params, cell)
     inputs = load_inputs(root, cfg["embed_dim"],
                          f"train.overrides.{cell}.embed_dim" if overridden else "train.embed_dim")
-    checkpoint_dir = root / "checkpoints" / cell / f"{config_hash(cfg)}-{inputs['digest']}"
+    checkpoint_dir = root / "checkpoints" / cell / f"{config_hash(cfg)}-{inputs['digest']}-{code_digest()}"
     for stale in (root / "checkpoints" / cell).glob("*"):
         if stale != checkpoint_dir:  # other settings or data: never to be resumed
             shutil.rmtree(stale, ignore_errors=True)
