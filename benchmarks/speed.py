@@ -125,7 +125,7 @@ def numpy_side(cell: str, E: int, H: int, vocab: int, batch, rng: np.random.Gene
         optimizer.step(model.params, grads)
 
     def infer():
-        model.forward(ids, lengths)
+        model.forward(ids, lengths, keep_cache=False)     # what prediction runs
 
     return model, train_step, infer
 

@@ -24,8 +24,8 @@ from .text import tokenize
 
 LABEL_VALUES = {"1": 1, "1.0": 1, "pos": 1, "positive": 1, "0": 0, "0.0": 0, "neg": 0, "negative": 0}
 DEFAULT_EXPERIMENT = "imdb-sentiment"
-# Columns of `rnn runs`: train settings (params "train.<name>", or the cell's override
-# "train.overrides.<cell>.<name>"), then metrics as logged by the train and evaluate stages.
+# Columns of `rnn runs`: the train settings each run trained with (the tracker logs them with the
+# cell's overrides merged, as "train.<name>"), then metrics as logged by train and evaluate.
 RUN_PARAMS = ("optimizer", "lr", "hidden_size", "num_layers", "pooling", "dropout")
 RUN_METRICS = {"test_acc": "test_accuracy", "test_auc": "test_roc_auc",
                "best_val_acc": "best_val_accuracy", "epochs": "epochs_run"}
@@ -259,7 +259,7 @@ def _runs(args) -> int:
         row = {"run": r.info.run_name, "cell": cell, "status": r.info.status,
                "started": pd.Timestamp(r.info.start_time, unit="ms").strftime("%Y-%m-%d %H:%M")}
         for k in RUN_PARAMS:
-            row[k] = params.get(f"train.overrides.{cell}.{k}", params.get(f"train.{k}"))
+            row[k] = params.get(f"train.{k}")
         row.update({header: metrics.get(name) for header, name in RUN_METRICS.items()})
         rows.append(row)
     table = pd.DataFrame(rows).dropna(axis=1, how="all")

@@ -148,10 +148,12 @@ def test_runs_lists_the_experiment(capsys, tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("mlflow:\n  experiment: toy-exp\n")
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("toy-exp")
-    # As stages/tracking.py logs them: tag "cell", the flattened train section, stage metrics.
-    for start, cell, acc in ((1_700_000_000_000, "gru", 0.81), (1_700_000_060_000, "lstm", 0.875)):
+    # As stages/tracking.py logs them: tag "cell", the train section with the cell's overrides
+    # merged (lstm overrides lr) plus those overrides as one JSON param, stage metrics.
+    for start, cell, acc, lr, over in ((1_700_000_000_000, "gru", 0.81, 0.002, "{}"),
+                                       (1_700_000_060_000, "lstm", 0.875, 0.001, '{"lr": 0.001}')):
         r = client.create_run(exp, start_time=start, run_name=cell, tags={"cell": cell})
-        for key, value in {"train.lr": 0.002, "train.hidden_size": 128, "train.overrides.lstm.lr": 0.001,
+        for key, value in {"train.lr": lr, "train.hidden_size": 128, "train.overrides": over,
                            "train.clip.mode": "norm"}.items():
             client.log_param(r.info.run_id, key, value)
         client.log_metric(r.info.run_id, "test_accuracy", acc)
