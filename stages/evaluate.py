@@ -17,11 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# One BLAS thread: OpenBLAS keeps the per-step products (64 x 128 x 512) on one thread anyway
-# (measured: 94.8 us with one or two), a second thread did not speed up a training step
-# (0.183 s vs 0.177-0.190 s, LSTM 64x200x100x128), and two spinning threads per process slow down
-# queued experiments run side by side (`dvc queue start -j 2`). Set the variable to override.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")     # why: see stages/train.py
 
 import numpy as np  # noqa: E402
 
