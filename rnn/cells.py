@@ -2,20 +2,28 @@
 
 Notation (N rows of a batch, hidden size H, G gate blocks per cell):
 
-    x_proj = x<t> W_x + b      (N, G*H)   input projection, computed for all timesteps at once
+    x_proj = x<t> W_x + b      (G, N, H)  input projection, computed for many timesteps at once
     a_prev = a<t-1>            (N, H)     previous hidden state
-    W_h                        (H, G*H)   recurrent weights, all gates fused into one product
+    W_h                        (G, H, H)  recurrent weights, one (H, H) block per gate
 
 Splitting the article's `W [a<t-1>, x<t>]` into `a<t-1> W_h + x<t> W_x` is the same product; it lets
 the sequence layer compute `x W_x` for many timesteps in one large matrix product.
 
+Gates are stacked on a leading axis: x_proj, the gate values and their gradients are (G, N, H),
+one contiguous (N, H) block per gate, so that `i, f, o, g = gates` and every elementwise operation
+runs over contiguous memory (NumPy spends about four times as long per call on a column slice of
+an (N, G*H) array: measured). `a_prev @ W_h` is one batched product for all gates. The model
+stores W_h as (H, G*H), the blocks side by side; `gate_blocks` gives the (G, H, H) view.
+
 Every step function takes the state of the previous step as a tuple (`(a,)`, or `(a, c)` for the
 LSTM) and may write its results into preallocated arrays passed as `out`: the forward steps then
-allocate nothing (the backward steps still make a few small temporaries). Every backward step returns `dx_proj`, the gradient of the gate pre-activations,
-which is also the gradient of `x_proj`; the weight gradients are sums over timesteps of outer
-products with it, done after the loop as one large product (see `recurrent_weight_grads`).
+allocate nothing. Every backward step takes `W_h_T`, the blocks of W_h transposed (G, H, H), which
+the sequence layer makes contiguous once per sequence (a transposed view slows the product), and
+returns `dx_proj`, the gradient of the gate pre-activations, which is also the gradient of
+`x_proj`; the weight gradients are sums over timesteps of outer products with it, done after the
+loop as one large product per gate (see `recurrent_weight_grads`).
 
-Gate blocks, in column order of `x_proj`, `W_x`, `W_h` and `b`:
+Gate blocks, in order:
     rnn:  [candidate]
     gru:  [reset r, update u, candidate n]
     lstm: [input i, forget f, output o, candidate g]  (sigmoid gates first, contiguous; PyTorch
@@ -37,38 +45,53 @@ def sigmoid_(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _new(out, i, like, cols=None):
+def gate_blocks(W: np.ndarray, G: int) -> np.ndarray:
+    """(rows, G*H) weights, gate blocks side by side -> (G, rows, H) view, one block per gate."""
+    return W.reshape(W.shape[0], G, -1).transpose(1, 0, 2)
+
+
+def from_gate_blocks(blocks: np.ndarray) -> np.ndarray:
+    """Inverse of `gate_blocks`: (G, rows, H) -> (rows, G*H)."""
+    G, rows, H = blocks.shape
+    return blocks.transpose(1, 0, 2).reshape(rows, G * H)
+
+
+def _new(out, i, like, blocks=None):
+    """`out[i]` (`out` itself if i is None) when given, else a new array shaped like `like`
+    (N, H) or, with `blocks`, (blocks, N, H)."""
     if out is not None:
-        return out[i]
-    shape = like.shape if cols is None else (like.shape[0], cols)
-    return np.empty(shape, dtype=like.dtype)
+        return out if i is None else out[i]
+    return np.empty(like.shape if blocks is None else (blocks, *like.shape), dtype=like.dtype)
 
 
 # ----------------------------------------------------------------------------------------- rnn
 def rnn_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
     """a<t> = tanh(x_proj + a<t-1> W_h).
 
-    x_proj: (N, H); prev: (a_prev (N, H),); W_h: (H, H); out: optional (a,) arrays (N, H).
+    x_proj: (1, N, H); prev: (a_prev (N, H),); W_h: (1, H, H); out: optional (a (N, H),).
     Returns ((a,), cache) with cache = (a,): tanh's derivative needs only its output.
     """
     (a_prev,) = prev
-    a = np.matmul(a_prev, W_h, out=_new(out, 0, a_prev))
-    a += x_proj
+    a = np.matmul(a_prev, W_h[0], out=_new(out, 0, a_prev))
+    a += x_proj[0]
     np.tanh(a, out=a)
     return (a,), (a,)
 
 
-def rnn_step_backward(dstate, cache, W_h, out=None):
-    """dstate: (da (N, H),), the total gradient reaching a<t>; cache from the forward step.
+def rnn_step_backward(dstate, cache, W_h_T, out=None):
+    """dstate: (da (N, H),), the total gradient reaching a<t>; cache from the forward step;
+    W_h_T: (1, H, H).
 
-    Returns dx_proj (N, H) (written into `out` when given) and (da_prev (N, H),). Like every
+    Returns dx_proj (1, N, H) (written into `out` when given) and (da_prev (N, H),). Like every
     backward step, it overwrites the arrays of dstate with the previous step's gradients.
     """
     (da,), (a,) = dstate, cache
-    dz = np.multiply(a, a, out=out)
+    dx = _new(out, None, a, 1)
+    dz = dx[0]
+    np.multiply(a, a, out=dz)
     np.subtract(1, dz, out=dz)
     dz *= da
-    return dz, (np.matmul(dz, W_h.T, out=da),)
+    return dx, (np.matmul(dz, W_h_T[0], out=da),)
 
 
 # ----------------------------------------------------------------------------------------- gru
@@ -79,20 +102,20 @@ def gru_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
         n = tanh(x_n + (r * a_prev) W_hn)
         a = u * n + (1 - u) * a_prev            # the update gate u weighs the NEW candidate
 
-    x_proj: (N, 3H); prev: (a_prev (N, H),); W_h: (H, 3H); out: optional (a (N, H),
-    gates (N, 3H), r_a (N, H)). Returns ((a,), cache) with cache = (gates r|u|n after their
+    x_proj: (3, N, H); prev: (a_prev (N, H),); W_h: (3, H, H); out: optional (a (N, H),
+    gates (3, N, H), r_a (N, H)). Returns ((a,), cache) with cache = (gates r|u|n after their
     nonlinearities, a_prev, r * a_prev).
     """
     (a_prev,) = prev
-    H = a_prev.shape[1]
-    a, gates, r_a = _new(out, 0, a_prev), _new(out, 1, a_prev, 3 * H), _new(out, 2, a_prev)
-    np.matmul(a_prev, W_h[:, :2 * H], out=gates[:, :2 * H])
-    gates[:, :2 * H] += x_proj[:, :2 * H]
-    sigmoid_(gates[:, :2 * H])
-    r, u, n = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
+    a, gates, r_a = _new(out, 0, a_prev), _new(out, 1, a_prev, 3), _new(out, 2, a_prev)
+    ru = gates[:2]
+    np.matmul(a_prev, W_h[:2], out=ru)
+    ru += x_proj[:2]
+    sigmoid_(ru)
+    r, u, n = gates
     np.multiply(r, a_prev, out=r_a)
-    np.matmul(r_a, W_h[:, 2 * H:], out=n)
-    n += x_proj[:, 2 * H:]
+    np.matmul(r_a, W_h[2], out=n)
+    n += x_proj[2]
     np.tanh(n, out=n)
     np.subtract(n, a_prev, out=a)            # a = a_prev + u * (n - a_prev)
     a *= u
@@ -100,31 +123,34 @@ def gru_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
     return (a,), (gates, a_prev, r_a)
 
 
-def gru_step_backward(dstate, cache, W_h, out=None):
-    """Backward of `gru_step_forward`. dstate: (da (N, H),).
+def gru_step_backward(dstate, cache, W_h_T, out=None):
+    """Backward of `gru_step_forward`. dstate: (da (N, H),); W_h_T: (3, H, H).
 
-    Returns dx_proj (N, 3H), the gradient of the pre-activations [r, u, n] (the gradient of
+    Returns dx_proj (3, N, H), the gradient of the pre-activations [r, u, n] (the gradient of
     W_hn's input is r * a_prev, kept in the cache), and (da_prev (N, H),).
     """
     (da,), (gates, a_prev, _) = dstate, cache
-    H = a_prev.shape[1]
-    r, u, n = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
-    dz = _new(None if out is None else (out,), 0, gates)
-    dr, du, dn = dz[:, :H], dz[:, H:2 * H], dz[:, 2 * H:]
+    r, u, n = gates
+    dx = _new(out, None, a_prev, 3)
+    dr, du, dn = dx
     np.multiply(n, n, out=dn)                # dn = da * u * (1 - n^2)
     np.subtract(1, dn, out=dn)
     dn *= u
     dn *= da
-    d_ra = dn @ W_h[:, 2 * H:].T
+    d_ra = np.matmul(dn, W_h_T[2])
     np.subtract(n, a_prev, out=du)           # du = da * (n - a_prev) * u (1 - u)
     du *= da
     np.multiply(d_ra, a_prev, out=dr)        # dr = d(r a_prev) * a_prev * r (1 - r)
-    dz[:, :2 * H] *= gates[:, :2 * H] * (1 - gates[:, :2 * H])
+    scratch = np.subtract(1, gates[:2])
+    scratch *= gates[:2]
+    dx[:2] *= scratch
     d_ra *= r
-    d_ra += da * (1 - u)                     # the two direct paths from a_prev to a
-    da_prev = np.matmul(dz[:, :2 * H], W_h[:, :2 * H].T, out=da)
-    da_prev += d_ra
-    return dz, (da_prev,)
+    np.subtract(1, u, out=scratch[0])        # the two direct paths from a_prev to a
+    scratch[0] *= da
+    d_ra += scratch[0]
+    np.matmul(dx[:2], W_h_T[:2]).sum(0, out=da)
+    da += d_ra
+    return dx, (da,)
 
 
 def gru_after_step_forward(x_proj, prev, W_h, b_hn, out=None):
@@ -134,20 +160,19 @@ def gru_after_step_forward(x_proj, prev, W_h, b_hn, out=None):
         n = tanh(x_n + r * (a_prev W_hn + b_hn))
         a = (1 - z) * n + z * a_prev            # here the update gate z weighs the OLD state
 
-    x_proj: (N, 3H); prev: (a_prev (N, H),); W_h: (H, 3H); b_hn: (H,); out: optional
-    (a (N, H), gates (N, 3H), h_n (N, H)). Returns ((a,), cache) with cache = (gates r|z|n after
-    their nonlinearities, a_prev, h_n = a_prev W_hn + b_hn).
+    x_proj: (3, N, H); prev: (a_prev (N, H),); W_h: (3, H, H); b_hn: (H,); out: optional
+    (a (N, H), gates (3, N, H), h_n (N, H)). Returns ((a,), cache) with cache = (gates r|z|n
+    after their nonlinearities, a_prev, h_n = a_prev W_hn + b_hn).
     """
     (a_prev,) = prev
-    H = a_prev.shape[1]
-    a, gates, h_n = _new(out, 0, a_prev), _new(out, 1, a_prev, 3 * H), _new(out, 2, a_prev)
+    a, gates, h_n = _new(out, 0, a_prev), _new(out, 1, a_prev, 3), _new(out, 2, a_prev)
     np.matmul(a_prev, W_h, out=gates)
-    np.add(gates[:, 2 * H:], b_hn, out=h_n)
-    gates[:, :2 * H] += x_proj[:, :2 * H]
-    sigmoid_(gates[:, :2 * H])
-    r, z, n = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
+    np.add(gates[2], b_hn, out=h_n)
+    gates[:2] += x_proj[:2]
+    sigmoid_(gates[:2])
+    r, z, n = gates
     np.multiply(r, h_n, out=n)
-    n += x_proj[:, 2 * H:]
+    n += x_proj[2]
     np.tanh(n, out=n)
     np.subtract(a_prev, n, out=a)            # a = n + z * (a_prev - n)
     a *= z
@@ -155,53 +180,55 @@ def gru_after_step_forward(x_proj, prev, W_h, b_hn, out=None):
     return (a,), (gates, a_prev, h_n)
 
 
-def gru_after_step_backward(dstate, cache, W_h, out=None):
-    """Backward of `gru_after_step_forward`. dstate: (da (N, H),).
+def gru_after_step_backward(dstate, cache, W_h_T, out=None):
+    """Backward of `gru_after_step_forward`. dstate: (da (N, H),); W_h_T: (3, H, H).
 
-    Returns dx_proj (N, 3H), the gradient of the pre-activations [r, z, n], and (da_prev (N, H),).
+    Returns dx_proj (3, N, H), the gradient of the pre-activations [r, z, n], and (da_prev (N, H),).
     The recurrent product's gradient differs from dx_proj only in the n block, which is scaled by
     r: `recurrent_weight_grads` applies that.
     """
     (da,), (gates, a_prev, h_n) = dstate, cache
-    H = a_prev.shape[1]
-    r, z, n = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
-    dx = _new(None if out is None else (out,), 0, gates)
-    dr, dz, dn = dx[:, :H], dx[:, H:2 * H], dx[:, 2 * H:]
+    r, z, n = gates
+    dx = _new(out, None, a_prev, 3)
+    dr, dz, dn = dx
+    dh = np.empty_like(dx)                   # gradient of the recurrent product a_prev W_h
     np.multiply(n, n, out=dn)                # dn = da * (1 - z) * (1 - n^2)
     np.subtract(1, dn, out=dn)
-    dn *= 1 - z
+    np.subtract(1, z, out=dh[2])
+    dn *= dh[2]
     dn *= da
     np.subtract(a_prev, n, out=dz)           # dz = da * (a_prev - n) * z (1 - z)
     dz *= da
     np.multiply(dn, h_n, out=dr)             # dr = dn * h_n * r (1 - r)
-    dx[:, :2 * H] *= gates[:, :2 * H] * (1 - gates[:, :2 * H])
-    dh = dx.copy()
-    dh[:, 2 * H:] *= r
+    np.subtract(1, gates[:2], out=dh[:2])
+    dh[:2] *= gates[:2]
+    dx[:2] *= dh[:2]
+    dh[:2] = dx[:2]
+    np.multiply(dn, r, out=dh[2])
     da *= z                                  # the direct path from a_prev to a
-    da += dh @ W_h.T
+    da += np.matmul(dh, W_h_T).sum(0)
     return dx, (da,)
 
 
 # ---------------------------------------------------------------------------------------- lstm
 def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
-    """The LSTM of the article, gates fused into one product.
+    """The LSTM of the article, all gates in one batched product.
 
         i, f, o = sigmoid(x_ifo + a_prev W_h,ifo)     g = tanh(x_g + a_prev W_h,g)
         c = i * g + f * c_prev                          a = o * tanh(c)
 
-    x_proj: (N, 4H); prev: (a_prev, c_prev), each (N, H); W_h: (H, 4H); out: optional
-    (a (N, H), c (N, H), gates (N, 4H), tanh_c (N, H)). Returns ((a, c), cache) with
+    x_proj: (4, N, H); prev: (a_prev, c_prev), each (N, H); W_h: (4, H, H); out: optional
+    (a (N, H), c (N, H), gates (4, N, H), tanh_c (N, H)). Returns ((a, c), cache) with
     cache = (gates i|f|o|g after their nonlinearities, c_prev, tanh_c).
     """
     a_prev, c_prev = prev
-    H = a_prev.shape[1]
     a, c = _new(out, 0, a_prev), _new(out, 1, a_prev)
-    gates, tanh_c = _new(out, 2, a_prev, 4 * H), _new(out, 3, a_prev)
+    gates, tanh_c = _new(out, 2, a_prev, 4), _new(out, 3, a_prev)
     np.matmul(a_prev, W_h, out=gates)
     gates += x_proj
-    sigmoid_(gates[:, :3 * H])
-    np.tanh(gates[:, 3 * H:], out=gates[:, 3 * H:])
-    i, f, o, g = (gates[:, k * H:(k + 1) * H] for k in range(4))
+    sigmoid_(gates[:3])
+    i, f, o, g = gates
+    np.tanh(g, out=g)
     np.multiply(f, c_prev, out=c)
     np.multiply(i, g, out=tanh_c)            # tanh_c's buffer is free until the line after
     c += tanh_c
@@ -210,18 +237,17 @@ def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
     return (a, c), (gates, c_prev, tanh_c)
 
 
-def lstm_step_backward(dstate, cache, W_h, out=None):
+def lstm_step_backward(dstate, cache, W_h_T, out=None):
     """Backward of `lstm_step_forward`. dstate: (da, dc), each (N, H): the total gradients reaching
-    a<t> and c<t>; they are overwritten with da_prev and dc_prev.
+    a<t> and c<t>; they are overwritten with da_prev and dc_prev. W_h_T: (4, H, H).
 
-    Returns dx_proj (N, 4H), the gradient of the pre-activations [i, f, o, g], and
+    Returns dx_proj (4, N, H), the gradient of the pre-activations [i, f, o, g], and
     (da_prev, dc_prev), each (N, H).
     """
     (da, dc), (gates, c_prev, tanh_c) = dstate, cache
-    H = c_prev.shape[1]
-    i, f, o, g = (gates[:, k * H:(k + 1) * H] for k in range(4))
-    dx = _new(None if out is None else (out,), 0, gates)
-    di, df, do, dg = (dx[:, k * H:(k + 1) * H] for k in range(4))
+    i, f, o, g = gates
+    dx = _new(out, None, c_prev, 4)
+    di, df, do, dg = dx
     np.multiply(tanh_c, tanh_c, out=dg)      # dc += da * o * (1 - tanh(c)^2)
     np.subtract(1, dg, out=dg)
     dg *= o
@@ -230,13 +256,16 @@ def lstm_step_backward(dstate, cache, W_h, out=None):
     np.multiply(dc, g, out=di)
     np.multiply(dc, c_prev, out=df)
     np.multiply(da, tanh_c, out=do)
-    dx[:, :3 * H] *= gates[:, :3 * H] * (1 - gates[:, :3 * H])
+    scratch = np.subtract(1, gates[:3])      # sigmoid' = s (1 - s)
+    scratch *= gates[:3]
+    dx[:3] *= scratch
     np.multiply(g, g, out=dg)                # dg = dc * i * (1 - g^2)
     np.subtract(1, dg, out=dg)
     dg *= i
     dg *= dc
     dc *= f
-    return dx, (np.matmul(dx, W_h.T, out=da), dc)
+    np.matmul(dx, W_h_T).sum(0, out=da)
+    return dx, (da, dc)
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -244,7 +273,7 @@ class Cell(NamedTuple):
     """What the sequence layer needs to know about a cell."""
     gates: int                   # G: gate blocks in x_proj
     states: int                  # 1 for (a,), 2 for (a, c)
-    buffers: tuple[int, ...]     # width, in units of H, of each per-step `out` array
+    buffers: tuple[int, ...]     # each per-step `out` array: 1 = (N, H), G = (G, N, H)
     step_forward: Callable
     step_backward: Callable
 
@@ -264,25 +293,23 @@ def cell_kind(cell: str, reset_after: bool = False) -> str:
     return "gru_after" if cell == "gru" and reset_after else cell
 
 
-def recurrent_weight_grads(kind: str, buffers: list[np.ndarray], dX: np.ndarray, W_h: np.ndarray
+def recurrent_weight_grads(kind: str, buffers: list[np.ndarray], dX: np.ndarray
                            ) -> dict[str, np.ndarray]:
-    """Sum over timesteps of the recurrent weight gradients, as one large product per block.
+    """Sum over timesteps of the recurrent weight gradients, as one large product per gate block.
 
-    buffers: the layer's per-step arrays (T, B, width) as filled by the forward steps, the first
-    one holding the hidden states a<1..T>; the caller passes `a_prev` histories through `a_hist`
-    (T+1, B, H) in buffers[0]. dX: (T, B, G*H) gradients of the pre-activations, zero on padded
+    buffers: the layer's per-step arrays as filled by the forward steps, (T, B, H) or, for gate
+    values, (G, T, B, H); buffers[0] is the history a<0..T> (T+1, B, H), so that a<t-1> for every
+    step is buffers[0][:-1]. dX: (G, T*B, H) gradients of the pre-activations, zero on padded
     steps. Returns {"W_h": (H, G*H)} and, for gru_after, {"b_hn": (H,)}.
     """
     a_hist = buffers[0]
     H = a_hist.shape[-1]
-    A = a_hist[:-1].reshape(-1, H)           # a<t-1> for every step
-    D = dX.reshape(-1, dX.shape[-1])
-    if kind == "gru":
+    A_T = a_hist[:-1].reshape(-1, H).T       # (H, T*B)
+    if kind == "gru":                        # the candidate's recurrent input is r * a_prev
         r_a = buffers[2].reshape(-1, H)
-        return {"W_h": np.concatenate([A.T @ D[:, :2 * H], r_a.T @ D[:, 2 * H:]], axis=1)}
-    if kind == "gru_after":
-        r = buffers[1][..., :H].reshape(-1, H)
-        dh_n = D[:, 2 * H:] * r
-        return {"W_h": np.concatenate([A.T @ D[:, :2 * H], A.T @ dh_n], axis=1),
+        return {"W_h": from_gate_blocks(np.stack([A_T @ dX[0], A_T @ dX[1], r_a.T @ dX[2]]))}
+    if kind == "gru_after":                  # the candidate's product is scaled by r
+        dh_n = dX[2] * buffers[1][0].reshape(-1, H)
+        return {"W_h": from_gate_blocks(np.stack([A_T @ dX[0], A_T @ dX[1], A_T @ dh_n])),
                 "b_hn": dh_n.sum(0)}
-    return {"W_h": A.T @ D}
+    return {"W_h": from_gate_blocks(np.matmul(A_T, dX))}

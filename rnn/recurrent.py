@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cells import CELLS, recurrent_weight_grads
+from .cells import CELLS, from_gate_blocks, gate_blocks, recurrent_weight_grads
 
 
 def active_rows(lengths: np.ndarray, T: int) -> np.ndarray:
@@ -76,33 +76,36 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
     """
     cell = CELLS[kind]
     T, B, D = X.shape
-    H = params["W_h"].shape[0]
+    G, H = cell.gates, params["W_h"].shape[0]
     rev = reverse_index(lengths, T) if reverse else None
     if reverse:
         X = X[rev, np.arange(B)]
-    buffers = [np.zeros((T + 1, B, w * H), X.dtype) if k < cell.states else
-               np.zeros((T if keep_cache else 1, B, w * H), X.dtype)
+    kept = T if keep_cache else 1
+    buffers = [np.zeros((T + 1, B, H), X.dtype) if k < cell.states else
+               np.zeros((kept, B, H) if w == 1 else (w, kept, B, H), X.dtype)
                for k, w in enumerate(cell.buffers)]
     for k in range(cell.states):
         if state0 is not None:
             buffers[k][0] = state0[k]
     active = active_rows(lengths, T)
     caches = []
-    W_x, b, W_h, b_hn = params["W_x"], params["b"], params["W_h"], params.get("b_hn")
+    W_x, b, b_hn = gate_blocks(params["W_x"], G), params["b"].reshape(G, 1, H), params.get("b_hn")
+    W_h = np.ascontiguousarray(gate_blocks(params["W_h"], G))
     # x W_x + b for PROJ_STEPS timesteps at a time: one large product, into a buffer that stays
-    # in cache instead of a (T, B, G*H) array (the backward pass does not need it).
-    x_proj = np.empty((min(T, PROJ_STEPS) * B, cell.gates * H), X.dtype)
+    # in cache instead of a (G, T, B, H) array (the backward pass does not need it).
+    x_proj = np.empty((G, min(T, PROJ_STEPS) * B, H), X.dtype)
     for t in range(T):
         if t % PROJ_STEPS == 0:
             chunk = X[t:t + PROJ_STEPS].reshape(-1, D)
-            np.matmul(chunk, W_x, out=x_proj[:len(chunk)])
-            x_proj += b
-        n = active[t]
+            proj = x_proj[:, :len(chunk)]
+            np.matmul(chunk, W_x, out=proj)
+            proj += b
+        n, s = active[t], t if keep_cache else 0
         prev = tuple(buffers[k][t, :n] for k in range(cell.states))
-        out = tuple(buf[t + 1 if k < cell.states else (t if keep_cache else 0), :n]
+        out = tuple(buf[t + 1, :n] if k < cell.states else buf[s, :n] if buf.ndim == 3 else buf[:, s, :n]
                     for k, buf in enumerate(buffers))
         row = (t % PROJ_STEPS) * B
-        cache = cell.step_forward(x_proj[row:row + n], prev, W_h, b_hn, out=out)[1]
+        cache = cell.step_forward(x_proj[:, row:row + n], prev, W_h, b_hn, out=out)[1]
         if keep_cache:
             caches.append(cache)
     rows = np.arange(B)
@@ -129,16 +132,16 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
     """
     cell, c = CELLS[cache.kind], cache
     T, B, D = c.X.shape
-    H = c.params["W_h"].shape[0]
+    G, H = cell.gates, c.params["W_h"].shape[0]
     rows = np.arange(B)
     if d_outputs is not None and c.rev is not None:
         d_outputs = d_outputs[c.rev, rows]
     d_state = [np.zeros((B, H), c.X.dtype) for _ in range(cell.states)]
-    dX_proj = np.zeros((T, B, cell.gates * H), c.X.dtype)
+    dX_proj = np.zeros((G, T, B, H), c.X.dtype)
     norms = np.zeros((cell.states, T, B)) if trace else None
     tiny = flush_threshold(c.X.dtype) if FLUSH_DENORMALS else 0.0
     active = np.append(c.active, 0)
-    W_h = c.params["W_h"]
+    W_h_T = np.ascontiguousarray(gate_blocks(c.params["W_h"], G).transpose(0, 2, 1))
     for t in range(T - 1, -1, -1):
         n, ending = active[t], active[t + 1]
         if n == 0:
@@ -153,13 +156,16 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
                 norms[k, t, :n] = np.sqrt(np.einsum("ij,ij->i", dk, dk, dtype=np.float64))
             if tiny:
                 np.copyto(dk, 0, where=np.abs(dk) < tiny)
-        cell.step_backward(tuple(d[:n] for d in d_state), c.caches[t], W_h, out=dX_proj[t, :n])
-    flat = dX_proj.reshape(T * B, -1)
-    grads = {"W_x": c.X.reshape(T * B, D).T @ flat, "b": flat.sum(0),
-             **recurrent_weight_grads(c.kind, c.buffers, dX_proj, W_h)}
-    dX = (flat @ c.params["W_x"].T).reshape(T, B, D) if input_grad else None
-    if c.rev is not None and input_grad:
-        dX = dX[c.rev, rows]
+        cell.step_backward(tuple(d[:n] for d in d_state), c.caches[t], W_h_T, out=dX_proj[:, t, :n])
+    dG = dX_proj.reshape(G, T * B, H)
+    grads = {"W_x": from_gate_blocks(np.matmul(c.X.reshape(T * B, D).T, dG)),
+             "b": dG.sum(1).reshape(G * H), **recurrent_weight_grads(c.kind, c.buffers, dG)}
+    dX = None
+    if input_grad:
+        W_x_T = gate_blocks(c.params["W_x"], G).transpose(0, 2, 1)          # (G, H, D)
+        dX = np.matmul(dG, W_x_T).sum(0).reshape(T, B, D)
+        if c.rev is not None:
+            dX = dX[c.rev, rows]
     traces = None
     if trace:
         names = ("a", "c")[:cell.states]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradcheck import assert_grad_close, numeric_grad
-from rnn.cells import CELLS, cell_kind
+from rnn.cells import CELLS, cell_kind, from_gate_blocks, gate_blocks
 
 KINDS = tuple(CELLS)
 H = 3
@@ -17,14 +17,12 @@ def _sigmoid(x):
 
 
 def reference_step(kind: str, x_proj, prev, W_h, b_hn=None):
-    """The cell equations written out gate by gate, unfused, in the documented column order."""
+    """The cell equations written out gate by gate, unfused, in the documented block order."""
     a_prev = prev[0]
-
-    def blocks(m):
-        return [m[:, k * H:(k + 1) * H] for k in range(m.shape[1] // H)]
+    blocks = list
 
     if kind == "rnn":
-        return (np.tanh(x_proj + a_prev @ W_h),)
+        return (np.tanh(x_proj[0] + a_prev @ W_h[0]),)
     if kind == "gru":
         x_r, x_u, x_n = blocks(x_proj)
         W_r, W_u, W_n = blocks(W_h)
@@ -46,30 +44,34 @@ def reference_step(kind: str, x_proj, prev, W_h, b_hn=None):
     return (o * np.tanh(c), c)
 
 
+def transposed(W_h):
+    """The (G, H, H) blocks of W_h, each transposed: what a backward step takes."""
+    return np.ascontiguousarray(W_h.transpose(0, 2, 1))
+
+
 def make_step_inputs(kind: str, n: int, seed: int):
     """Random float64 inputs small enough that no gate saturates, and random upstream gradients."""
     rng = np.random.default_rng(seed)
     cell = CELLS[kind]
-    x_proj = rng.normal(0, 0.6, (n, cell.gates * H))
+    x_proj = rng.normal(0, 0.6, (cell.gates, n, H))
     prev = tuple(rng.normal(0, 0.6, (n, H)) for _ in range(cell.states))
-    W_h = rng.normal(0, 0.5, (H, cell.gates * H))
+    W_h = rng.normal(0, 0.5, (cell.gates, H, H))
     b_hn = rng.normal(0, 0.5, H) if kind == "gru_after" else None
     upstream = tuple(rng.normal(0, 1.0, (n, H)) for _ in range(cell.states))
     return x_proj, prev, W_h, b_hn, upstream
 
 
 def recurrent_grads_from_step(kind: str, dx_proj, cache, prev):
-    """dW_h (and db_hn) of one step from dx_proj and the cache, by the identities the sequence
-    layer relies on: dW_h = a_prev^T dx_proj, except GRU's candidate block, whose recurrent
-    input is r * a_prev (reset before the product) or whose gradient is scaled by r (after)."""
+    """dW_h (G, H, H) (and db_hn) of one step from dx_proj and the cache, by the identities the
+    sequence layer relies on: dW_h[k] = a_prev^T dx_proj[k], except GRU's candidate block, whose
+    recurrent input is r * a_prev (reset before the product) or whose gradient is scaled by r."""
     a_prev = prev[0]
     if kind == "gru":
         _, _, r_a = cache
-        return {"W_h": np.concatenate([a_prev.T @ dx_proj[:, :2 * H], r_a.T @ dx_proj[:, 2 * H:]], 1)}
+        return {"W_h": np.stack([a_prev.T @ dx_proj[0], a_prev.T @ dx_proj[1], r_a.T @ dx_proj[2]])}
     if kind == "gru_after":
-        gates = cache[0]
-        dh_n = dx_proj[:, 2 * H:] * gates[:, :H]
-        return {"W_h": np.concatenate([a_prev.T @ dx_proj[:, :2 * H], a_prev.T @ dh_n], 1),
+        dh_n = dx_proj[2] * cache[0][0]
+        return {"W_h": np.stack([a_prev.T @ dx_proj[0], a_prev.T @ dx_proj[1], a_prev.T @ dh_n]),
                 "b_hn": dh_n.sum(0)}
     return {"W_h": a_prev.T @ dx_proj}
 
@@ -95,7 +97,7 @@ def test_step_gradients(kind, n):
         return float(sum((s * u).sum() for s, u in zip(state, upstream)))
 
     _, cache = cell.step_forward(x_proj, prev, W_h, b_hn)
-    dx_proj, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), cache, W_h)
+    dx_proj, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), cache, transposed(W_h))
     assert len(d_prev) == cell.states
     assert_grad_close(numeric_grad(loss, x_proj), dx_proj, f"{kind} dx_proj")
     for k, name in enumerate(("a_prev", "c_prev")[:cell.states]):
@@ -112,13 +114,13 @@ def test_step_out_buffers_give_identical_results(kind):
     x_proj, prev, W_h, b_hn, upstream = make_step_inputs(kind, 3, seed=7)
     cell = CELLS[kind]
     state, cache = cell.step_forward(x_proj, prev, W_h, b_hn)
-    out = tuple(np.full((3, w * H), np.nan) for w in cell.buffers)
+    out = tuple(np.full((3, H) if w == 1 else (w, 3, H), np.nan) for w in cell.buffers)
     state_out, cache_out = cell.step_forward(x_proj, prev, W_h, b_hn, out=out)
     for a, b in zip(state, state_out):
         np.testing.assert_array_equal(a, b)
-    dx, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), cache, W_h)
-    dx_buf = np.full((3, cell.gates * H), np.nan)
-    dx_out, d_prev_out = cell.step_backward(tuple(u.copy() for u in upstream), cache_out, W_h,
+    dx, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), cache, transposed(W_h))
+    dx_buf = np.full((cell.gates, 3, H), np.nan)
+    dx_out, d_prev_out = cell.step_backward(tuple(u.copy() for u in upstream), cache_out, transposed(W_h),
                                             out=dx_buf)
     assert np.shares_memory(dx_out, dx_buf)
     np.testing.assert_array_equal(dx, dx_out)
@@ -132,7 +134,7 @@ def test_step_does_not_modify_its_inputs(kind):
     before = [a.copy() for a in (x_proj, *prev, W_h)]
     _, cache = CELLS[kind].step_forward(x_proj, prev, W_h, b_hn)
     cache_before = [np.array(c, copy=True) for c in cache]
-    CELLS[kind].step_backward(tuple(u.copy() for u in upstream), cache, W_h)
+    CELLS[kind].step_backward(tuple(u.copy() for u in upstream), cache, transposed(W_h))
     for a, b in zip(before, (x_proj, *prev, W_h)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(cache_before, cache):          # a second backward needs the cache intact
@@ -145,3 +147,11 @@ def test_cell_kind():
     assert cell_kind("lstm", reset_after=True) == "lstm"
     with pytest.raises(ValueError, match="unknown cell 'transformer'"):
         cell_kind("transformer")
+
+
+def test_gate_blocks_round_trip():
+    W = np.arange(2 * 4 * 3).reshape(2, 12)            # rows 2, G 4, H 3
+    blocks = gate_blocks(W, 4)
+    assert blocks.shape == (4, 2, 3)
+    np.testing.assert_array_equal(blocks[1], W[:, 3:6])
+    np.testing.assert_array_equal(from_gate_blocks(blocks), W)
