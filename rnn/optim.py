@@ -57,6 +57,8 @@ class Optimizer:
     """Base class: `step(params, grads)` updates params in place; `state_dict` holds everything
     needed to resume exactly (the step counter and the per-parameter moments)."""
 
+    moments: tuple[str, ...] = ()           # names of the per-parameter state arrays
+
     def __init__(self, lr: float, weight_decay: float = 0.0):
         if not lr > 0:
             raise ValueError(f"learning rate must be > 0, got {lr}")
@@ -68,15 +70,16 @@ class Optimizer:
         self.t += 1
         for name, g in grads.items():
             p = params[name]
-            st = self.state.setdefault(name, {})
+            st = self.state.get(name)
+            if st is None:
+                st = self.state[name] = {k: np.zeros_like(p) for k in self.moments}
             if isinstance(g, SparseRows):
                 rows = g.rows
-                sub = {k: v[rows] for k, v in st.items()}
-                p_rows = p[rows]
+                p_rows, sub = p[rows], {k: v[rows] for k, v in st.items()}
                 self._update(p_rows, g.values, sub)
                 p[rows] = p_rows
                 for k, v in sub.items():
-                    st.setdefault(k, np.zeros_like(p))[rows] = v
+                    st[k][rows] = v
             else:
                 self._update(p, g, st)
 
@@ -101,12 +104,13 @@ class SGD(Optimizer):
     def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
         super().__init__(lr, weight_decay)
         self.momentum = float(momentum)
+        self.moments = ("momentum",) if self.momentum else ()
 
     def _update(self, p, g, st):
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
-            buf = st.setdefault("momentum", np.zeros_like(p))
+            buf = st["momentum"]
             buf *= self.momentum
             buf += g
             g = buf
@@ -116,6 +120,7 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """Adam (Kingma & Ba, 2015); `weight_decay` adds L2 to the gradient (coupled)."""
     decoupled = False
+    moments = ("m", "v")
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
@@ -126,19 +131,23 @@ class Adam(Optimizer):
     def _update(self, p, g, st):
         if self.weight_decay and not self.decoupled:
             g = g + self.weight_decay * p
-        m = st.setdefault("m", np.zeros_like(p))
-        v = st.setdefault("v", np.zeros_like(p))
-        m *= self.b1
-        m += (1 - self.b1) * g
+        m, v = st["m"], st["v"]
+        scratch = np.subtract(g, m)          # one temporary, reused: fresh arrays cost page faults
+        scratch *= 1 - self.b1
+        m += scratch                         # m = b1 m + (1 - b1) g
+        np.square(g, out=scratch)
+        scratch *= 1 - self.b2
         v *= self.b2
-        v += (1 - self.b2) * np.square(g)
+        v += scratch                         # v = b2 v + (1 - b2) g^2
         # bias correction with the global step, folded into the step size and epsilon
         c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
-        denom = np.sqrt(v)
-        denom += self.eps * np.sqrt(c2)
+        np.sqrt(v, out=scratch)
+        scratch += self.eps * np.sqrt(c2)
+        np.divide(m, scratch, out=scratch)
+        scratch *= self.lr * np.sqrt(c2) / c1
         if self.weight_decay and self.decoupled:
             p *= 1 - self.lr * self.weight_decay
-        p -= (self.lr * np.sqrt(c2) / c1) * m / denom
+        p -= scratch
 
 
 class AdamW(Adam):
