@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cells import CELLS, from_gate_blocks, gate_blocks, recurrent_weight_grads
+from .cells import CELLS, add_blocks, from_gate_blocks, gate_blocks, recurrent_weight_grads
 
 
 def active_rows(lengths: np.ndarray, T: int) -> np.ndarray:
@@ -163,7 +163,8 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
     dX = None
     if input_grad:
         W_x_T = gate_blocks(c.params["W_x"], G).transpose(0, 2, 1)          # (G, H, D)
-        dX = np.matmul(dG, W_x_T).sum(0).reshape(T, B, D)
+        dX = np.matmul(dG, W_x_T)                                          # (G, T*B, D)
+        dX = (dX[0] if G == 1 else add_blocks(dX, out=dX[0])).reshape(T, B, D)
         if c.rev is not None:
             dX = dX[c.rev, rows]
     traces = None
