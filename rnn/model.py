@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .cells import CELLS, cell_kind
-from .layers import (SparseRows, dense_backward, dense_forward, dropout_mask, embedding_backward,
-                     embedding_forward)
+from .layers import (SparseRows, dense_backward, dense_forward, embedding_backward, embedding_forward,
+                     row_dropout_mask, row_generators)
 from .losses import bce_with_logits, sigmoid
 from .recurrent import sequence_backward, sequence_forward
 
@@ -159,16 +159,24 @@ class SentimentModel:
         return SentimentModel(config, {k: v.astype(dtype) for k, v in self.params.items()})
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, ids: np.ndarray, lengths: np.ndarray, rng: np.random.Generator | None = None,
-                keep_cache: bool = True) -> tuple[np.ndarray, dict]:
+    def forward(self, ids: np.ndarray, lengths: np.ndarray, dropout_seed: int | None = None,
+                keep_cache: bool = True, positions: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """ids: (B, T) token ids, right-padded with 0; lengths: (B,) real lengths, each >= 1.
-        `rng` turns dropout on (training); None is inference. Returns logits (B,) and the cache
-        for `backward` (without `keep_cache`, nothing a backward pass would need is kept)."""
+
+        `dropout_seed` turns dropout on (training); None is inference. The masks of a row are
+        drawn from (dropout_seed, its position in the batch) alone, positions (B,) being 0..B-1
+        unless given: a worker that runs some rows of a batch draws what the whole batch would.
+        Returns logits (B,) and the cache for `backward` (without `keep_cache`, nothing a backward
+        pass would need is kept)."""
         cfg, p = self.config, self.params
         lengths = np.asarray(lengths)
         if lengths.size and lengths.min() < 1:
             raise ValueError("every sequence needs at least one token (encode empty text as UNK)")
         order = np.argsort(-lengths, kind="stable")     # longest first: the loop's active prefix
+        rngs = None
+        if dropout_seed is not None and cfg.dropout > 0:
+            positions = np.arange(len(lengths)) if positions is None else np.asarray(positions)
+            rngs = row_generators(dropout_seed, positions[order])    # keyed on the unsorted place
         lengths = lengths[order]
         T = int(lengths[0]) if lengths.size else 0
         ids = ids[order, :T]
@@ -186,12 +194,11 @@ class SentimentModel:
                 finals.append(final[0])
                 layers.append(cache)
             X = np.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
-            if k < cfg.num_layers - 1 and rng is not None:
-                masks.append(dropout_mask(X.shape, cfg.dropout, rng, dtype))
-                if masks[-1] is not None:
-                    X = X * masks[-1]
+            if k < cfg.num_layers - 1 and rngs is not None:
+                masks.append(row_dropout_mask(X.shape, cfg.dropout, rngs, dtype, lengths))
+                X = X * masks[-1]
         pooled, pool_cache = _pool(cfg.pooling, X, finals, lengths)
-        fc_mask = dropout_mask(pooled.shape, cfg.dropout, rng, dtype) if rng is not None else None
+        fc_mask = row_dropout_mask(pooled.shape, cfg.dropout, rngs, dtype) if rngs is not None else None
         fc_in = pooled * fc_mask if fc_mask is not None else pooled
         logits_sorted = dense_forward(fc_in, p["fc.W"], p["fc.b"])[:, 0]
         logits = np.empty_like(logits_sorted)
@@ -236,16 +243,44 @@ class SentimentModel:
 
     # ------------------------------------------------------------------------- conveniences
     def loss(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
-             rng: np.random.Generator | None = None, trace: bool = False
+             dropout_seed: int | None = None, trace: bool = False
              ) -> tuple[float, dict, np.ndarray, dict | None]:
-        """One training step's computation: returns (loss, grads, logits, trace)."""
-        logits, cache = self.forward(ids, lengths, rng)
-        loss, dlogits = bce_with_logits(logits, labels)
-        grads, traces = self.backward(dlogits, cache, trace)
-        return loss, grads, logits, traces
+        """One training step's computation on a whole batch: returns (loss, grads, logits, trace).
+        `dropout_seed` turns dropout on (see `forward`)."""
+        B = len(lengths)
+        batch = {"ids": ids, "lengths": lengths, "labels": labels}
+        loss, grads, extras = self.share_loss(batch, dropout_seed, np.arange(B), B, trace)
+        return loss, grads, extras["logits"], extras["trace"]
 
-    def predict_logits(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits (N,) for many sequences, in batches of similar length (inference, no dropout)."""
+    def share_loss(self, batch: dict, seed: int | None, positions: np.ndarray, total: int,
+                   trace: bool = False) -> tuple[float, dict, dict]:
+        """Loss and gradients of some rows of a training batch: the part of data-parallel training
+        that knows the model (rnn.parallel runs it in each worker).
+
+        batch: these rows' "ids" (n, T), "lengths" (n,) and "labels" (n,); seed: the step's seed,
+        from which the dropout masks come; positions: (n,) the rows' places in the whole batch;
+        total: the whole batch's size. The loss and gradients are sums over these rows divided by
+        `total`, so the shares of a batch add up to the batch mean. Returns (loss, grads, extras),
+        extras = {"logits": (n,), "trace": per-timestep trace sums and counts or None}.
+        """
+        logits, cache = self.forward(batch["ids"], batch["lengths"], seed, positions=positions)
+        loss, dlogits = bce_with_logits(logits, batch["labels"])
+        if len(logits) != total:                  # the share's mean -> its part of the batch mean
+            scale = len(logits) / total
+            loss, dlogits = loss * scale, dlogits * dlogits.dtype.type(scale)
+        grads, traces = self.backward(dlogits, cache, trace)
+        return loss, grads, {"logits": logits, "trace": traces}
+
+    def predict_logits(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256,
+                       workers: int = 1) -> np.ndarray:
+        """Logits (N,) for many sequences, in batches of similar length (inference, no dropout).
+
+        With workers > 1 the batches are spread over that many worker processes started for this
+        call (see rnn.parallel; to serve many calls from one set of workers use its WorkerPool)."""
+        if workers > 1:
+            from .parallel import WorkerPool
+            with WorkerPool(self, workers) as pool:
+                return pool.predict_logits(ids, lengths, batch_size)
         lengths = np.asarray(lengths)
         out = np.empty(len(lengths), dtype=np.float64)
         order = np.argsort(-lengths, kind="stable")
@@ -254,9 +289,10 @@ class SentimentModel:
             out[idx] = self.forward(ids[idx], lengths[idx], keep_cache=False)[0]
         return out
 
-    def predict_proba(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def predict_proba(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256,
+                      workers: int = 1) -> np.ndarray:
         """P(positive) (N,)."""
-        return sigmoid(self.predict_logits(ids, lengths, batch_size))
+        return sigmoid(self.predict_logits(ids, lengths, batch_size, workers))
 
 
 def _pool(mode: str, X: np.ndarray, finals: list, lengths: np.ndarray):

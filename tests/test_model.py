@@ -52,8 +52,7 @@ def forward_loss(model, ids, lengths, labels, dropout_seed, max_positions=None):
 
     max_positions: for max pooling, the positions the unperturbed model picked; a perturbation
     that changes them crossed a kink, where a difference quotient says nothing."""
-    rng = None if dropout_seed is None else np.random.default_rng(dropout_seed)
-    logits, cache = model.forward(ids, lengths, rng)
+    logits, cache = model.forward(ids, lengths, dropout_seed)
     if max_positions is not None:
         assert np.array_equal(cache["pool"], max_positions), "max pooling switched position: " \
             "the check straddles a kink; pick another seed"
@@ -65,15 +64,13 @@ def check_model_gradients(model, ids, lengths, labels, dropout_seed, samples=5, 
     of the rows the batch uses, of row 0 and of rows it uses at most at padded positions, whose
     gradient must be zero) and a directional check of all elements at once."""
     rng = np.random.default_rng(seed)
-    drop_rng = None if dropout_seed is None else np.random.default_rng(dropout_seed)
-    loss, grads, _, _ = model.loss(ids, lengths, labels, drop_rng)
+    loss, grads, _, _ = model.loss(ids, lengths, labels, dropout_seed)
     assert loss == forward_loss(model, ids, lengths, labels, dropout_seed)
     expected = set(model.params) - ({"embedding.weight"} if model.config.freeze_embedding else set())
     assert set(grads) == expected
     positions, h = None, H_STEP
     if model.config.pooling == "max":        # smaller steps keep clear of max pooling's kinks
-        drop_rng = None if dropout_seed is None else np.random.default_rng(dropout_seed)
-        positions, h = model.forward(ids, lengths, drop_rng)[1]["pool"], H_STEP / 10
+        positions, h = model.forward(ids, lengths, dropout_seed)[1]["pool"], H_STEP / 10
 
     def f():
         return forward_loss(model, ids, lengths, labels, dropout_seed, positions)
@@ -119,22 +116,22 @@ def test_model_gradients_without_dropout_batch_of_one(variant):
 def test_model_gradients_frozen_embedding(variant):
     model = make_model(*variant, seed=4, freeze_embedding=True, pooling="max", dropout=0.2)
     ids, lengths, labels = make_batch([3, 5, 2], seed=3)
-    _, grads, _, _ = model.loss(ids, lengths, labels, np.random.default_rng(0))
+    _, grads, _, _ = model.loss(ids, lengths, labels, dropout_seed=0)
     assert "embedding.weight" not in grads
     check_model_gradients(model, ids, lengths, labels, dropout_seed=5)
 
 
-def test_dropout_masks_come_from_the_rng():
+def test_dropout_masks_come_from_the_seed():
     model = make_model("lstm", num_layers=2, dropout=0.5, seed=5)
     ids, lengths, labels = make_batch([3, 5, 2, 5], seed=4)
-    same = [model.forward(ids, lengths, np.random.default_rng(7))[0] for _ in range(2)]
+    same = [model.forward(ids, lengths, 7)[0] for _ in range(2)]
     np.testing.assert_array_equal(*same)
-    other = model.forward(ids, lengths, np.random.default_rng(8))[0]
+    other = model.forward(ids, lengths, 8)[0]
     inference = model.forward(ids, lengths)[0]
     assert not np.allclose(same[0], other) and not np.allclose(same[0], inference)
     np.testing.assert_allclose(model.predict_logits(ids, lengths), inference, rtol=1e-12)
     no_dropout = make_model("lstm", num_layers=2, dropout=0.0, seed=5)
-    np.testing.assert_array_equal(no_dropout.forward(ids, lengths, np.random.default_rng(7))[0],
+    np.testing.assert_array_equal(no_dropout.forward(ids, lengths, 7)[0],
                                   no_dropout.forward(ids, lengths)[0])
 
 
@@ -211,7 +208,7 @@ def test_pad_row_never_gets_a_gradient():
     model = make_model(seed=7, pooling="mean")
     ids, lengths, labels = make_batch([4, 6, 3], seed=6)
     ids[:, 1] = 0
-    _, grads, _, _ = model.loss(ids, lengths, labels, np.random.default_rng(0))
+    _, grads, _, _ = model.loss(ids, lengths, labels, dropout_seed=0)
     g = grads["embedding.weight"]
     assert 0 not in g.rows
     assert len(np.unique(g.rows)) == len(g.rows) and g.values.shape == (len(g.rows), E)
@@ -253,7 +250,7 @@ def test_batch_equals_examples_run_alone(config):
 def test_batch_of_one_in_float32(variant):
     model = make_model(*variant, seed=9, dtype=np.float32, dropout=0.3, num_layers=2)
     ids, lengths, labels = make_batch([1], seed=8)
-    loss, grads, logits, traces = model.loss(ids, lengths, labels, np.random.default_rng(0), trace=True)
+    loss, grads, logits, traces = model.loss(ids, lengths, labels, dropout_seed=0, trace=True)
     assert logits.shape == (1,) and np.isfinite(loss)
     for name, g in grads.items():
         values = g.values if isinstance(g, SparseRows) else g
@@ -354,3 +351,28 @@ def test_astype_copies():
         assert p.dtype == np.float64
         np.testing.assert_array_equal(p, model.params[name])
         assert not np.shares_memory(p, model.params[name])
+
+
+@pytest.mark.parametrize("config", SORT_CONFIGS, ids=["lstm-last", "gru_after-mean", "rnn-max"])
+def test_dropout_masks_do_not_depend_on_the_split(config):
+    """With dropout on, any split of a batch into shares (each told its rows' positions and the
+    batch size) gives every row the logit it has in the whole batch, and shares' losses and
+    gradients add up to the batch's: a row's masks come from (seed, position) only."""
+    model = make_model(seed=8, dropout=0.4, **config)
+    ids, lengths, labels = make_batch([2, 6, 1, 6, 4], seed=7)
+    loss, grads, logits, _ = model.loss(ids, lengths, labels, dropout_seed=11)
+    assert not np.allclose(logits, model.forward(ids, lengths)[0]), "dropout must be on"
+    for shares in ([[0, 1, 2, 3, 4]], [[3], [0, 4], [1, 2]], [[4, 2, 0], [3, 1]]):
+        total_loss, total = 0.0, {k: 0.0 for k in grads}
+        for rows in shares:
+            rows = np.array(rows)
+            batch = {"ids": ids[rows], "lengths": lengths[rows], "labels": labels[rows]}
+            l_s, g_s, extras = model.share_loss(batch, 11, rows, len(lengths))
+            np.testing.assert_allclose(extras["logits"], logits[rows], rtol=1e-12)
+            total_loss += l_s
+            total = {k: total[k] + dense_grad(g_s[k]) for k in grads}
+        np.testing.assert_allclose(total_loss, loss, rtol=1e-12)
+        for k in grads:
+            np.testing.assert_allclose(total[k], dense_grad(grads[k]), rtol=1e-10, atol=1e-14, err_msg=k)
+    other = model.loss(ids, lengths, labels, dropout_seed=12)[2]
+    assert not np.allclose(other, logits), "another seed, other masks"
