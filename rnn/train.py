@@ -1,6 +1,10 @@
 """The training loop: mini-batches, clipping, optimizer steps, validation, early stopping, and
 checkpoints from which an interrupted run resumes to exactly the result of an uninterrupted one.
 
+The loop reads the same for one process or several: it asks a runner (rnn.parallel) for the loss
+and gradients of a batch, then clips and steps the optimizer. With `TrainConfig.workers` = 1 the
+runner computes in this process; with more, worker processes compute shares of every batch.
+
 Progress is reported through callbacks (any object with `on_step(info)` and/or `on_epoch(info)`),
 so that a stage can plug in MLflow and a progress bar from outside.
 """
@@ -20,6 +24,7 @@ from .io import load_arrays, save_arrays
 from .losses import bce_with_logits
 from .model import SentimentModel
 from .optim import Optimizer, clip_gradients, group_norms
+from .parallel import make_runner, resolve_workers
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -40,6 +45,7 @@ class TrainConfig:
     patience: int = 2            # epochs without a better validation accuracy before stopping; 0: never
     trace: bool = True           # record the per-timestep gradient trace
     trace_every: int = 1         # ... every this many steps
+    workers: int | str = 1       # processes computing each batch (and validation); "auto": all cores
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,25 +56,32 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
 
 
-def evaluate(model: SentimentModel, data: Dataset, batch_size: int = 256) -> dict[str, float]:
-    """Loss and accuracy on a dataset (no dropout)."""
-    logits = model.predict_logits(data.ids, data.lengths, batch_size)
-    loss, _ = bce_with_logits(logits, data.labels)
-    return {"loss": loss, "accuracy": float(np.mean((logits > 0) == (data.labels > 0.5)))}
+def evaluate(model: SentimentModel, data: Dataset, batch_size: int = 256, workers: int = 1
+             ) -> dict[str, float]:
+    """Loss and accuracy on a dataset (no dropout), on `workers` processes."""
+    return _scores(model.predict_logits(data.ids, data.lengths, batch_size, workers), data.labels)
+
+
+def _scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    loss, _ = bce_with_logits(logits, labels)
+    return {"loss": loss, "accuracy": float(np.mean((logits > 0) == (labels > 0.5)))}
 
 
 def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: TrainConfig,
         rng: np.random.Generator, checkpoint_dir: str | Path | None = None, callbacks=()) -> dict:
     """Train `model` in place and return the run's record.
 
-    rng draws the data order and dropout masks; `checkpoint_dir`, when given, receives a checkpoint
-    after every epoch (and on Ctrl-C / SIGTERM) and an existing one there is resumed. At the end the
-    parameters of the epoch with the best validation accuracy are restored.
+    rng draws the data order and each step's seed (dropout masks); `checkpoint_dir`, when given,
+    receives a checkpoint after every epoch (and on Ctrl-C / SIGTERM) and an existing one there is
+    resumed. At the end the parameters of the epoch with the best validation accuracy are restored.
+    With cfg.workers > 1 one pool of worker processes serves the whole run, validation included;
+    the result depends on the number of workers only through float rounding.
 
     Returns {"history": [per-epoch dicts], "traces": [per-epoch {"a": mean norm by distance, ...}],
     "best_epoch", "best_val_accuracy", "stopped_early", "steps"}.
     """
     T = train.ids.shape[1]
+    workers = resolve_workers(cfg.workers)
     run = {"history": [], "traces": [], "best_epoch": 0, "best_val_accuracy": -1.0,
            "stopped_early": False, "epoch": 0, "position": 0, "partial": None}
     best_params = {k: v.copy() for k, v in model.params.items()}
@@ -80,58 +93,59 @@ def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Datase
     stop = {"requested": False}
     handlers = _catch_signals(stop)
     try:
-        while run["epoch"] < cfg.epochs and not run["stopped_early"]:
-            epoch = run["epoch"] + 1
-            optimizer.lr = base_lr * cfg.lr_decay ** (epoch - 1)
-            epoch_start_rng = rng.bit_generator.state
-            if run["partial"]:                            # resuming inside an epoch
-                epoch_start_rng = run["partial"]["epoch_start_rng"]
-                rng.bit_generator.state = epoch_start_rng
-            order = batches(train.lengths, cfg.batch_size, rng)
-            acc = run["partial"] or _new_epoch_sums(T, epoch_start_rng)
-            if run["partial"]:
-                rng.bit_generator.state = acc["rng_now"]
-                acc["trace"] = {k: [np.array(s), np.array(c)] for k, (s, c) in acc["trace"].items()}
-            run["partial"] = None
-            for position in range(run["position"], len(order)):
-                t0 = time.perf_counter()
-                idx = order[position]
-                trace = cfg.trace and optimizer.t % cfg.trace_every == 0
-                loss, grads, logits, traces = model.loss(train.ids[idx], train.lengths[idx],
-                                                         train.labels[idx], rng, trace)
-                norms = group_norms(grads)
-                pre = float(np.sqrt(sum(v * v for v in norms.values())))
-                if not (np.isfinite(loss) and np.isfinite(pre)):
-                    worst = max(norms, key=lambda k: norms[k] if np.isfinite(norms[k]) else np.inf)
-                    raise TrainingDiverged(
-                        f"epoch {epoch}, step {optimizer.t + 1}: loss {loss}, gradient norm {pre} "
-                        f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
-                _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
-                optimizer.step(model.params, grads)
-                _accumulate(acc, loss, logits, train, idx, pre, clipped, traces, time.perf_counter() - t0)
-                info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
-                        "grad_norm_clipped": post, "clipped": clipped, "group_norms": norms,
-                        "batch": position + 1, "batches": len(order),
-                        "tokens": int(train.lengths[idx].sum())}
-                _call(callbacks, "on_step", info)
-                if stop["requested"]:
-                    run.update(position=position + 1, partial={**acc, "rng_now": rng.bit_generator.state})
-                    if ckpt is not None:
-                        _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
-                    raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {position + 1}"
-                                              + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
-            record, trace_means = _finish_epoch(acc, epoch, optimizer.t, optimizer.lr, model, val)
-            run["history"].append(record)
-            run["traces"].append(trace_means)
-            if record["val_accuracy"] > run["best_val_accuracy"]:
-                run["best_val_accuracy"], run["best_epoch"] = record["val_accuracy"], epoch
-                best_params = {k: v.copy() for k, v in model.params.items()}
-            elif cfg.patience and epoch - run["best_epoch"] >= cfg.patience:
-                run["stopped_early"] = True
-            run.update(epoch=epoch, position=0)
-            if ckpt is not None:
-                _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
-            _call(callbacks, "on_epoch", {**record, "trace": trace_means})
+        with make_runner(model, train._asdict(), workers) as runner:
+            while run["epoch"] < cfg.epochs and not run["stopped_early"]:
+                epoch = run["epoch"] + 1
+                optimizer.lr = base_lr * cfg.lr_decay ** (epoch - 1)
+                epoch_start_rng = rng.bit_generator.state
+                if run["partial"]:                            # resuming inside an epoch
+                    epoch_start_rng = run["partial"]["epoch_start_rng"]
+                    rng.bit_generator.state = epoch_start_rng
+                order = batches(train.lengths, cfg.batch_size, rng)
+                acc = run["partial"] or _new_epoch_sums(T, epoch_start_rng)
+                if run["partial"]:
+                    rng.bit_generator.state = acc["rng_now"]
+                    acc["trace"] = {k: [np.array(s), np.array(c)] for k, (s, c) in acc["trace"].items()}
+                run["partial"] = None
+                for position in range(run["position"], len(order)):
+                    t0 = time.perf_counter()
+                    idx = order[position]
+                    trace = cfg.trace and optimizer.t % cfg.trace_every == 0
+                    seed = int(rng.integers(2**63))      # the step's seed: its dropout masks come from it
+                    loss, grads, shares = runner.gradients(idx, seed, trace)
+                    norms = group_norms(grads)
+                    pre = float(np.sqrt(sum(v * v for v in norms.values())))
+                    if not (np.isfinite(loss) and np.isfinite(pre)):
+                        worst = max(norms, key=lambda k: norms[k] if np.isfinite(norms[k]) else np.inf)
+                        raise TrainingDiverged(
+                            f"epoch {epoch}, step {optimizer.t + 1}: loss {loss}, gradient norm {pre} "
+                            f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
+                    _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
+                    optimizer.step(model.params, grads)
+                    _accumulate(acc, loss, shares, train, idx, pre, clipped, time.perf_counter() - t0)
+                    info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
+                            "grad_norm_clipped": post, "clipped": clipped, "group_norms": norms,
+                            "batch": position + 1, "batches": len(order),
+                            "tokens": int(train.lengths[idx].sum())}
+                    _call(callbacks, "on_step", info)
+                    if stop["requested"]:
+                        run.update(position=position + 1, partial={**acc, "rng_now": rng.bit_generator.state})
+                        if ckpt is not None:
+                            _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
+                        raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {position + 1}"
+                                                  + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
+                record, trace_means = _finish_epoch(acc, epoch, optimizer.t, optimizer.lr, runner, val)
+                run["history"].append(record)
+                run["traces"].append(trace_means)
+                if record["val_accuracy"] > run["best_val_accuracy"]:
+                    run["best_val_accuracy"], run["best_epoch"] = record["val_accuracy"], epoch
+                    best_params = {k: v.copy() for k, v in model.params.items()}
+                elif cfg.patience and epoch - run["best_epoch"] >= cfg.patience:
+                    run["stopped_early"] = True
+                run.update(epoch=epoch, position=0)
+                if ckpt is not None:
+                    _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
+                _call(callbacks, "on_epoch", {**record, "trace": trace_means})
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
@@ -166,10 +180,10 @@ def _new_epoch_sums(T: int, epoch_start_rng: dict) -> dict:
             "trace": {}}
 
 
-def _accumulate(acc, loss, logits, data, idx, norm, clipped, traces, seconds) -> None:
+def _accumulate(acc, loss, shares, data, idx, norm, clipped, seconds) -> None:
+    """Add one step to the epoch's sums; shares: the runner's [(positions in the batch, extras)]."""
     n = len(idx)
     acc["loss"] += loss * n
-    acc["correct"] += int(np.sum((logits > 0) == (data.labels[idx] > 0.5)))
     acc["n"] += n
     acc["tokens"] += int(data.lengths[idx].sum())
     acc["seconds"] += seconds
@@ -177,16 +191,19 @@ def _accumulate(acc, loss, logits, data, idx, norm, clipped, traces, seconds) ->
     acc["norm_sum"] += norm
     acc["norm_max"] = max(acc["norm_max"], norm)
     acc["clipped"] += int(clipped)
-    for name, (sums, counts) in (traces or {}).items():
-        T = data.ids.shape[1]
-        s, c = acc["trace"].setdefault(name, [np.zeros(T), np.zeros(T, np.int64)])
-        s[:len(sums)] += sums
-        c[:len(counts)] += counts
+    for positions, extras in shares:
+        labels = data.labels[idx[positions]]
+        acc["correct"] += int(np.sum((extras["logits"] > 0) == (labels > 0.5)))
+        for name, (sums, counts) in (extras["trace"] or {}).items():
+            T = data.ids.shape[1]
+            s, c = acc["trace"].setdefault(name, [np.zeros(T), np.zeros(T, np.int64)])
+            s[:len(sums)] += sums
+            c[:len(counts)] += counts
 
 
-def _finish_epoch(acc, epoch, step, lr, model, val) -> tuple[dict, dict]:
+def _finish_epoch(acc, epoch, step, lr, runner, val) -> tuple[dict, dict]:
     t0 = time.perf_counter()
-    v = evaluate(model, val)
+    v = _scores(runner.predict_logits(val.ids, val.lengths, 256), val.labels)
     record = {"epoch": epoch, "step": step, "train_loss": acc["loss"] / acc["n"],
               "train_accuracy": acc["correct"] / acc["n"], "val_loss": v["loss"],
               "val_accuracy": v["accuracy"], "seconds": acc["seconds"],
