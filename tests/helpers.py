@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,3 +91,26 @@ def write_params(root: Path, text: str) -> Path:
     p = Path(root) / "params.yaml"
     p.write_text(text, encoding="utf-8")
     return p
+
+
+def assert_processes_gone(pids: Iterable[int], seconds: float = 30) -> None:
+    """Every pid exits within `seconds` (a zombie counts as exited: it no longer runs)."""
+    deadline = time.monotonic() + seconds
+    for pid in pids:
+        while _running(pid):
+            assert time.monotonic() < deadline, f"process {pid} is still running"
+            time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def assert_no_shared_memory(pid: int) -> None:
+    """No shared-memory block of a worker pool that process `pid` opened is left in /dev/shm."""
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"rnn_{pid}_*"))
+    assert not left, f"left in /dev/shm: {left}"

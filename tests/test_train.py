@@ -1,6 +1,7 @@
 """The training loop: learning a toy task, early stopping, divergence, Adam's global step,
 reproducibility, and checkpoints that resume to exactly the uninterrupted result, also after the
-process was killed (SIGKILL) or stopped (SIGTERM, SIGINT) in the middle of an epoch."""
+process was killed (SIGKILL) or stopped (SIGTERM, SIGINT) in the middle of an epoch, with one
+process or with two worker processes (which must not outlive it nor leave shared memory behind)."""
 from __future__ import annotations
 
 import inspect
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import assert_no_shared_memory, assert_processes_gone
 from rnn.data import batches
 from rnn.io import load_arrays
 from rnn.losses import bce_with_logits
@@ -263,47 +265,58 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 
 SCRIPT = """
-import json, sys, time
+import json, multiprocessing, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import numpy as np
 from rnn.io import save_arrays
 from rnn.model import ModelConfig, SentimentModel
 from rnn.optim import Adam
+from rnn.parallel import WorkerDied
 from rnn.train import Dataset, TrainConfig, TrainingInterrupted, fit
 
 {toy_data}
 
-mode, checkpoint_dir, out = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3])
-marker, go = out.with_suffix(".paused"), out.with_suffix(".go")
-
-
 class Pause:
     steps = 0
 
+    def __init__(self, mode, marker, go):
+        self.mode, self.marker, self.go = mode, marker, go
+
     def on_step(self, info):
         Pause.steps += 1
-        if mode == "pause" and info["epoch"] == 2 and info["batch"] == 3:
-            marker.write_text("paused")            # the test now signals or kills this process
+        if self.mode == "pause" and info["epoch"] == 2 and info["batch"] == 3:
+            # the worker pids, then the test signals or kills this process or a worker
+            self.marker.write_text(json.dumps([p.pid for p in multiprocessing.active_children()]))
             deadline = time.monotonic() + 60
-            while not go.exists() and time.monotonic() < deadline:
+            while not self.go.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
 
 
-cfg = ModelConfig(vocab_size=16, cell="lstm", embed_dim=8, hidden_size=8, dropout=0.3,
-                  bidirectional=True, num_layers=2)
-model = SentimentModel.create(cfg, np.random.default_rng(0))
-try:
-    result = fit(model, Adam(0.01), toy_data(256, 1), toy_data(128, 2),
-                 TrainConfig(epochs=3, batch_size=32, patience=0, trace_every=3),
-                 np.random.default_rng(5), checkpoint_dir=checkpoint_dir, callbacks=[Pause()])
-except TrainingInterrupted as e:
-    print(e)
-    sys.exit(3)
-save_arrays(out, model.params)
-timing = {timing!r}
-result["history"] = [{{k: v for k, v in h.items() if k not in timing}} for h in result["history"]]
-out.with_suffix(".json").write_text(json.dumps({{"result": result, "steps_run": Pause.steps}}))
+def main():
+    mode, checkpoint_dir, out, workers = sys.argv[1], sys.argv[2] or None, Path(sys.argv[3]), int(sys.argv[4])
+    cfg = ModelConfig(vocab_size=16, cell="lstm", embed_dim=8, hidden_size=8, dropout=0.3,
+                      bidirectional=True, num_layers=2)
+    model = SentimentModel.create(cfg, np.random.default_rng(0))
+    try:
+        result = fit(model, Adam(0.01), toy_data(256, 1), toy_data(128, 2),
+                     TrainConfig(epochs=3, batch_size=32, patience=0, trace_every=3, workers=workers),
+                     np.random.default_rng(5), checkpoint_dir=checkpoint_dir,
+                     callbacks=[Pause(mode, out.with_suffix(".paused"), out.with_suffix(".go"))])
+    except TrainingInterrupted as e:
+        print(e)
+        sys.exit(3)
+    except WorkerDied as e:
+        print(f"error: {{e}}", file=sys.stderr)
+        sys.exit(4)
+    save_arrays(out, model.params)
+    timing = {timing!r}
+    result["history"] = [{{k: v for k, v in h.items() if k not in timing}} for h in result["history"]]
+    out.with_suffix(".json").write_text(json.dumps({{"result": result, "steps_run": Pause.steps}}))
+
+
+if __name__ == "__main__":       # worker processes import this file again: they must not train
+    main()
 """
 
 
@@ -314,35 +327,44 @@ def train_script(tmp_path_factory) -> Path:
     return path
 
 
-def run_script(script: Path, mode: str, checkpoint_dir, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), mode, str(checkpoint_dir or ""), str(out)],
+def run_script(script: Path, mode: str, checkpoint_dir, out: Path, workers: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), mode, str(checkpoint_dir or ""), str(out), str(workers)],
                           capture_output=True, text=True, timeout=180)
 
 
-def start_paused(script: Path, checkpoint_dir: Path, out: Path) -> subprocess.Popen:
-    """Start a run and wait until it sits inside step 3 of epoch 2."""
-    proc = subprocess.Popen([sys.executable, str(script), "pause", str(checkpoint_dir), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not out.with_suffix(".paused").exists():
+def start_paused(script: Path, checkpoint_dir: Path, out: Path, workers: int) -> tuple[subprocess.Popen, list]:
+    """Start a run (in a process group of its own, as a shell would) and wait until it sits inside
+    step 3 of epoch 2. Returns the process and the pids of its workers."""
+    proc = subprocess.Popen([sys.executable, str(script), "pause", str(checkpoint_dir), str(out), str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    marker, deadline = out.with_suffix(".paused"), time.monotonic() + 120
+    while True:
+        try:
+            return proc, json.loads(marker.read_text())
+        except (FileNotFoundError, ValueError):       # not yet, or half written
+            pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the run never reached the pause point: {proc.communicate()}")
         time.sleep(0.01)
-    return proc
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-process", "2-workers"])
+def workers(request) -> int:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(train_script, tmp_path_factory):
+def uninterrupted(train_script, tmp_path_factory, workers):
     out = tmp_path_factory.mktemp("reference") / "params.npz"
-    proc = run_script(train_script, "run", None, out)
+    proc = run_script(train_script, "run", None, out, workers)
     assert proc.returncode == 0, proc.stderr
     return load_arrays(out), json.loads(out.with_suffix(".json").read_text())
 
 
-def finish_and_compare(train_script, checkpoint_dir, tmp_path, uninterrupted, steps_expected):
+def finish_and_compare(train_script, checkpoint_dir, tmp_path, uninterrupted, steps_expected, workers):
     out = tmp_path / "resumed.npz"
-    proc = run_script(train_script, "run", checkpoint_dir, out)
+    proc = run_script(train_script, "run", checkpoint_dir, out, workers)
     assert proc.returncode == 0, proc.stderr
     params, record = load_arrays(out), json.loads(out.with_suffix(".json").read_text())
     ref_params, ref_record = uninterrupted
@@ -357,31 +379,60 @@ def checkpoint_meta(checkpoint_dir: Path) -> dict:
     return json.loads(load_arrays(checkpoint_dir / "checkpoint.npz")["meta_json"].tobytes())
 
 
-def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(train_script, uninterrupted, tmp_path):
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(train_script, uninterrupted, tmp_path, workers):
     ckpt = tmp_path / "ckpt"
-    proc = start_paused(train_script, ckpt, tmp_path / "killed.npz")
+    proc, worker_pids = start_paused(train_script, ckpt, tmp_path / "killed.npz", workers)
+    assert len(worker_pids) == (workers if workers > 1 else 0)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    assert_processes_gone(worker_pids)               # their pipe to the killed process closed
+    assert_no_shared_memory(proc.pid)
     meta = checkpoint_meta(ckpt)
     assert meta["run"]["epoch"] == 1 and meta["run"]["partial"] is None
-    finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, steps_expected=2 * 8)
+    finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, 2 * 8, workers)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_mid_epoch_saves_checkpoint_and_resumes_exactly(train_script, uninterrupted, tmp_path, sig):
+def test_signal_mid_epoch_saves_checkpoint_and_resumes_exactly(train_script, uninterrupted, tmp_path, sig,
+                                                               workers):
+    """SIGTERM goes to the training process (`kill`), SIGINT to its whole process group (Ctrl-C in
+    a terminal): workers ignore it, the step finishes, the checkpoint is saved, all processes end."""
     ckpt = tmp_path / "ckpt"
     out = tmp_path / "stopped.npz"
-    proc = start_paused(train_script, ckpt, out)
-    os.kill(proc.pid, sig)
+    proc, worker_pids = start_paused(train_script, ckpt, out, workers)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
     out.with_suffix(".go").write_text("go")
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3, stderr
     assert "interrupted in epoch 2 after batch 3; checkpoint saved" in stdout
+    assert stderr == "", "no process may have died from the signal"
+    assert_processes_gone(worker_pids)
+    assert_no_shared_memory(proc.pid)
     meta = checkpoint_meta(ckpt)
     assert meta["run"]["epoch"] == 1 and meta["run"]["position"] == 3 and meta["optimizer_t"] == 11
     assert meta["run"]["partial"] is not None
-    finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, steps_expected=5 + 8)
+    finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, 5 + 8, workers)
+
+
+def test_a_killed_worker_stops_training_with_one_line(train_script, tmp_path):
+    """SIGKILL one of two workers mid-epoch: the run stops at its next step naming the worker and
+    the signal, keeps the last checkpoint, and leaves no process and no shared memory behind."""
+    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "broken.npz"
+    proc, worker_pids = start_paused(train_script, ckpt, out, 2)
+    os.kill(worker_pids[1], signal.SIGKILL)
+    out.with_suffix(".go").write_text("go")
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 4, stderr
+    assert stderr.splitlines() == [f"error: worker 1 (pid {worker_pids[1]}) died from signal SIGKILL"]
+    assert_processes_gone(worker_pids)
+    assert_no_shared_memory(proc.pid)
+    meta = checkpoint_meta(ckpt)
+    assert meta["run"]["epoch"] == 1 and meta["run"]["partial"] is None
 
 
 def test_lr_decay_schedule_per_epoch():
