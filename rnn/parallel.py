@@ -140,6 +140,8 @@ class WorkerPool:
     """
 
     def __init__(self, model, workers: int, data: dict[str, np.ndarray] | None = None):
+        if model in _served_models:
+            raise ValueError("this model is already served by an open WorkerPool; close that first")
         self.model, self.workers, self.data_keys = model, resolve_workers(workers), list(data or {})
         self._procs, self._conns, self._closed, self._linked = [], [], False, False
         self._own_params = dict(model.params)
@@ -154,6 +156,7 @@ class WorkerPool:
                                                size=size)
         self._linked = True
         _open_pools.add(self)
+        _served_models.add(model)
         try:
             self._arrays = _views(self._shm.buf, layout)
             for k, v in (data or {}).items():
@@ -295,6 +298,7 @@ class WorkerPool:
             return
         self._closed = True
         _open_pools.discard(self)
+        _served_models.discard(self.model)
         for conn in self._conns:
             try:
                 conn.send(None)
@@ -331,6 +335,7 @@ class WorkerPool:
 # (which would wait forever: workers ignore SIGTERM). atexit runs handlers last-registered first,
 # and multiprocessing registered its handler when `connection` was imported above.
 _open_pools: weakref.WeakSet = weakref.WeakSet()
+_served_models: weakref.WeakSet = weakref.WeakSet()
 atexit.register(lambda: [pool.close() for pool in list(_open_pools)])
 
 
@@ -346,8 +351,14 @@ def _layout(specs: dict[str, tuple]) -> tuple[dict[str, tuple], int]:
 
 
 def _views(buffer, layout: dict) -> dict[str, np.ndarray]:
-    return {key: np.ndarray(shape, dtype, buffer=buffer, offset=offset)
-            for key, (offset, shape, dtype) in layout.items()}
+    """Arrays over `buffer`. np.frombuffer, unlike np.ndarray(buffer=...), holds the buffer, so
+    the block cannot be unmapped under a live view (SharedMemory.close raises BufferError)."""
+    views = {}
+    for key, (offset, shape, dtype) in layout.items():
+        count = int(np.prod(shape, dtype=np.int64))
+        views[key] = (np.frombuffer(buffer, dtype, count, offset).reshape(shape) if count else
+                      np.empty(shape, dtype))
+    return views
 
 
 @contextmanager

@@ -287,7 +287,8 @@ class Pause:
         Pause.steps += 1
         if self.mode == "pause" and info["epoch"] == 2 and info["batch"] == 3:
             # the worker pids, then the test signals or kills this process or a worker
-            self.marker.write_text(json.dumps([p.pid for p in multiprocessing.active_children()]))
+            workers = sorted(multiprocessing.active_children(), key=lambda p: p.name)   # rnn-worker-<i>
+            self.marker.write_text(json.dumps([p.pid for p in workers]))
             deadline = time.monotonic() + 60
             while not self.go.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
