@@ -46,9 +46,9 @@ def log_uniform_probs(num_classes: int) -> np.ndarray:
 
 
 def log_expected_count(ids: np.ndarray, num_classes: int, num_samples: int) -> np.ndarray:
-    """log(K * Q(id)) for K = num_samples draws with replacement: the logQ correction of an id that
-    was not drawn from the candidate list itself (a target). ids: any shape S of ints in [0, V).
-    Returns S float64; -inf at PAD, which has Q = 0."""
+    """log(K * Q(id)), the expected number of times id turns up in K = num_samples draws with
+    replacement: the logQ correction of one draw. ids: any shape S of ints in [0, V). Returns S
+    float64; -inf at PAD, which has Q = 0."""
     ids = np.asarray(ids)
     k = np.maximum(ids, 1).astype(np.float64)
     out = np.log(num_samples * np.log1p(1.0 / k) / np.log(num_classes))
@@ -87,19 +87,27 @@ def _sum_rows(ids: np.ndarray, dW_rows: np.ndarray, db_rows: np.ndarray, V: int
 
 
 def sampled_softmax_loss(h: np.ndarray, W: np.ndarray, b: np.ndarray, targets: np.ndarray,
-                         candidates: np.ndarray, log_q_candidates: np.ndarray,
-                         log_q_targets: np.ndarray, *, denominator: float | None = None,
-                         ignore_index: int = PAD
+                         candidates: np.ndarray, log_q_candidates: np.ndarray, *,
+                         log_q_targets: np.ndarray | None = None,
+                         denominator: float | None = None, ignore_index: int = PAD
                          ) -> tuple[float, int, np.ndarray, SparseRows, SparseRows]:
     """Sampled softmax (Jean et al., 2015) and its gradients, for training.
 
     h: (N, H) hidden states; W: (V, H), b: (V,) output layer; targets: (N,) next-token ids, where
     `ignore_index` marks positions to skip (so right-padded (T, B) targets reshaped to (T*B,) work
     as they are); candidates: (C,) ids shared by all positions, repeats allowed, never ignore_index;
-    log_q_candidates: (C,), log_q_targets: (N,) the logQ corrections (see sample_log_uniform and
-    log_expected_count). Each position's softmax runs over [target, candidates] with the corrections
-    subtracted; a candidate equal to the position's target (an accidental hit) is dropped from that
-    position's softmax, or the target would compete with itself.
+    log_q_candidates: (C,) their logQ corrections (sample_log_uniform gives both). Each position's
+    softmax runs over [target, candidates], the candidates' logits minus their corrections; a
+    candidate equal to the position's target (an accidental hit) is dropped from that position's
+    softmax, or the target would be counted twice.
+
+    The target's logit is not corrected: it is in its softmax with probability 1, not drawn, so
+    exp(s_t) + sum over the other draws of exp(s_k) / (K Q(k)) has expectation exactly the full
+    normalizer, and as K grows loss and gradients tend to the full softmax's. log_q_targets (N,)
+    subtracts a correction from the target too, as TensorFlow's sampled_softmax_loss does
+    (log_expected_count(targets, ...)); with accidental hits removed that drops the target from the
+    normalizer as K grows, so each position's gradient tends to the full one / (1 - p(target)),
+    overweighting the positions the model already predicts well (tests/test_losses_lm.py).
 
     Returns (loss, count, dh (N, H), dW, db): count = positions not ignored; loss = summed negative
     log-likelihood / denominator (default: count; a data-parallel share passes the whole batch's
@@ -115,7 +123,9 @@ def sampled_softmax_loss(h: np.ndarray, W: np.ndarray, b: np.ndarray, targets: n
     scale = h.dtype.type(1.0 / (count if denominator is None else denominator) if count else 0.0)
     h_kept, t = h[keep], targets[keep]
     W_t, W_c = W[t], W[candidates]                                        # (n, H), (C, H)
-    true_logit = np.einsum("nh,nh->n", h_kept, W_t) + (b[t] - log_q_targets[keep]).astype(h.dtype)
+    true_logit = np.einsum("nh,nh->n", h_kept, W_t) + b[t]
+    if log_q_targets is not None:
+        true_logit -= log_q_targets[keep].astype(h.dtype)
     logits = h_kept @ W_c.T                                                # (n, C)
     logits += (b[candidates] - log_q_candidates).astype(h.dtype)
     logits[t[:, None] == candidates] = -np.inf                            # accidental hits
