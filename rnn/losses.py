@@ -172,7 +172,7 @@ def _full_softmax_chunks(h, W, b, targets, ignore_index, chunk_size):
 
 def softmax_cross_entropy(h: np.ndarray, W: np.ndarray, b: np.ndarray, targets: np.ndarray, *,
                           ignore_index: int | None = PAD, chunk_size: int = 512) -> tuple[float, int]:
-    """Full-softmax negative log-likelihood over all V words, for evaluation.
+    """Full-softmax negative log-likelihood over the whole vocabulary, for evaluation.
 
     h: (N, H); W: (V, H); b: (V,); targets: (N,), `ignore_index` marking positions to skip (that id
     is also left out of the softmax: PAD is not a word). Works through chunk_size positions at a
@@ -192,11 +192,10 @@ def full_softmax_loss(h: np.ndarray, W: np.ndarray, b: np.ndarray, targets: np.n
     """softmax_cross_entropy with its gradients, for gradient checks and tiny models (the sampled
     loss is the one for real vocabularies). Same arguments; returns (loss, count, dh (N, H),
     dW (V, H), db (V,)) with loss = summed NLL / denominator (default: count), gradients dense."""
-    parts = list(_full_softmax_chunks(h, W, b, targets, ignore_index, chunk_size))
-    count = sum(positions.size for positions, *_ in parts)
+    count = int(np.sum(targets != ignore_index))
     scale = h.dtype.type(1.0 / (count if denominator is None else denominator) if count else 0.0)
     loss, dh, dW, db = 0.0, np.zeros_like(h), np.zeros_like(W), np.zeros_like(b)
-    for positions, t, nll, p in parts:
+    for positions, t, nll, p in _full_softmax_chunks(h, W, b, targets, ignore_index, chunk_size):
         loss += float(np.sum(nll, dtype=np.float64)) * float(scale)
         p[np.arange(len(t)), t] -= 1                                       # dloss/dlogits, unscaled
         p *= scale
