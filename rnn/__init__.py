@@ -4,13 +4,27 @@ backpropagation through time, for many-to-one sentiment classification.
     import numpy as np, rnn
     model = rnn.SentimentModel.create(rnn.ModelConfig(vocab_size=1000, cell="lstm"), np.random.default_rng(0))
     loss, grads, logits, trace = model.loss(ids, lengths, labels, rng, trace=True)
-"""
-from .model import ModelConfig, SentimentModel
-from .optim import SGD, Adam, AdamW, clip_gradients, global_norm, make_optimizer
-from .train import Dataset, TrainConfig, evaluate, fit
-from .io import read_model, save_model
 
-__all__ = ["ModelConfig", "SentimentModel", "SGD", "Adam", "AdamW", "clip_gradients", "global_norm",
-           "make_optimizer", "Dataset", "TrainConfig", "evaluate", "fit", "read_model", "save_model"]
-from .predict import Predictor, load_model  # noqa: E402
-__all__ += ["Predictor", "load_model"]
+Read `rnn/reference.py` first: the cells and BPTT in their plainest form.
+
+The names below are loaded on first use (PEP 562), so that `import rnn.text` loads the tokenizer
+alone: a pipeline stage imports only the modules it uses, which is what its DVC dependencies list.
+"""
+from importlib import import_module
+
+_HOME = {
+    "ModelConfig": "model", "SentimentModel": "model",
+    "SGD": "optim", "Adam": "optim", "AdamW": "optim", "clip_gradients": "optim", "global_norm": "optim",
+    "make_optimizer": "optim",
+    "Dataset": "train", "TrainConfig": "train", "evaluate": "train", "fit": "train",
+    "read_model": "io", "save_model": "io",
+    "Predictor": "predict", "load_model": "predict",
+    "InputError": "errors",
+}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'rnn' has no attribute {name!r}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .model import ModelConfig, SentimentModel, parameter_shapes
 
 WEIGHTS, CONFIG, ENCODER = "weights.npz", "config.json", "encoder.json"
@@ -52,7 +53,7 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+        raise InputError(f"{path}: not a readable .npz file ({e})") from None
 
 
 def save_model(folder: str | Path, model: SentimentModel, encoder: dict | None = None,
@@ -68,26 +69,26 @@ def save_model(folder: str | Path, model: SentimentModel, encoder: dict | None =
 def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
     """Read a model folder. Returns (model, encoder dict or None, metadata).
 
-    A missing file, an unknown cell, missing arrays or wrong shapes raise ValueError naming them."""
+    A missing file, an unknown cell, missing arrays or wrong shapes raise InputError naming them."""
     folder = Path(folder)
     for name in (WEIGHTS, CONFIG):
         if not (folder / name).is_file():
-            raise ValueError(f"{folder}: no {name}: not a model folder")
+            raise InputError(f"{folder}: no {name}: not a model folder")
     try:
         meta = json.loads((folder / CONFIG).read_text())
         config = ModelConfig.from_dict(meta["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{folder / CONFIG}: bad model config: {e}") from None
+        raise InputError(f"{folder / CONFIG}: bad model config: {e}") from None
     arrays = load_arrays(folder / WEIGHTS)
     expected = parameter_shapes(config)
     missing = sorted(set(expected) - set(arrays))
     if missing:
-        raise ValueError(f"{folder / WEIGHTS}: missing arrays {', '.join(missing)}")
+        raise InputError(f"{folder / WEIGHTS}: missing arrays {', '.join(missing)}")
     for name, shape in expected.items():
         if arrays[name].dtype.kind not in "fiu":
-            raise ValueError(f"{folder / WEIGHTS}: {name} has dtype {arrays[name].dtype}, not numbers")
+            raise InputError(f"{folder / WEIGHTS}: {name} has dtype {arrays[name].dtype}, not numbers")
         if arrays[name].shape != shape:
-            raise ValueError(f"{folder / WEIGHTS}: {name} has shape {arrays[name].shape}, "
+            raise InputError(f"{folder / WEIGHTS}: {name} has shape {arrays[name].shape}, "
                              f"config says {shape}")
     params = {k: np.ascontiguousarray(arrays[k], dtype=config.dtype) for k in expected}
     encoder = None
@@ -95,5 +96,5 @@ def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
         try:
             encoder = json.loads((folder / ENCODER).read_text())
         except ValueError as e:
-            raise ValueError(f"{folder / ENCODER}: not valid JSON ({e})") from None
+            raise InputError(f"{folder / ENCODER}: not valid JSON ({e})") from None
     return SentimentModel(config, params), encoder, meta.get("metadata", {})

@@ -36,7 +36,8 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 1
     bidirectional: bool = False
-    dropout: float = 0.0              # between layers and before the dense layer
+    dropout: float = 0.0              # between layers and before the dense layer; the library's own
+                                      # default is none, the pipeline's 0.5 (params.yaml) was measured
     pooling: str = "last"             # last | mean | max
     reset_after: bool = False         # GRU only: False = the article's form, True = PyTorch's
     forget_bias: float = 1.0          # LSTM only: initial forget-gate bias

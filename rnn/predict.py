@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .io import read_model
 from .losses import sigmoid
 from .model import SentimentModel
@@ -24,17 +25,17 @@ def load_model(path: str | Path) -> "Predictor":
     """Load a model folder written by `rnn.io.save_model` with its text encoder."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: no such model folder")
+        raise InputError(f"{path}: no such model folder")
     model, encoder, metadata = read_model(path)
     if encoder is None:
-        raise ValueError(f"{path}: no encoder.json: the model was trained without a text encoder, "
+        raise InputError(f"{path}: no encoder.json: the model was trained without a text encoder, "
                          "so raw text cannot be encoded for it")
     try:
         encoder = TextEncoder.from_dict(encoder)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path / 'encoder.json'}: bad text encoder: {e}") from None
+        raise InputError(f"{path / 'encoder.json'}: bad text encoder: {e}") from None
     if len(encoder.vocab) != model.config.vocab_size:
-        raise ValueError(f"{path}: encoder has {len(encoder.vocab)} tokens, "
+        raise InputError(f"{path}: encoder has {len(encoder.vocab)} tokens, "
                          f"model expects {model.config.vocab_size}")
     return Predictor(model, encoder, metadata)
 

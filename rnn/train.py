@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .data import batches
+from .errors import InputError
 from .io import load_arrays, save_arrays
 from .losses import bce_with_logits
 from .model import SentimentModel
@@ -41,7 +42,8 @@ class TrainConfig:
     batch_size: int = 64
     clip_mode: str = "norm"      # none | value | norm
     clip_threshold: float = 5.0
-    lr_decay: float = 1.0        # the learning rate of epoch e is lr * lr_decay ** (e - 1)
+    lr_decay: float = 1.0        # the learning rate of epoch e is lr * lr_decay ** (e - 1); the library's
+                                 # own default is constant, the pipeline halves it (params.yaml, measured)
     patience: int = 2            # epochs without a better validation accuracy before stopping; 0: never
     trace: bool = True           # record the per-timestep gradient trace
     trace_every: int = 1         # ... every this many steps
@@ -244,7 +246,7 @@ def _load_checkpoint(path: Path, model, optimizer, rng) -> tuple[dict, dict]:
         rng_probe = np.random.default_rng()
         rng_probe.bit_generator.state = meta["rng"]
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a usable checkpoint for this model ({e}); delete it to restart") \
+        raise InputError(f"{path}: not a usable checkpoint for this model ({e}); delete it to restart") \
             from None
     for k in model.params:
         model.params[k][...] = arrays[f"param/{k}"]

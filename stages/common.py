@@ -1,281 +1,46 @@
-"""Shared glue for pipeline stages: params validation, atomic writes, error exit.
+"""Shared glue for the stages: bad input reported in one line, outputs that appear whole and together.
 
-Every stage reads its section of params.yaml through `validate_section`, so a
-typo or an out-of-range value fails before any work with one line naming the
-file, the dotted key and the value. Outputs go through `atomic_path`, so an
-interrupted or failing stage never leaves a half-written file behind.
+    def main() -> None:
+        root = project_root()
+        params = settings.load(root / "params.yaml")
+        with Outputs(root) as out:              # nothing is visible until the block succeeds
+            out.write_json("metrics/x.json", {...})
+            out.save_npz("data/x.npz", ids=ids)
+
+    if __name__ == "__main__":
+        run_stage(main)
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import json
 import os
-import re
+import shutil
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-
-class ParamsError(ValueError):
-    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
-
-
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-
-
-@dataclass(frozen=True)
-class Field:
-    """Schema of one params key.
-
-    `type` may be a tuple of types. bool is never accepted for int/float
-    (YAML `yes` would otherwise silently become 1); int is accepted for float
-    and converted. A default of None makes the key nullable implicitly.
-    """
-
-    type: type | tuple
-    default: object = REQUIRED
-    choices: tuple | None = None
-    min: float | None = None
-    max: float | None = None
-    nullable: bool = False
-    min_exclusive: bool = False
-
-
-Schema = dict[str, "Field | Schema"]
-
-_TYPE_NAMES = {
-    float: "a number",
-    int: "an integer",
-    str: "a string",
-    bool: "true or false",
-    list: "a list",
-    dict: "a mapping",
-}
-
-
-class _Params(dict):
-    """A dict that remembers which file it came from, for error messages."""
-
-    source: str = "params.yaml"
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-# Integers must keep winning over the float resolver added above.
-for _ch in "-+0123456789":
-    _Loader.yaml_implicit_resolvers[_ch] = sorted(
-        _Loader.yaml_implicit_resolvers[_ch], key=lambda r: r[0] != "tag:yaml.org,2002:int"
-    )
-
-
-def load_params(path: str | Path = "params.yaml") -> dict:
-    """Load the whole params file as a mapping; one-line error if unusable."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: params file not found") from None
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ParamsError(f"{path}: not valid YAML{where}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    params = _Params(data)
-    params.source = path.name
-    return params
-
-
-def _fmt(value: object) -> str:
-    """Render a value the way it would look in YAML, strings quoted."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def _type_ok(value: object, types: tuple) -> tuple[bool, object]:
-    """Check `value` against the allowed types, returning (ok, converted value)."""
-    for t in types:
-        if t in (int, float) and isinstance(value, bool):
-            continue
-        if t is float and isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, t):
-            return True, value
-    return False, value
-
-
-def _check(value: object, field: Field, key: str, source: str) -> object:
-    def fail(why: str) -> ParamsError:
-        return ParamsError(f"{source}: {key} = {_fmt(value)}: {why}")
-
-    if value is None:
-        if field.nullable or field.default is None:
-            return None
-    types = field.type if isinstance(field.type, tuple) else (field.type,)
-    ok, value_conv = _type_ok(value, types)
-    if not ok:
-        names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-        if field.nullable or field.default is None:
-            names += " or null"
-        raise fail(f"must be {names}")
-    if field.choices is not None and value_conv not in field.choices:
-        raise fail("must be one of " + ", ".join(str(c) for c in field.choices))
-    if field.min is not None:
-        if field.min_exclusive and not value_conv > field.min:
-            raise fail(f"must be > {field.min:g}")
-        if not field.min_exclusive and not value_conv >= field.min:
-            raise fail(f"must be >= {field.min:g}")
-    if field.max is not None and not value_conv <= field.max:
-        raise fail(f"must be <= {field.max:g}")
-    return value_conv
-
-
-def _validate(values: dict, schema: dict, prefix: str, source: str) -> dict:
-    out: dict = {}
-    for key in values:
-        if key not in schema:
-            full = f"{prefix}.{key}"
-            hint = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
-            suffix = f" (did you mean {prefix}.{hint[0]}?)" if hint else ""
-            raise ParamsError(f"{source}: unknown key {full}{suffix}")
-    for key, spec in schema.items():
-        full = f"{prefix}.{key}"
-        if isinstance(spec, dict):
-            sub = values.get(key, {})
-            if sub is None:
-                sub = {}
-            if not isinstance(sub, dict):
-                raise ParamsError(f"{source}: {full} = {_fmt(sub)}: must be a mapping")
-            out[key] = _validate(sub, spec, full, source)
-        elif key in values:
-            out[key] = _check(values[key], spec, full, source)
-        elif spec.default is REQUIRED:
-            raise ParamsError(f"{source}: missing required key {full}")
-        else:
-            out[key] = spec.default
-    return out
-
-
-def _has_required(schema: dict) -> bool:
-    return any(
-        _has_required(s) if isinstance(s, dict) else s.default is REQUIRED for s in schema.values()
-    )
-
-
-def validate_section(params: dict, section: str, schema: dict[str, Field | dict]) -> dict:
-    """Return `params[section]` checked against `schema`, with defaults filled in.
-
-    A missing section is fine when every key has a default.
-    """
-    source = getattr(params, "source", "params.yaml")
-    values = params.get(section)
-    if values is None:
-        if section not in params and _has_required(schema):
-            raise ParamsError(f"{source}: missing section {section}")
-        values = {}
-    if not isinstance(values, dict):
-        raise ParamsError(f"{source}: {section} = {_fmt(values)}: must be a mapping")
-    return _validate(values, schema, section, source)
-
-
-def get_param(params: dict, key: str, field: Field) -> Any:
-    """Validate one dotted key (e.g. `train.embed_dim`) owned by another stage's section."""
-    source = getattr(params, "source", "params.yaml")
-    node: Any = params
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            node = {}
-    if not isinstance(node, dict):
-        raise ParamsError(f"{source}: {'.'.join(parts[:-1])} must be a mapping")
-    if parts[-1] not in node:
-        if field.default is REQUIRED:
-            raise ParamsError(f"{source}: missing required key {key}")
-        return field.default
-    return _check(node[parts[-1]], field, key, source)
+from rnn.errors import InputError
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); bad input exits 2 with one `error:` line, no traceback."""
+    """Run a stage's main(). Bad input (InputError, which ParamsError is, and OSError: a missing file,
+    a full disk) exits 2 with one `error:` line; anything else is a bug and keeps its traceback."""
     try:
         main()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, OSError) as exc:  # ParamsError and FileNotFoundError included
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except (InputError, OSError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:          # on disk before the rename, or a crash could keep
-            os.fsync(f.fileno())             # the new name with the old (empty) contents
-        os.replace(tmp, path)
-    finally:
-        # On success the temp was renamed away; on failure don't leave it behind.
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(path: str | Path, obj: object) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    # A file object stops np.savez from appending ".npz" to the temp name.
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
-def save_npy(path: str | Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
-def write_parquet(path: str | Path, df: Any) -> None:
-    """Write a pandas DataFrame as parquet (no index) atomically."""
-    with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def project_root() -> Path:
@@ -290,3 +55,85 @@ def project_root() -> Path:
         if (d / "params.yaml").is_file():
             return d
     raise FileNotFoundError(f"params.yaml not found in {cwd} or any parent directory")
+
+
+class Outputs:
+    """A stage's outputs, written under temporary names and published together when the block ends
+    without an exception; on an exception every temporary is removed and the old outputs stay.
+
+    Each file is flushed to disk before the renames, so a crash or a full disk leaves either the
+    old outputs or the new ones, file by file never a half-written one. An OSError names the output
+    it was writing ("[Errno 28] No space left on device: 'models/lstm/weights.npz'").
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.pending: list[tuple[Path, Path]] = []      # (temporary, final)
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()
+
+    def path(self, rel: str | Path, folder: bool = False) -> Path:
+        """A temporary path to write the output `rel` (relative to the root) to; a folder if asked."""
+        final = self.root / rel
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        self._remove(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            tmp.mkdir()
+        self.pending.append((tmp, final))
+        return tmp
+
+    def write(self, rel: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+        """Open the temporary of `rel` in `mode` and call write(file)."""
+        tmp = self.path(rel)
+        try:
+            with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(rel)) from None
+
+    def write_text(self, rel: str | Path, text: str) -> None:
+        self.write(rel, lambda f: f.write(text), "w")
+
+    def write_json(self, rel: str | Path, obj: object) -> None:
+        self.write_text(rel, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+    def save_npz(self, rel: str | Path, **arrays: np.ndarray) -> None:
+        self.write(rel, lambda f: np.savez_compressed(f, **arrays))
+
+    def save_npy(self, rel: str | Path, array: np.ndarray) -> None:
+        self.write(rel, lambda f: np.save(f, array))
+
+    def write_parquet(self, rel: str | Path, df: Any) -> None:
+        self.write(rel, lambda f: df.to_parquet(f, index=False))
+
+    def save_figure(self, rel: str | Path, fig: Any) -> None:
+        """A matplotlib Figure as PNG."""
+        self.write(rel, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+
+    def publish(self) -> None:
+        for tmp, final in self.pending:
+            self._remove(final)
+            os.replace(tmp, final)
+        self.pending.clear()
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            self._remove(tmp)
+        self.pending.clear()
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

@@ -23,31 +23,12 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from stages.common import (  # noqa: E402
-    Field,
-    load_params,
-    project_root,
-    run_stage,
-    validate_section,
-    write_json,
-    write_parquet,
-)
-
-DEFAULT_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
-DEFAULT_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"
-
-SCHEMA = {
-    "url": Field(str, DEFAULT_URL),
-    "md5": Field(str, DEFAULT_MD5),
-    "limit": Field(int, None, min=1, nullable=True),
-    "retries": Field(int, 3, min=0),
-    "timeout": Field(float, 60.0, min=0, min_exclusive=True),
-}
+from rnn.errors import InputError
+from stages import settings
+from stages.common import Outputs, project_root, run_stage
 
 # (split, class dir) pairs that must exist and be non-empty; label per class.
 SPLITS = {"train": ("pos", "neg", "unsup"), "test": ("pos", "neg")}
@@ -94,7 +75,7 @@ def fetch(url: str, dest: Path, md5: str, retries: int, timeout: float) -> Path:
             continue
         if digest.hexdigest() != md5:
             part.unlink(missing_ok=True)
-            raise ValueError(f"{url}: md5 mismatch: got {digest.hexdigest()}, expected {md5}")
+            raise InputError(f"{url}: md5 mismatch: got {digest.hexdigest()}, expected {md5}")
         os.replace(part, dest)
         return dest
     part.unlink(missing_ok=True)
@@ -106,10 +87,10 @@ def _safe_name(archive: Path, member: tarfile.TarInfo) -> str:
     name = member.name
     norm = posixpath.normpath(name.replace("\\", "/"))
     if name.startswith("/") or norm == ".." or norm.startswith("../") or re.match(r"^[A-Za-z]:", name):
-        raise ValueError(f"{archive}: unsafe member path {name!r}")
+        raise InputError(f"{archive}: unsafe member path {name!r}")
     if not (member.isreg() or member.isdir()):
         kind = "link" if (member.issym() or member.islnk()) else "special file"
-        raise ValueError(f"{archive}: refusing {kind} member {name!r}")
+        raise InputError(f"{archive}: refusing {kind} member {name!r}")
     return norm
 
 
@@ -130,26 +111,26 @@ def read_archive(archive: Path) -> dict[tuple[str, str], dict[int, tuple[int, by
                 r = _REVIEW.match(m[3])
                 if not r:
                     if m[3].endswith(".txt"):
-                        raise ValueError(f"{archive}: review file name not <id>_<rating>.txt: {name!r}")
+                        raise InputError(f"{archive}: review file name not <id>_<rating>.txt: {name!r}")
                     continue
                 rid, rating = int(r[1]), int(r[2])
                 bucket = found[(m[1], m[2])]
                 if rid in bucket:
-                    raise ValueError(f"{archive}: duplicate review id {rid} in {m[1]}/{m[2]}")
+                    raise InputError(f"{archive}: duplicate review id {rid} in {m[1]}/{m[2]}")
                 f = tar.extractfile(member)
                 assert f is not None  # regular file
                 bucket[rid] = (rating, f.read())
             while gz.read(1 << 20):  # reach the gzip trailer so truncation and CRC errors surface
                 pass
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise ValueError(f"{archive}: corrupt or truncated archive ({exc})") from None
+        raise InputError(f"{archive}: corrupt or truncated archive ({exc})") from None
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) or not archive.is_file():
             raise FileNotFoundError(f"{archive}: archive not found") from None
-        raise ValueError(f"{archive}: corrupt or truncated archive ({exc})") from None
+        raise InputError(f"{archive}: corrupt or truncated archive ({exc})") from None
     for (split, cls), bucket in found.items():
         if not bucket:
-            raise ValueError(f"{archive}: missing or empty split aclImdb/{split}/{cls}")
+            raise InputError(f"{archive}: missing or empty split aclImdb/{split}/{cls}")
     return found
 
 
@@ -221,15 +202,16 @@ def run(cfg: dict, root: Path, local_archive: str | None = None) -> dict:
         "counts": counts,
         "decode_errors": decode_errors,
     }
-    for name, df in frames.items():
-        write_parquet(root / f"data/raw/{name}.parquet", df)
-    write_json(root / "metrics/download.json", metrics)
+    with Outputs(root) as out:
+        for name, df in frames.items():
+            out.write_parquet(f"data/raw/{name}.parquet", df)
+        out.write_json("metrics/download.json", metrics)
     return metrics
 
 
 def main() -> None:
     root = project_root()
-    cfg = validate_section(load_params(root / "params.yaml"), "data", SCHEMA)
+    cfg = settings.load(root / "params.yaml")["data"]
     metrics = run(cfg, root, os.environ.get("IMDB_ARCHIVE") or None)
     print(f"counts: {metrics['counts']}, decode_errors: {metrics['decode_errors']}")
 

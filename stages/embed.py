@@ -1,5 +1,7 @@
 """Stage `embed`: initial embedding matrix (V, E) for the prepared vocabulary.
 
+    python -m stages.embed
+
 "random" draws N(0, scale^2); "pretrained" copies vectors from a GloVe or
 word2vec text file and draws the rest at random; "svd" learns vectors without
 labels from the training part and the unlabelled reviews (rnn.embeddings:
@@ -9,38 +11,18 @@ nothing before masking.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from rnn.embeddings import svd_embeddings  # noqa: E402
-from rnn.text import PAD, UNK, TextEncoder, tokenize  # noqa: E402
-from stages.common import (  # noqa: E402
-    Field,
-    get_param,
-    load_params,
-    project_root,
-    run_stage,
-    save_npy,
-    validate_section,
-    write_json,
-)
-
-SCHEMA = {
-    "method": Field(str, "random", choices=("random", "pretrained", "svd")),
-    "path": Field(str, None, nullable=True),
-    "scale": Field(float, None, min=0, min_exclusive=True, nullable=True),
-    "seed": Field(int, 0),
-    "context_size": Field(int, 10000, min=2),  # svd: the most frequent ids used as contexts
-    "window": Field(int, 5, min=1),  # svd: words on each side that count as context
-}
-EMBED_DIM = Field(int, 100, min=1)
+from rnn.embeddings import svd_embeddings
+from rnn.errors import InputError
+from rnn.text import PAD, UNK, TextEncoder, tokenize
+from stages import settings
+from stages.common import Outputs, project_root, run_stage
+from stages.outputs import load_vocab
 
 
 def read_pretrained(path: Path, vocab_index: dict[str, int], dim: int) -> dict[int, np.ndarray]:
@@ -60,7 +42,7 @@ def read_pretrained(path: Path, vocab_index: dict[str, int], dim: int) -> dict[i
                 if len(parts) == 1 and not parts[0]:
                     continue
                 if len(parts) - 1 != dim:
-                    raise ValueError(
+                    raise InputError(
                         f"{path}:{lineno}: expected {dim} values (train.embed_dim), got {len(parts) - 1}"
                     )
                 word = parts[0]
@@ -73,11 +55,11 @@ def read_pretrained(path: Path, vocab_index: dict[str, int], dim: int) -> dict[i
                 try:
                     found[idx] = np.array(parts[1:], dtype=np.float32)
                 except ValueError:
-                    raise ValueError(f"{path}:{lineno}: non-numeric vector value") from None
+                    raise InputError(f"{path}:{lineno}: non-numeric vector value") from None
                 if is_exact:
                     exact.add(idx)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a UTF-8 text embedding file ({exc.reason})") from None
+        raise InputError(f"{path}: not a UTF-8 text embedding file ({exc.reason})") from None
     return found
 
 
@@ -91,7 +73,7 @@ def build_embeddings(
     coverage = None
     if method == "pretrained":
         if not path:
-            raise ValueError("params.yaml: embed.path = null: required when embed.method is pretrained")
+            raise InputError("params.yaml: embed.path = null: required when embed.method is pretrained")
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"{file}: pretrained embedding file not found (embed.path)")
@@ -118,13 +100,7 @@ def corpus(encoder: TextEncoder, root: Path) -> list[np.ndarray]:
 
 
 def run(cfg: dict, dim: int, root: Path) -> dict:
-    vocab_path = root / "data/prepared/vocab.json"
-    if not vocab_path.is_file():
-        raise FileNotFoundError(f"{vocab_path}: not found (run the prepare stage first)")
-    try:
-        encoder = TextEncoder.from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{vocab_path}: not a valid vocabulary file ({exc})") from None
+    encoder = TextEncoder.from_dict(load_vocab(root / "data/prepared/vocab.json"))
     path = cfg["path"]
     if path and not Path(path).is_absolute():
         path = str(root / path)
@@ -145,17 +121,16 @@ def run(cfg: dict, dim: int, root: Path) -> dict:
         "coverage": coverage,  # null for random: nothing was looked up
         **extra,
     }
-    save_npy(root / "data/embeddings.npy", emb)
-    write_json(root / "metrics/embed.json", metrics)
+    with Outputs(root) as out:
+        out.save_npy("data/embeddings.npy", emb)
+        out.write_json("metrics/embed.json", metrics)
     return metrics
 
 
 def main() -> None:
     root = project_root()
-    params = load_params(root / "params.yaml")
-    cfg = validate_section(params, "embed", SCHEMA)
-    dim = get_param(params, "train.embed_dim", EMBED_DIM)
-    print(run(cfg, dim, root))
+    params = settings.load(root / "params.yaml")
+    print(run(params["embed"], params["train"]["embed_dim"], root))
 
 
 if __name__ == "__main__":

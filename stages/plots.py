@@ -1,34 +1,16 @@
-"""Matplotlib figures for the train, evaluate and compare stages (Agg backend: no display needed).
+"""The pipeline's figures, drawn with matplotlib's object API (no pyplot: no global state, no display).
 
-Each function returns a Figure; `save_figure` writes it atomically as PNG and closes it.
+Each function returns a Figure; a stage saves it with `Outputs.save_figure`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from stages.common import atomic_path  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 STATE_LABELS = {"a": "dL/da (hidden state)", "c": "dL/dc (LSTM cell state)"}
-
-
-def save_figure(fig: Figure, path: str | Path) -> None:
-    """Write `fig` to `path` as PNG (atomically) and free it."""
-    try:
-        with atomic_path(path) as tmp:
-            # The temp name has no .png suffix, so the format must be explicit.
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
 
 
 def grad_trace_figure(series: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
@@ -39,7 +21,8 @@ def grad_trace_figure(series: Mapping[str, Mapping[str, tuple[np.ndarray, np.nda
     One colour per group; the hidden state solid, the LSTM cell state dashed. Non-positive norms
     (flushed to zero) cannot sit on a log axis and are dropped.
     """
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for i, (label, states) in enumerate(series.items()):
         for state, (distance, norm) in sorted(states.items()):
             distance, norm = np.asarray(distance), np.asarray(norm, dtype=np.float64)
@@ -59,7 +42,8 @@ def grad_trace_figure(series: Mapping[str, Mapping[str, tuple[np.ndarray, np.nda
 def curves_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
                   ylabel: str, title: str) -> Figure:
     """One line with markers per label: series label -> (x (K,), y (K,))."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for label, (x, y) in series.items():
         ax.plot(x, y, marker="o", label=label)
     ax.set_xlabel(xlabel)
@@ -75,7 +59,8 @@ def confusion_figure(matrix: Sequence[Sequence[int]], title: str,
                      labels: Sequence[str] = ("negative", "positive")) -> Figure:
     """Confusion matrix [[tn, fp], [fn, tp]] (rows: true class, columns: predicted) with counts."""
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues", vmin=0)  # colour from zero, so the text colour rule below matches it
     for (i, j), count in np.ndenumerate(m):
         ax.text(j, i, str(int(count)), ha="center", va="center",
@@ -90,7 +75,8 @@ def confusion_figure(matrix: Sequence[Sequence[int]], title: str,
 
 def roc_figure(fpr: Sequence[float], tpr: Sequence[float], auc: float, title: str) -> Figure:
     """ROC curve with the chance diagonal."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     ax.plot(fpr, tpr, label=f"ROC (AUC = {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
     ax.set_xlabel("false positive rate")
@@ -99,3 +85,40 @@ def roc_figure(fpr: Sequence[float], tpr: Sequence[float], auc: float, title: st
     ax.legend(loc="lower right")
     ax.grid(True, alpha=0.3)
     return fig
+
+
+def probe_accuracy_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+    """Memory probe: test accuracy against the distance of the decisive token, one line per cell."""
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
+    for cell, (distance, accuracy) in curves.items():
+        ax.plot(distance, accuracy, marker="o", label=cell)
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax.set(xlabel="distance of the decisive token from the end (steps)", ylabel="test accuracy",
+           ylim=(0.4, 1.02), title="Memory probe: accuracy vs distance")
+    ax.legend()
+    return fig
+
+
+def probe_gradients_figure(traces: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
+    """Memory probe: gradient norm by steps from the end, in the first and the last training steps.
+
+    traces: cell -> columns of its trace table (steps_from_end, a_first, a_last[, c_first, c_last])."""
+    fig = Figure(figsize=(11, 4), layout="tight")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, window in zip(axes, ("first", "last")):
+        for cell, data in traces.items():
+            # Zeros (gradients flushed to zero far back) cannot be drawn on a log scale.
+            line, = ax.plot(data["steps_from_end"], _positive(data[f"a_{window}"]), label=f"{cell}: dL/da")
+            if f"c_{window}" in data:
+                ax.plot(data["steps_from_end"], _positive(data[f"c_{window}"]), color=line.get_color(),
+                        linestyle="--", label=f"{cell}: dL/dc")
+        ax.set(yscale="log", xlabel="steps from the end", title=f"{window} training steps")
+    axes[0].set_ylabel("mean gradient norm")
+    axes[0].legend()
+    fig.suptitle("Gradient reaching each step back (run at the largest distance)")
+    return fig
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    return np.where(values > 0, values, np.nan)

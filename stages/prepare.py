@@ -1,39 +1,23 @@
 """Stage `prepare`: tokenize, split off validation, build the vocabulary, encode to padded ids.
 
+    python -m stages.prepare
+
 The vocabulary comes from the training part only (after the validation split
 is removed), so validation and test OOV rates are honest.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from rnn.text import UNK, TRUNCATE_MODES, TextEncoder, Vocabulary, pad_sequences, tokenize  # noqa: E402
-from stages.common import (  # noqa: E402
-    Field,
-    load_params,
-    project_root,
-    run_stage,
-    save_npz,
-    validate_section,
-    write_json,
-)
-
-SCHEMA = {
-    "max_len": Field(int, 400, min=1),
-    "truncate": Field(str, "both", choices=TRUNCATE_MODES),
-    "vocab_size": Field(int, 20000, min=2),
-    "min_freq": Field(int, 2, min=1),
-    "val_fraction": Field(float, 0.1, min=0, max=0.5, min_exclusive=True),
-    "seed": Field(int, 0),
-}
+from rnn.errors import InputError
+from rnn.text import UNK, TextEncoder, Vocabulary, pad_sequences, tokenize
+from stages import settings
+from stages.common import Outputs, project_root, run_stage
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +40,7 @@ def _read_raw(path: Path) -> pd.DataFrame:
     df = pd.read_parquet(path)
     missing = {"id", "text", "label"} - set(df.columns)
     if missing:
-        raise ValueError(f"{path}: missing columns {', '.join(sorted(missing))}")
+        raise InputError(f"{path}: missing columns {', '.join(sorted(missing))}")
     return df
 
 
@@ -66,7 +50,7 @@ def run(cfg: dict, root: Path) -> dict:
     train_df = _read_raw(root / "data/raw/train.parquet")
     test_df = _read_raw(root / "data/raw/test.parquet")
     if len(train_df) < 2:
-        raise ValueError(f"{root / 'data/raw/train.parquet'}: need at least 2 reviews, got {len(train_df)}")
+        raise InputError(f"{root / 'data/raw/train.parquet'}: need at least 2 reviews, got {len(train_df)}")
 
     tr_idx, va_idx = stratified_split(train_df["label"].to_numpy(), cfg["val_fraction"], cfg["seed"])
     parts = {
@@ -101,10 +85,11 @@ def run(cfg: dict, root: Path) -> dict:
             pct = np.percentile(raw_len, [50, 90, 95, 99]) if len(raw_len) else [0] * 4
             metrics["length_percentiles"] = {f"p{p}": float(v) for p, v in zip((50, 90, 95, 99), pct)}
 
-    for name, arrs in arrays.items():
-        save_npz(root / f"data/prepared/{name}.npz", **arrs)
-    write_json(root / "data/prepared/vocab.json", encoder.to_dict())
-    write_json(root / "metrics/prepare.json", metrics)
+    with Outputs(root) as out:
+        for name, arrs in arrays.items():
+            out.save_npz(f"data/prepared/{name}.npz", **arrs)
+        out.write_json("data/prepared/vocab.json", encoder.to_dict())
+        out.write_json("metrics/prepare.json", metrics)
     print(f"tokenized {sum(len(t) for t in tokens.values())} reviews in {t_tok:.1f}s; "
           f"prepare total {time.perf_counter() - t0:.1f}s")
     return metrics
@@ -112,7 +97,7 @@ def run(cfg: dict, root: Path) -> dict:
 
 def main() -> None:
     root = project_root()
-    cfg = validate_section(load_params(root / "params.yaml"), "prepare", SCHEMA)
+    cfg = settings.load(root / "params.yaml")["prepare"]
     metrics = run(cfg, root)
     print(f"vocab {metrics['vocab_size']}, oov {metrics['oov_rate']}, splits {metrics['splits']}")
 

@@ -1,14 +1,12 @@
-"""MLflow tracking for the train and evaluate stages.
+"""What an MLflow run logs, for the train, evaluate and probe stages (where runs go: stages/mlstore.py).
 
-One MLflow run per `train@<cell>`: its params, per-epoch and per-step metrics, the gradient-trace
-table and figure, and the model folder. `evaluate@<cell>` reopens that run by the id the train
+One MLflow run per `train@<cell>`: its settings, per-epoch and per-step metrics, the gradient trace
+(table and figure) and the model folder. `evaluate@<cell>` reopens that run by the id the train
 stage wrote to a run file and adds the test metrics, so one run holds everything about one model.
 
-    tracker = Tracker.start(params, cell="lstm", stage="train@lstm")
-    tracker.log_params(data_stats)
+    tracker = Tracker.start(params, cell="lstm", stage="train@lstm", run_hash=...)
     fit(..., callbacks=[tracker])            # on_step / on_epoch
     tracker.log_artifacts(model_dir, "model")
-    tracker.write_run_file(run_file)
     tracker.end()
 
 `mlflow.enabled: false` gives a `NullTracker` with the same methods that does nothing (mlflow is
@@ -18,33 +16,21 @@ warned about once, what could not be logged is counted, and `end()` reports it.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import fcntl
-import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stages.common import Field, atomic_path, validate_section, write_json
+from rnn.errors import InputError
+from stages import outputs, settings
+from stages.mlstore import TrackingUnavailable, connect, one_line
+from stages.plots import grad_trace_figure
 
-SCHEMA = {
-    "enabled": Field(bool, True),
-    "experiment": Field(str, "imdb-sentiment"),
-    "log_every_steps": Field(int, 200, min=1),  # per-step metrics are sent in batches this often
-}
-
-# Sections whose values decide what a train run computes; their hash tells identical setups apart.
-HASHED_SECTIONS = ("data", "prepare", "embed")
 STEP_METRICS = ("loss", "grad_norm", "grad_norm_clipped", "clipped")
 # MLflow metric name -> key of rnn.train.fit's per-epoch record.
 EPOCH_METRICS = {
@@ -60,8 +46,6 @@ EPOCH_METRICS = {
     "clipped_fraction": "clipped_fraction",
 }
 TRACE_DIR = "grad_trace"
-TRACE_CSV = "grad_trace.csv"
-TRACE_PNG = "grad_trace.png"
 
 # MLflow's limits (mlflow.utils.validation), repeated so that importing this module stays cheap.
 MAX_PARAM_VALUE = 6000
@@ -69,70 +53,6 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 # Step metrics kept while the store is failing, before the oldest are dropped (and counted lost).
 MAX_PENDING_METRICS = 400_000
-PROBE_TIMEOUT_S = 5.0
-
-DEFAULT_DB = "mlflow.db"
-DEFAULT_ARTIFACTS = "mlartifacts"
-LOCK_FILE = ".mlflow.lock"
-QUEUED_EXP_DIR = "/.dvc/tmp/exps/"
-
-
-class TrackingUnavailable(ConnectionError):
-    """The tracking store cannot be reached or used when a run should start."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Where runs go
-
-
-def resolve_root(environ: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> Path:
-    """The absolute project root runs are stored under.
-
-    `DVC_ROOT` when set, else the nearest directory upward from `cwd` holding params.yaml.
-
-    Queued (`dvc exp run --queue` + `dvc queue start`) and `--temp` experiments run in a
-    throw-away copy `<repo>/.dvc/tmp/exps/[standalone/]tmpXXXX` that is deleted afterwards.
-    Checked with DVC 3.67 (a stage printing its environment): there DVC_ROOT is the real repo
-    root (dvc/repo/experiments/queue/base.py overrides it on purpose) while the stage's cwd is
-    the copy; DVC_EXP_NAME and DVC_EXP_BASELINE_REV are set for `dvc exp run` in all modes,
-    plain `dvc repro` sets only DVC_ROOT and DVC_STAGE. Older DVC set DVC_ROOT to the copy, so a
-    root inside `.dvc/tmp/exps/` is still mapped back to the repo, or runs would vanish with it.
-    """
-    environ = os.environ if environ is None else environ
-    cwd = Path(cwd if cwd is not None else os.getcwd()).resolve()
-    dvc_root = environ.get("DVC_ROOT")
-    if dvc_root:
-        root = (cwd / dvc_root).resolve()          # an absolute DVC_ROOT replaces cwd
-        text = root.as_posix()
-        if QUEUED_EXP_DIR in text + "/":
-            root = Path(text[: (text + "/").index(QUEUED_EXP_DIR)] or "/")
-        return root
-    for d in (cwd, *cwd.parents):
-        if (d / "params.yaml").is_file():
-            return d
-    raise FileNotFoundError(f"params.yaml not found in {cwd} or any parent directory")
-
-
-def tracking_location(root: Path, environ: Mapping[str, str] | None = None) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for a new experiment or None for the store's default).
-
-    `MLFLOW_TRACKING_URI` wins; otherwise a SQLite file in the root. SQLite paths are made absolute
-    (a relative one is taken from the root) and artifacts go beside the database: both would
-    otherwise follow the cwd, which in a queued experiment is a copy deleted after the run.
-    """
-    environ = os.environ if environ is None else environ
-    uri = environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if not uri:
-        uri = f"sqlite:///{DEFAULT_DB}"
-    if not uri.startswith("sqlite:///"):
-        return uri, None
-    path, query = uri[len("sqlite:///"):].partition("?")[::2]
-    db = root / path if not path.startswith("/") else Path(path)
-    return f"sqlite:///{db.as_posix()}" + (f"?{query}" if query else ""), (db.parent / DEFAULT_ARTIFACTS).as_uri()
-
-
-# ---------------------------------------------------------------------------------------------
-# Params
 
 
 def _param_value(value: Any) -> str:
@@ -153,147 +73,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = _param_value(value)
     return flat
-
-
-def _merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
-        out[key] = _merged(out[key], value) if both else value
-    return out
-
-
-def cell_overrides(params: Mapping[str, Any], cell: str) -> dict:
-    """`train.overrides.<cell>` as written, {} when absent."""
-    train = params.get("train")
-    overrides = train.get("overrides") if isinstance(train, Mapping) else None
-    mine = overrides.get(cell) if isinstance(overrides, Mapping) else None
-    return dict(mine) if isinstance(mine, Mapping) else {}
-
-
-def effective_train(params: Mapping[str, Any], cell: str) -> dict:
-    """The train section as `cell` sees it: `train.overrides.<cell>` merged on top; the list of
-    cells and the other cells' overrides dropped, as they do not change this cell's run."""
-    train = params.get("train")
-    if not isinstance(train, Mapping):
-        return {}
-    base = {k: v for k, v in train.items() if k not in ("cells", "overrides")}
-    return _merged(base, cell_overrides(params, cell))
-
-
-def params_hash(params: Mapping[str, Any], cell: str) -> str:
-    """sha256 of the canonical JSON of what decides `cell`'s train run: the data, prepare and
-    embed sections, the train section as the cell sees it (see effective_train), and the cell."""
-    relevant = {s: params.get(s) for s in HASHED_SECTIONS if s in params}
-    relevant["train"] = effective_train(params, cell)
-    relevant["cell"] = cell
-    canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Gradient traces
-
-
-def write_trace_csv(traces: Iterable[tuple[int, Mapping[str, list]]], path: str | Path) -> Path:
-    """Write per-epoch traces as a long table `epoch,distance,<state>...` (empty = no data).
-
-    traces: (epoch, {"a": [mean norm of dL/da<t> by distance from the last token], "c": ...}).
-    """
-    traces = [(int(e), t) for e, t in traces if t]
-    states = sorted({name for _, t in traces for name in t})
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        out = csv.writer(f)
-        out.writerow(["epoch", "distance", *states])
-        for epoch, trace in traces:
-            columns = [list(trace.get(s) or ()) for s in states]
-            for d in range(max(map(len, columns))):
-                row = [c[d] if d < len(c) else None for c in columns]
-                if any(v is not None for v in row):
-                    out.writerow([epoch, d, *("" if v is None else repr(float(v)) for v in row)])
-    return Path(path)
-
-
-def read_trace_csv(path: str | Path) -> dict[str, dict[int, tuple[list[int], list[float]]]]:
-    """{state: {epoch: (distances, mean norms)}} from a table written by `write_trace_csv`."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if fields[:2] != ["epoch", "distance"]:
-            raise ValueError(f"{path}: not a gradient-trace table (header {','.join(fields)})")
-        series: dict[str, dict[int, tuple[list[int], list[float]]]] = {s: {} for s in fields[2:]}
-        for row in reader:
-            for state in fields[2:]:
-                if row[state]:
-                    xs, ys = series[state].setdefault(int(row["epoch"]), ([], []))
-                    xs.append(int(row["distance"]))
-                    ys.append(float(row[state]))
-    return series
-
-
-def plot_trace(path: str | Path, png: str | Path, title: str = "") -> Path:
-    """Render a trace table as a PNG: one panel per state, one line per epoch, log y-axis."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    series = read_trace_csv(path)
-    fig = Figure(figsize=(7, 3.2 * max(1, len(series))), layout="constrained")
-    axes = fig.subplots(max(1, len(series)), 1, squeeze=False)[:, 0]
-    for ax, (state, by_epoch) in zip(axes, series.items()):
-        epochs = sorted(by_epoch)
-        for i, epoch in enumerate(epochs):
-            xs, ys = by_epoch[epoch]
-            # Zero norms (fully flushed denormals) cannot be drawn on a log axis.
-            keep = [(x, y) for x, y in zip(xs, ys) if y > 0 and math.isfinite(y)]
-            color = colormaps["viridis"](i / max(1, len(epochs) - 1))
-            ax.plot([x for x, _ in keep], [y for _, y in keep], color=color, lw=1.2, label=f"epoch {epoch}")
-        ax.set_yscale("log")
-        ax.set_xlabel("distance from the last token (steps back in time)")
-        ax.set_ylabel(f"mean ‖dL/d{state}⟨t⟩‖")
-        ax.grid(True, which="both", alpha=0.3)
-        if epochs:
-            ax.legend(fontsize="small", ncols=2)
-    if title:
-        fig.suptitle(title)
-    png = Path(png)
-    fig.savefig(png, dpi=110)
-    return png
-
-
-# ---------------------------------------------------------------------------------------------
-# Trackers
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _probe_http(uri: str) -> None:
-    """Fail fast when nothing answers at an http(s) tracking URI (any HTTP status is an answer)."""
-    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=probe"
-    try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
-            pass
-    except urllib.error.HTTPError:
-        pass
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is unreachable ({_one_line(reason)}); start it, "
-            "fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml") from None
-
-
-@contextlib.contextmanager
-def _store_lock(root: Path) -> Iterator[None]:
-    """Exclusive lock across processes: creating a fresh SQLite store (its schema migrations)
-    and the experiment concurrently fails, e.g. for train@rnn and train@gru in parallel."""
-    with open(root / LOCK_FILE, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _git_commit(cwd: str | Path) -> str | None:
@@ -332,14 +111,10 @@ class NullTracker:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         pass
 
-    def log_figure_trace(self, trace_csv_path: str | Path) -> None:
-        pass
-
-    def write_run_file(self, path: str | Path) -> None:
-        """Atomic JSON {run_id, tracking_uri, experiment_id}, read by `Tracker.resume`; all null
-        when tracking is off, still written so a DVC stage declaring it as an output is satisfied."""
-        write_json(path, {"run_id": self.run_id, "tracking_uri": self.tracking_uri,
-                          "experiment_id": self.experiment_id})
+    def run_record(self) -> dict:
+        """{run_id, tracking_uri, experiment_id}, the run file `Tracker.resume` reads; all null
+        when tracking is off (still written, so a DVC stage declaring the file is satisfied)."""
+        return {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id}
 
     def end(self, status: str = "FINISHED") -> None:
         pass
@@ -378,30 +153,32 @@ class Tracker(NullTracker):
         self._pending: list = []          # mlflow.entities.Metric not yet sent
         self._steps_since_flush = 0
         self._failing = False             # after a failed flush only epoch ends / end() retry
-        self._traces: list[tuple[int, dict]] = []
+        self._traces: dict[int, dict] = {}       # epoch -> fit's trace of that epoch
         self._ended = False
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, params: Mapping[str, Any], cell: str, stage: str) -> NullTracker:
+    def start(cls, params: settings.Params, cell: str, stage: str, run_hash: str | None = None) -> NullTracker:
         """Create the run of `stage` (e.g. "train@lstm") for `cell`, or a NullTracker if disabled.
+        `run_hash` (settings.run_hash) becomes the `params_hash` tag: equal hash, same setup.
 
         Raises TrackingUnavailable (one line) when the store cannot be reached or used.
         """
-        cfg = validate_section(params, "mlflow", SCHEMA)
+        cfg = params["mlflow"]
         if not cfg["enabled"]:
             return NullTracker()
-        client, uri, experiment_id = _connect(cfg["experiment"])
+        client, uri, experiment_id = connect(cfg["experiment"])
         exp_name = os.environ.get("DVC_EXP_NAME") or None
         tags = {
             "cell": cell,
             "dvc.stage": stage,
             "dvc.stages": stage,
-            "params_hash": params_hash(params, cell),
             "mlflow.source.type": "LOCAL",
             "mlflow.source.name": stage,
         }
+        if run_hash:
+            tags["params_hash"] = run_hash
         if exp_name:
             tags["dvc.exp_name"] = exp_name
         if os.environ.get("DVC_EXP_BASELINE_REV"):
@@ -417,24 +194,25 @@ class Tracker(NullTracker):
         try:
             run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         except Exception as exc:
-            raise TrackingUnavailable(f"MLflow store {uri}: cannot create a run: {_one_line(exc)}") from None
+            raise TrackingUnavailable(f"MLflow store {uri}: cannot create a run: {one_line(exc)}") from None
         tracker = cls(client, run.info.run_id, experiment_id, uri, cell, cfg["log_every_steps"])
         if train_run:     # other stages (the probe) log their own settings
             # Effective values, so runs of different cells compare key by key; what this cell
             # overrides is kept as one param to show why its values differ.
-            flat = flatten(effective_train(params, cell), "train")
-            flat["train.overrides"] = _param_value(cell_overrides(params, cell))
+            flat = flatten(settings.cell_settings(params, cell), "train")
+            flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
+            flat["train.workers"] = _param_value(params["train"]["workers"])
             tracker.log_params(flat)
         return tracker
 
     @classmethod
-    def resume(cls, params: Mapping[str, Any], run_file_path: str | Path, stage: str) -> NullTracker:
+    def resume(cls, params: settings.Params, run_file_path: str | Path, stage: str) -> NullTracker:
         """Reopen the run recorded in `run_file_path` (by `write_run_file`) to add to it.
 
         A run file without a run (tracking was off at train time) or a run that is not in the
         current store gives a new run instead, with a warning.
         """
-        cfg = validate_section(params, "mlflow", SCHEMA)
+        cfg = params["mlflow"]
         if not cfg["enabled"]:
             return NullTracker()
         path = Path(run_file_path)
@@ -443,20 +221,20 @@ class Tracker(NullTracker):
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: MLflow run file not found (written by the train stage)") from None
         except json.JSONDecodeError:
-            raise ValueError(f"{path}: not a valid MLflow run file (invalid JSON)") from None
+            raise InputError(f"{path}: not a valid MLflow run file (invalid JSON)") from None
         if not isinstance(record, dict) or "run_id" not in record:
-            raise ValueError(f"{path}: not a valid MLflow run file (no run_id)")
+            raise InputError(f"{path}: not a valid MLflow run file (no run_id)")
         cell = stage.partition("@")[2] or stage
         run_id = record["run_id"]
         if run_id is None:
             _warn(f"{path} names no run (tracking was off when training); starting a new run")
             return cls.start(params, cell, stage)
-        client, uri, experiment_id = _connect(cfg["experiment"])
+        client, uri, experiment_id = connect(cfg["experiment"])
         try:
             run = client.get_run(run_id)
         except Exception as exc:
             if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-                raise TrackingUnavailable(f"MLflow store {uri}: cannot read run {run_id}: {_one_line(exc)}") from None
+                raise TrackingUnavailable(f"MLflow store {uri}: cannot read run {run_id}: {one_line(exc)}") from None
             _warn(f"run {run_id} from {path} is not in {uri}; starting a new run")
             return cls.start(params, cell, stage)
         cell = run.data.tags.get("cell", cell)
@@ -495,9 +273,8 @@ class Tracker(NullTracker):
         self._add({name: info[key] for name, key in EPOCH_METRICS.items() if key in info}, epoch)
         self._flush()
         if info.get("trace"):
-            self._traces.append((epoch, dict(info["trace"])))
-            with tempfile.TemporaryDirectory(prefix="rnn-trace-") as tmp:
-                self.log_figure_trace(write_trace_csv(self._traces, Path(tmp) / TRACE_CSV))
+            self._traces[epoch] = dict(info["trace"])
+            self._log_trace()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("artifacts", 1, self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -505,14 +282,18 @@ class Tracker(NullTracker):
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         self._call("artifacts", 1, self.client.log_artifacts, self.run_id, str(directory), artifact_path)
 
-    def log_figure_trace(self, trace_csv_path: str | Path) -> None:
-        """Log a trace table (see write_trace_csv) and its log-scale figure under grad_trace/."""
+    def _log_trace(self) -> None:
+        """The traces so far as grad_trace/grad_trace.csv (schema: stages/outputs.py) and .png, so
+        that a run stopped in a later epoch still shows them."""
+        rows = outputs.trace_rows(self._traces)
+        epochs = sorted({1, outputs.last_epoch(rows)})
+        fig = grad_trace_figure({f"epoch {e}": outputs.trace_series(rows, e) for e in epochs},
+                                f"{self.cell}: gradient norm by distance from the last token")
         with tempfile.TemporaryDirectory(prefix="rnn-trace-") as tmp:
             folder = Path(tmp) / TRACE_DIR
             folder.mkdir()
-            table = folder / TRACE_CSV
-            table.write_bytes(Path(trace_csv_path).read_bytes())
-            plot_trace(table, folder / TRACE_PNG, title=f"{self.cell}: gradient norm by distance from the last token")
+            (folder / "grad_trace.csv").write_text(outputs.trace_csv(rows), encoding="utf-8")
+            fig.savefig(folder / "grad_trace.png", dpi=110, bbox_inches="tight")
             self.log_artifacts(folder, TRACE_DIR)
 
     def end(self, status: str = "FINISHED") -> None:
@@ -574,7 +355,7 @@ class Tracker(NullTracker):
         except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
             self.lost[kind] += count
             if self.first_error is None:
-                self.first_error = _one_line(exc)
+                self.first_error = one_line(exc)
                 _warn(f"logging to {self.tracking_uri} failed ({self.first_error}); training goes on, "
                       "what cannot be logged is counted and reported at the end")
             return False
@@ -584,47 +365,3 @@ def _warn(message: str) -> None:
     print(f"warning: mlflow: {message}", file=sys.stderr, flush=True)
 
 
-def _connect(experiment: str) -> tuple[Any, str, str]:
-    """(MlflowClient, tracking URI, experiment id), creating the store and experiment if needed."""
-    root = resolve_root()
-    uri, artifact_location = tracking_location(root)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):].partition("?")[0]).parent.mkdir(parents=True, exist_ok=True)
-    if uri.startswith(("http://", "https://")):
-        _probe_http(uri)
-        # Once a run is going, a dead server must not stall training for minutes per request
-        # (MLflow's default is 7 retries with exponential backoff); the user's setting wins.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    from mlflow import MlflowClient
-
-    try:
-        with _store_lock(root):
-            client = MlflowClient(tracking_uri=uri)   # a SQLite store is created/migrated here
-            experiment_id = _get_or_create_experiment(client, experiment, artifact_location)
-    except TrackingUnavailable:
-        raise
-    except Exception as exc:
-        raise TrackingUnavailable(f"MLflow store {uri}: {_one_line(exc)}") from None
-    return client, uri, experiment_id
-
-
-def _get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    for _ in range(5):
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":
-                raise TrackingUnavailable(
-                    f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
-                    f"--experiment-id {experiment.experiment_id}) or set another mlflow.experiment")
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException as exc:
-            # Another process (on another machine, for a server) created it in between.
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            time.sleep(0.2)
-    raise TrackingUnavailable(f"MLflow experiment {name!r}: could not be created or found")

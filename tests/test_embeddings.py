@@ -13,8 +13,15 @@ import pandas as pd
 import pytest
 
 from rnn.embeddings import cooccurrence, ppmi, randomized_svd, svd_embeddings
-from stages import embed
-from stages.common import ParamsError, save_npz, validate_section, write_json
+from rnn.io import write_json
+from stages import embed, settings
+from stages.settings import ParamsError
+
+
+def save_npz(path, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,9 +193,9 @@ def test_embed_stage_svd_missing_input_and_bad_params(tmp_path):
         embed.run(CFG, 6, tmp_path)
     assert not (tmp_path / "data/embeddings.npy").exists()
     with pytest.raises(ParamsError, match=r"^params.yaml: embed.context_size = 1: must be >= 2$"):
-        validate_section({"embed": {"method": "svd", "context_size": 1}}, "embed", embed.SCHEMA)
+        settings.validate({"embed": {"method": "svd", "context_size": 1}})
     with pytest.raises(ParamsError, match=r"^params.yaml: embed.window = 0: must be >= 1$"):
-        validate_section({"embed": {"window": 0}}, "embed", embed.SCHEMA)
+        settings.validate({"embed": {"window": 0}})
 
 
 def test_embed_script_svd_on_synthetic_archive(tmp_path, make_imdb_archive):
@@ -197,9 +204,10 @@ def test_embed_script_svd_on_synthetic_archive(tmp_path, make_imdb_archive):
         "data: {limit: 16}\nprepare: {max_len: 40, vocab_size: 200, min_freq: 1, val_fraction: 0.25}\n"
         "embed: {method: svd}\ntrain: {embed_dim: 8}\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"} | {"IMDB_ARCHIVE": str(make_imdb_archive())}
+    env = ({k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
+           | {"IMDB_ARCHIVE": str(make_imdb_archive()), "PYTHONPATH": str(ROOT)})
     for name in ("download", "prepare", "embed"):
-        proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=tmp_path, env=env,
+        proc = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "metrics/embed.json").read_text())

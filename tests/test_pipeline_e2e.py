@@ -121,6 +121,7 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path) -> None:
 
     again = _run(dvc + ["repro"], root, env).stdout
     assert "Running stage" not in again, again
+    _check_what_reruns(root, env)
 
     metrics = json.dumps(json.loads(_run(dvc + ["metrics", "show", "--json"], root, env).stdout))
     assert "metrics/lstm/eval.json" in metrics and "best_val_accuracy" in metrics
@@ -133,3 +134,31 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path) -> None:
                    for rev in exp["revs"]]
     lrs = [rev["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for rev in experiments]
     assert 0.005 in lrs, f"dvc exp show lists no experiment with train.lr=0.005: {lrs}"
+
+
+def _check_what_reruns(root: Path, env: dict) -> None:
+    """An edit makes exactly the stages that read what changed stale (`dvc status`)."""
+    def stale_after(path: str, edit) -> set[str]:
+        file = root / path
+        original = file.read_text()
+        file.write_text(edit(original))
+        try:
+            out = _run([sys.executable, "-m", "dvc", "status", "--json"], root, env).stdout
+            return set(json.loads(out or "{}"))
+        finally:
+            file.write_text(original)
+
+    def set_lstm_lr(text: str) -> str:
+        params = yaml.safe_load(text)
+        params["train"]["overrides"]["lstm"] = {"lr": 0.01}
+        return yaml.safe_dump(params, sort_keys=False)
+
+    def comment(text: str) -> str:
+        return text + "\n# an edit\n"
+
+    assert stale_after("params.yaml", set_lstm_lr) == {"train@lstm"}
+    assert stale_after("rnn/cli.py", comment) == set()
+    assert stale_after("stages/tracking.py", comment) == set()
+    assert stale_after("rnn/metrics.py", comment) == {f"evaluate@{c}" for c in CELLS}
+    assert stale_after("rnn/probe.py", comment) == {f"probe@{c}" for c in CELLS}
+    assert stale_after("rnn/text.py", comment) == {"prepare", "embed"}

@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 
 from helpers import write_params
 from rnn.probe import A, B, FIRST_FILLER, NEG, POS, make_probe_data
-from stages.common import ParamsError
-from stages.probe import SCHEMA, grad_ratio, load_config, main, probe_distance, report, run
+from stages import settings as pipeline_settings
+from stages.probe import grad_ratio, main, probe_distance, run
+from stages.probe_report import report
+from stages.settings import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTIMENT = (POS, NEG, A, B)
@@ -91,7 +93,7 @@ TINY = {"distances": [1, 4], "lead": 2, "vocab_size": 8, "embed_dim": 4, "hidden
 
 
 def tiny_cfg(**overrides) -> dict:
-    return load_config({"probe": {**TINY, **overrides}})
+    return pipeline_settings.validate({"probe": {**TINY, **overrides}})["probe"]
 
 
 def test_config_validation():
@@ -105,7 +107,7 @@ def test_config_validation():
                          ({"clip_mode": "sometimes"}, "probe.clip_mode")]:
         with pytest.raises(ParamsError, match=message):
             tiny_cfg(**bad)
-    assert set(SCHEMA) >= set(TINY)
+    assert set(pipeline_settings.PROBE) >= set(TINY)
 
 
 class RecordingTracker:
@@ -129,19 +131,20 @@ def test_tiny_probe_writes_metrics_plots_and_report(tmp_path):
     assert [step for step, _ in tracker.metrics] == [1, 4]       # MLflow's step axis is the distance
     assert set(tracker.metrics[0][1]) >= {"probe_accuracy", "probe_grad_ratio_last"}
     assert tracker.artifacts == ["rnn.json", "rnn.csv", "rnn_trace.csv"]
-    saved = json.loads((tmp_path / "metrics/probe/lstm.json").read_text())
+    saved = json.loads((tmp_path / "probe/lstm.json").read_text())
     assert saved["settings"]["steps"] == 6 and saved["accuracy"] == metrics["accuracy"]
-    with open(tmp_path / "plots/probe/rnn.csv", newline="") as f:
+    with open(tmp_path / "probe/rnn.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["distance"]) for r in rows] == [1, 4] and "grad_ratio_last" in rows[0]
     # The trace covers every step of the longest run (T = 4 + 1 + lead); only the LSTM has c.
     for cell, header in [("rnn", ["steps_from_end", "a_first", "a_last"]),
                          ("lstm", ["steps_from_end", "a_first", "c_first", "a_last", "c_last"])]:
-        with open(tmp_path / f"plots/probe/{cell}_trace.csv", newline="") as f:
+        with open(tmp_path / f"probe/{cell}_trace.csv", newline="") as f:
             table = list(csv.reader(f))
         assert table[0] == header and len(table) == 1 + 4 + 1 + 2
-    for path in report(cfg["cells"], tmp_path):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report(cfg["cells"], tmp_path)
+    for name in ("probe_accuracy.png", "probe_gradients.png"):
+        assert (tmp_path / "reports" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_clipping_setting_is_applied():
@@ -167,16 +170,16 @@ def test_stage_command_line(tmp_path):
     params = {**TINY, "cells": ["lstm"]}
     write_params(tmp_path, "mlflow:\n  enabled: false\nprobe:\n"
                  + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in params.items()))
-    env = {**os.environ, "DVC_ROOT": str(tmp_path)}
-    for arg in ("lstm", "report"):
-        done = subprocess.run([sys.executable, str(ROOT / "stages/probe.py"), arg], env=env, cwd=tmp_path,
+    env = {**os.environ, "DVC_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    for command in (["stages.probe", "lstm"], ["stages.probe_report"]):
+        done = subprocess.run([sys.executable, "-m", *command], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "metrics/probe/lstm.json").read_text())["settings"]["lead"] == 2
+    assert json.loads((tmp_path / "probe/lstm.json").read_text())["settings"]["lead"] == 2
     assert (tmp_path / "reports/probe_gradients.png").is_file()
 
 
 def test_unknown_cell_argument(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["probe.py", "transformer"])
-    with pytest.raises(ValueError, match="usage: python stages/probe.py <rnn|gru|lstm|report>"):
+    with pytest.raises(ParamsError, match="unknown cell 'transformer'"):
         main()

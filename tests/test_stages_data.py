@@ -1,4 +1,4 @@
-"""Tests for stages.common and the data stages: download, prepare, embed."""
+"""The data stages: download, prepare, embed."""
 
 from __future__ import annotations
 
@@ -14,126 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rnn.errors import InputError
+from rnn.io import write_json
 from stages import download, embed, prepare
-from stages.common import (
-    Field,
-    ParamsError,
-    atomic_path,
-    load_params,
-    run_stage,
-    save_npz,
-    validate_section,
-    write_json,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCHEMA = {
-    "lr": Field(float, 0.01, min=0, min_exclusive=True),
-    "epochs": Field(int, 3, min=1, max=100),
-    "optimizer": Field(str, "adam", choices=("sgd", "adam", "adamw")),
-    "clip": {"mode": Field(str, "norm", choices=("norm", "value")), "threshold": Field(float, 5.0, min=0)},
-    "seed": Field(int, None, nullable=True),
-}
-
-
-def params(**train) -> dict:
-    return {"train": train}
-
-
-# --- stages.common -----------------------------------------------------------
-
-
-def test_validate_fills_defaults_and_converts_int_to_float():
-    out = validate_section(params(lr=1, clip={"mode": "value"}), "train", TRAIN_SCHEMA)
-    assert out == {
-        "lr": 1.0, "epochs": 3, "optimizer": "adam", "clip": {"mode": "value", "threshold": 5.0}, "seed": None,
-    }
-    assert isinstance(out["lr"], float)
-    assert validate_section({}, "train", TRAIN_SCHEMA)["epochs"] == 3  # all keys have defaults
-
-
-@pytest.mark.parametrize(
-    "train, message",
-    [
-        ({"lr": -0.1}, "params.yaml: train.lr = -0.1: must be > 0"),
-        ({"lr": 0}, "params.yaml: train.lr = 0: must be > 0"),
-        ({"lrr": 0.1}, "params.yaml: unknown key train.lrr (did you mean train.lr?)"),
-        ({"zzz": 1}, "params.yaml: unknown key train.zzz"),
-        ({"optimizer": "adamm"}, "params.yaml: train.optimizer = 'adamm': must be one of sgd, adam, adamw"),
-        ({"lr": "fast"}, "params.yaml: train.lr = 'fast': must be a number"),
-        ({"epochs": 2.5}, "params.yaml: train.epochs = 2.5: must be an integer"),
-        ({"epochs": True}, "params.yaml: train.epochs = true: must be an integer"),
-        ({"lr": True}, "params.yaml: train.lr = true: must be a number"),
-        ({"epochs": 0}, "params.yaml: train.epochs = 0: must be >= 1"),
-        ({"epochs": 101}, "params.yaml: train.epochs = 101: must be <= 100"),
-        ({"epochs": None}, "params.yaml: train.epochs = null: must be an integer"),
-        ({"clip": {"mode": "l3"}}, "params.yaml: train.clip.mode = 'l3': must be one of norm, value"),
-        ({"clip": {"treshold": 1}}, "params.yaml: unknown key train.clip.treshold (did you mean train.clip.threshold?)"),
-        ({"clip": 5}, "params.yaml: train.clip = 5: must be a mapping"),
-        ({"seed": "x"}, "params.yaml: train.seed = 'x': must be an integer or null"),
-    ],
-)
-def test_validate_errors_are_one_line(train, message):
-    with pytest.raises(ParamsError) as exc:
-        validate_section(params(**train), "train", TRAIN_SCHEMA)
-    assert str(exc.value) == message
-
-
-def test_validate_required_key_and_section():
-    schema = {"size": Field(int), "name": Field(str, "x")}
-    with pytest.raises(ParamsError, match=r"^params.yaml: missing section model$"):
-        validate_section({}, "model", schema)
-    with pytest.raises(ParamsError, match=r"^params.yaml: missing required key model.size$"):
-        validate_section({"model": {"name": "y"}}, "model", schema)
-    with pytest.raises(ParamsError, match=r"model = \[1\]: must be a mapping"):
-        validate_section({"model": [1]}, "model", schema)
-
-
-def test_load_params(tmp_path):
-    with pytest.raises(ParamsError, match="params file not found"):
-        load_params(tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("- a\n- b\n")
-    with pytest.raises(ParamsError, match="top level must be a mapping"):
-        load_params(tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("a: [1\n")
-    with pytest.raises(ParamsError, match="not valid YAML"):
-        load_params(tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("train:\n  lr: 1e-3\n  n: 5\n")
-    p = load_params(tmp_path / "params.yaml")
-    assert p == {"train": {"lr": 0.001, "n": 5}}  # YAML 1.1 would give the string '1e-3'
-    with pytest.raises(ParamsError, match="^params.yaml: train.n = 5: must be > 10$"):
-        validate_section(p, "train", {"lr": Field(float), "n": Field(int, min=10, min_exclusive=True)})
-
-
-def test_atomic_path_leaves_nothing_on_error(tmp_path):
-    target = tmp_path / "sub" / "out.json"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("boom")
-    assert list((tmp_path / "sub").iterdir()) == []
-    write_json(target, {"a": 1.5})
-    assert json.loads(target.read_text()) == {"a": 1.5}
-    save_npz(tmp_path / "x.npz", a=np.arange(3))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "x.npz"]
-    assert np.load(tmp_path / "x.npz")["a"].tolist() == [0, 1, 2]
-
-
-def test_run_stage_exit_codes(capsys):
-    def bad():
-        raise ParamsError("params.yaml: train.lr = -1: must be > 0")
-
-    with pytest.raises(SystemExit) as exc:
-        run_stage(bad)
-    assert exc.value.code == 2
-    assert capsys.readouterr().err == "error: params.yaml: train.lr = -1: must be > 0\n"
-
-    def interrupted():
-        raise KeyboardInterrupt
-
-    with pytest.raises(SystemExit) as exc:
-        run_stage(interrupted)
-    assert exc.value.code == 130
 
 
 # --- download ----------------------------------------------------------------
@@ -212,7 +97,7 @@ def _fifo(name: str) -> tarfile.TarInfo:
 )
 def test_download_rejects_hostile_members(tmp_path, make_imdb_archive, extra, message):
     archive = make_imdb_archive(n_per_class=3, extra_members=extra)
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(InputError) as exc:
         download.run(DATA_CFG, tmp_path, str(archive))
     assert message in str(exc.value) and str(archive) in str(exc.value)
     assert "\n" not in str(exc.value)
@@ -226,10 +111,10 @@ def test_download_rejects_truncated_archive(tmp_path, make_imdb_archive, keep):
     data = archive.read_bytes()
     # At 0.999 every review is present; only the gzip trailer is cut.
     archive.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(ValueError, match="corrupt or truncated archive"):
+    with pytest.raises(InputError, match="corrupt or truncated archive"):
         download.run(DATA_CFG, tmp_path, str(archive))
     archive.write_bytes(b"not a gzip file at all")
-    with pytest.raises(ValueError, match="corrupt or truncated archive"):
+    with pytest.raises(InputError, match="corrupt or truncated archive"):
         download.run(DATA_CFG, tmp_path, str(archive))
     assert raw_outputs(tmp_path) == []
 
@@ -237,7 +122,7 @@ def test_download_rejects_truncated_archive(tmp_path, make_imdb_archive, keep):
 @pytest.mark.parametrize("split", ["train/unsup", "test/neg"])
 def test_download_rejects_missing_split(tmp_path, make_imdb_archive, split):
     archive = make_imdb_archive(n_per_class=3, drop_split=split)
-    with pytest.raises(ValueError, match=f"missing or empty split aclImdb/{split}$"):
+    with pytest.raises(InputError, match=f"missing or empty split aclImdb/{split}$"):
         download.run(DATA_CFG, tmp_path, str(archive))
     assert raw_outputs(tmp_path) == []
 
@@ -250,7 +135,7 @@ def test_download_fetch_uses_cache_and_checks_md5(tmp_path):
     assert download.fetch("http://invalid.invalid/x", cached, md5, retries=0, timeout=1) == cached
     source = tmp_path / "src.bin"
     source.write_bytes(b"other bytes")
-    with pytest.raises(ValueError, match="md5 mismatch"):
+    with pytest.raises(InputError, match="md5 mismatch"):
         download.fetch(source.as_uri(), tmp_path / "b.tar.gz", md5, retries=0, timeout=1)
     assert not (tmp_path / "b.tar.gz").exists() and not (tmp_path / "b.tar.gz.part").exists()
 
@@ -346,10 +231,10 @@ def test_embed_pretrained_wrong_dimension(tmp_path):
     write_vocab(tmp_path)
     (tmp_path / "vec.txt").write_text("great 1 2 3 4\nfilm 1 2 3\n", encoding="utf-8")
     cfg = {"method": "pretrained", "path": str(tmp_path / "vec.txt"), "scale": None, "seed": 0}
-    with pytest.raises(ValueError, match=r"vec.txt:2: expected 4 values \(train.embed_dim\), got 3$"):
+    with pytest.raises(InputError, match=r"vec.txt:2: expected 4 values \(train.embed_dim\), got 3$"):
         embed.run(cfg, 4, tmp_path)
     assert not (tmp_path / "data/embeddings.npy").exists() and not (tmp_path / "metrics").exists()
-    with pytest.raises(ValueError, match="embed.path = null"):
+    with pytest.raises(InputError, match="embed.path = null"):
         embed.run({**cfg, "path": None}, 4, tmp_path)
 
 
@@ -364,9 +249,9 @@ train: {embed_dim: 8}
 
 
 def run_script(name: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"} | env
+    full_env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"} | {"PYTHONPATH": str(ROOT)} | env
     return subprocess.run(
-        [sys.executable, str(ROOT / "stages" / f"{name}.py")],
+        [sys.executable, "-m", f"stages.{name}"],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120,
     )
 

@@ -16,108 +16,37 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import compare, evaluate, train
-from stages.common import ParamsError, load_params, validate_section
+from stages import compare, evaluate, outputs, train
+from stages.settings import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _params(train_section: dict | None = None, **sections) -> dict:
-    return {"train": train_section or {}, **sections}
-
-
-# ------------------------------------------------------------------------------------ params
-def test_defaults_fill_an_empty_section():
-    cfg = train.cell_config(_params(), "lstm")
-    assert cfg["epochs"] == 5 and cfg["lr"] == 0.002 and cfg["optimizer"] == "adam"
-    assert cfg["clip"] == {"mode": "norm", "threshold": 5.0}
-    assert cfg["pooling"] == "last" and cfg["reset_after"] is False
-    assert train.train_section(_params())["cells"] == ["rnn", "gru", "lstm"]
-
-
-def test_overrides_apply_to_their_cell_only_and_merge_nested_keys():
-    params = _params({"lr": 0.01, "clip": {"mode": "value", "threshold": 2.0},
-                      "overrides": {"lstm": {"lr": 0.001, "clip": {"threshold": 1}}, "gru": None}})
-    lstm = train.cell_config(params, "lstm")
-    assert lstm["lr"] == 0.001
-    assert lstm["clip"] == {"mode": "value", "threshold": 1.0}   # mode kept, int made float
-    assert train.cell_config(params, "gru")["lr"] == 0.01
-    assert train.cell_config(params, "rnn")["clip"]["threshold"] == 2.0
-
-
-def test_override_defaults_do_not_mask_the_base_section():
-    # An override naming only `epochs` must not reset lr to its schema default.
-    params = _params({"lr": 0.05, "overrides": {"rnn": {"epochs": 2}}})
-    cfg = train.cell_config(params, "rnn")
-    assert (cfg["epochs"], cfg["lr"]) == (2, 0.05)
-
-
-@pytest.mark.parametrize("section, message", [
-    ({"lrr": 0.1}, "unknown key train.lrr (did you mean train.lr?)"),
-    ({"lr": -0.1}, "train.lr = -0.1: must be > 0"),
-    ({"optimizer": "adagrad"}, "train.optimizer = 'adagrad': must be one of sgd, adam, adamw"),
-    ({"pooling": "attention"}, "train.pooling = 'attention': must be one of last, mean, max"),
-    ({"clip": {"mode": "global"}}, "train.clip.mode = 'global': must be one of none, value, norm"),
-    ({"cells": ["rnn", "lstn"]}, "train.cells = ['rnn', 'lstn']: unknown cell 'lstn' (did you mean lstm?)"),
-    ({"cells": []}, "train.cells = []: must list at least one of rnn, gru, lstm"),
-    ({"cells": ["gru", "gru"]}, "lists a cell twice"),
-    ({"epochs": True}, "train.epochs = true: must be an integer"),
-    ({"overrides": {"lsmt": {"lr": 0.1}}}, "unknown key train.overrides.lsmt (did you mean train.overrides.lstm?)"),
-    ({"overrides": {"gru": {"dropout": 1.5}}}, "train.overrides.gru.dropout = 1.5: must be <= 0.95"),
-    ({"overrides": {"gru": {"cells": ["gru"]}}}, "unknown key train.overrides.gru.cells"),
-])
-def test_bad_settings_fail_with_one_line_naming_key_and_value(section, message):
-    with pytest.raises(ParamsError) as info:
-        train.cell_config(_params(section), "gru")
-    assert message in str(info.value)
-    assert "\n" not in str(info.value)
-
-
-def test_unknown_cell_argument_is_refused():
-    with pytest.raises(ValueError, match="unknown cell 'transformer'"):
-        train.cell_config(_params(), "transformer")
-
-
-def test_project_params_yaml_validates_with_the_documented_defaults():
-    params = load_params(REPO / "params.yaml")
-    section = train.train_section(params)
-    assert section["cells"] == ["rnn", "gru", "lstm"]
-    cfg = train.cell_config(params, "lstm")
-    assert (cfg["epochs"], cfg["batch_size"], cfg["optimizer"], cfg["hidden_size"]) == (5, 64, "adam", 128)
-    assert cfg["clip"] == {"mode": "norm", "threshold": 5.0} and cfg["seed"] == 0
-    evaluate.check_edges(validate_section(params, "evaluate", evaluate.SCHEMA)["length_edges"])
-
-
-def test_model_config_keeps_reset_after_to_the_gru():
-    cfg = train.cell_config(_params({"reset_after": True}), "lstm")
-    assert train.model_config(cfg, "lstm", 50).reset_after is False
-    assert train.model_config(cfg, "gru", 50).kind == "gru_after"
-
-
 # ----------------------------------------------------------------------------- csv writers
 def test_history_csv_has_one_row_per_epoch_in_column_order():
-    record = {c: i + 0.5 for i, c in enumerate(train.HISTORY_COLUMNS)} | {"epoch": 1, "step": 9}
-    rows = list(csv.reader(io.StringIO(train.history_csv([record, {**record, "epoch": 2}]))))
-    assert rows[0] == list(train.HISTORY_COLUMNS)
+    record = {c: i + 0.5 for i, c in enumerate(outputs.HISTORY_COLUMNS)} | {"epoch": 1, "step": 9}
+    rows = list(csv.reader(io.StringIO(outputs.history_csv([record, {**record, "epoch": 2}]))))
+    assert rows[0] == list(outputs.HISTORY_COLUMNS)
     assert [r[0] for r in rows[1:]] == ["1", "2"]
     assert float(rows[1][rows[0].index("val_accuracy")]) == record["val_accuracy"]
 
 
-def test_grad_trace_rows_skip_missing_distances_and_keep_zero_norms():
+def test_trace_rows_skip_missing_distances_and_keep_zero_norms():
     traces = [{"a": [0.1, None, 0.0], "c": [0.0, 0.01]}, {"a": [1.0]}]
-    rows = train.grad_trace_rows(traces)
+    rows = outputs.trace_rows(traces)
     assert rows == [(1, 0, "a", 0.1, -1.0), (1, 2, "a", 0.0, ""), (1, 0, "c", 0.0, ""),
                     (1, 1, "c", 0.01, -2.0), (2, 0, "a", 1.0, 0.0)]
-    parsed = list(csv.DictReader(io.StringIO(train.grad_trace_csv(rows))))
-    assert list(parsed[0]) == list(train.TRACE_COLUMNS) and len(parsed) == 5
-    series = compare.last_epoch_trace(parsed)
+    assert outputs.trace_rows({1: traces[0], 2: traces[1]}) == rows
+    parsed = list(csv.DictReader(io.StringIO(outputs.trace_csv(rows))))
+    assert list(parsed[0]) == list(outputs.TRACE_COLUMNS) and len(parsed) == 5
+    series = outputs.trace_series(parsed, outputs.last_epoch(parsed))
     assert list(series) == ["a"] and series["a"][1].tolist() == [1.0]
-    first = train.trace_series(rows, 1)
+    first = outputs.trace_series(rows, 1)
     assert first["c"][0].tolist() == [0, 1] and first["a"][1].tolist() == [0.1, 0.0]
 
 
 def test_no_trace_gives_a_header_only_csv():
-    assert train.grad_trace_csv(train.grad_trace_rows([{}, {}])) == ",".join(train.TRACE_COLUMNS) + "\n"
+    assert outputs.trace_csv(outputs.trace_rows([{}, {}])) == ",".join(outputs.TRACE_COLUMNS) + "\n"
 
 
 # --------------------------------------------------------------------------- length buckets
@@ -133,12 +62,6 @@ def test_length_buckets_bound_labels_and_accuracy():
 def test_length_buckets_leave_out_empty_buckets():
     rows = evaluate.length_buckets(np.array([10, 20]), np.array([True, False]), [100, 200])
     assert [(r["bucket"], r["count"], r["accuracy"]) for r in rows] == [("<100", 2, 0.5)]
-
-
-@pytest.mark.parametrize("edges", [[100, 100], [200, 100], [0, 10], [1.5], [True]])
-def test_bad_length_edges_are_refused(edges):
-    with pytest.raises(ParamsError, match="evaluate.length_edges"):
-        evaluate.check_edges(edges)
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -203,7 +126,7 @@ def project(tmp_path, monkeypatch):
 
 
 def _main(module, *argv: str, monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", [f"stages/{module.__name__.split('.')[-1]}.py", *argv])
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
     module.main()
 
 
@@ -257,11 +180,12 @@ def test_diverged_training_exits_2_and_saves_no_model(project, monkeypatch, caps
     assert not (project / "metrics/rnn").exists()
 
 
-def test_embed_dim_must_match_the_embeddings(project):
-    params = load_params(project / "params.yaml")
+def test_embed_dim_must_match_the_embeddings(project, monkeypatch):
+    params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["overrides"] = {"lstm": {"embed_dim": E + 1}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=rf"train.overrides.lstm.embed_dim = {E + 1}: must equal the width {E}"):
-        train.run("lstm", params, project, tracker=None)
+        _main(train, "lstm", monkeypatch=monkeypatch)
 
 
 def test_compare_names_the_missing_stage(project, monkeypatch):

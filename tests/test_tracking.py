@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -23,31 +22,23 @@ pytest.importorskip("mlflow")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from stages.common import ParamsError  # noqa: E402
-from stages.tracking import (  # noqa: E402
-    NullTracker,
-    Tracker,
-    TrackingUnavailable,
-    params_hash,
-    read_trace_csv,
-    resolve_root,
-    tracking_location,
-    write_trace_csv,
-)
+from stages import outputs, settings  # noqa: E402
+from stages.mlstore import TrackingUnavailable, resolve_root, tracking_location  # noqa: E402
+from stages.tracking import NullTracker, Tracker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_params(log_every_steps: int = 200, **mlflow) -> dict:
-    return {
+def make_params(log_every_steps: int = 200, **mlflow) -> settings.Params:
+    return settings.validate({
         "data": {"limit": 100},
         "prepare": {"max_len": 12},
         "train": {"cells": ["gru", "lstm"], "lr": 0.001, "optimizer": "adam",
-                  "clip": {"mode": "norm", "threshold": 5.0}, "hidden_sizes": [64, 128], "note": "x" * 7000,
+                  "clip": {"mode": "norm", "threshold": 5.0},
                   "overrides": {"lstm": {"lr": 0.0005, "clip": {"threshold": 1.0}}, "gru": {"lr": 9.0}}},
         "mlflow": {"log_every_steps": log_every_steps, **mlflow},
-    }
+    })
 
 
 def simulate_fit(tracker, epochs: int = 3, steps_per_epoch: int = 250, T: int = 12) -> None:
@@ -141,11 +132,12 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     (model_dir / "weights.npz").write_bytes(b"npz")
     (model_dir / "config.json").write_text("{}")
 
-    tracker = Tracker.start(make_params(), cell="lstm", stage="train@lstm")
-    tracker.log_params({"data.train_reviews": 900, "data.vocab_size": 20000})
+    params = make_params()
+    tracker = Tracker.start(params, cell="lstm", stage="train@lstm", run_hash=settings.run_hash(params, "lstm"))
+    tracker.log_params({"data.train_reviews": 900, "data.vocab_size": 20000, "note": "x" * 7000})
     simulate_fit(tracker, epochs=3, steps_per_epoch=250)
     tracker.log_artifacts(model_dir, "model")
-    tracker.write_run_file(root / "run.json")
+    (root / "run.json").write_text(json.dumps(tracker.run_record()))
     tracker.end()
 
     # Buffering: 750 steps x 4 metrics went out in 2 requests per epoch (200 steps, then the rest
@@ -153,7 +145,8 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     metric_calls = [m for m, _ in calls if m]
     assert len(metric_calls) == 6 and max(metric_calls) <= 1000
     assert sum(metric_calls) == 750 * 4 + 3 * 10
-    assert [p for _, p in calls if p] == [7, 2]      # all train params in one request
+    settings_logged = len(settings.cell_settings(params, "lstm")) + 3     # clip has two keys; overrides, workers
+    assert [p for _, p in calls if p] == [settings_logged, 3]      # all train params in one request
 
     record = json.loads((root / "run.json").read_text())
     assert set(record) == {"run_id", "tracking_uri", "experiment_id"}
@@ -169,7 +162,7 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     assert tags["cell"] == "lstm" and tags["dvc.stage"] == "train@lstm"
     assert tags["dvc.exp_name"] == "exp-abc12" and tags["dvc.baseline_rev"] == "b" * 40
     assert tags["mlflow.source.git.commit"] == commit
-    assert len(tags["params_hash"]) == 64
+    assert tags["params_hash"] == settings.run_hash(params, "lstm")
 
     params = run.data.params
     # The values lstm trained with: its overrides on top, other cells' overrides left out.
@@ -177,8 +170,8 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     assert params["train.clip.mode"] == "norm" and params["train.optimizer"] == "adam"
     assert params["train.overrides"] == '{"clip": {"threshold": 1.0}, "lr": 0.0005}'
     assert not any(k.startswith(("train.cells", "train.overrides.")) for k in params)
-    assert params["train.hidden_sizes"] == "[64, 128]" and params["data.vocab_size"] == "20000"
-    assert len(params["train.note"]) == 6000 and params["train.note"].endswith("...")
+    assert params["train.workers"] == "auto" and params["data.vocab_size"] == "20000"
+    assert len(params["note"]) == 6000 and params["note"].endswith("...")
 
     def history(key):
         return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
@@ -195,10 +188,11 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
         "model/weights.npz", "model/config.json"}
     local = Path(client.download_artifacts(run.info.run_id, "grad_trace", str(tmp_path / "dl")))
     assert (local / "grad_trace.png").read_bytes()[:8] == PNG_MAGIC
-    series = read_trace_csv(local / "grad_trace.csv")
-    assert sorted(series) == ["a", "c"] and sorted(series["a"]) == [1, 2, 3]
-    assert series["a"][3][0] == list(range(10)) and series["a"][3][1][1] == 0.5 ** 4
-    assert len(series["c"][1][0]) == 12
+    rows = outputs.read_csv(local / "grad_trace.csv", "train", outputs.TRACE_COLUMNS)
+    assert {r["epoch"] for r in rows} == {"1", "2", "3"} and {r["state"] for r in rows} == {"a", "c"}
+    last = outputs.trace_series(rows, 3)
+    assert last["a"][0].tolist() == list(range(10)) and last["a"][1][1] == 0.5 ** 4
+    assert len(outputs.trace_series(rows, 1)["c"][0]) == 12
 
     # evaluate@lstm: same run, test metrics added, status left as the train stage set it.
     evaluation = Tracker.resume(make_params(), root / "run.json", "evaluate@lstm")
@@ -270,13 +264,6 @@ def test_resume_of_a_run_missing_from_the_store_starts_a_new_run(project, capfd)
         Tracker.resume(make_params(), root / "bad.json", "evaluate@gru")
 
 
-def test_params_section_is_validated():
-    with pytest.raises(ParamsError, match="mlflow.log_every_steps"):
-        Tracker.start(make_params(log_every_steps=0), cell="rnn", stage="train@rnn")
-    with pytest.raises(ParamsError, match="mlflow.enable"):
-        Tracker.start({"mlflow": {"enable": False}}, cell="rnn", stage="train@rnn")
-
-
 # ------------------------------------------------------------------------------------------
 # (b) where runs go
 
@@ -309,31 +296,6 @@ def test_tracking_location_default_is_absolute_and_env_uri_wins(tmp_path):
         f"sqlite:///{other}/t.db?timeout=30", f"file://{other}/mlartifacts")
     assert tracking_location(tmp_path, {"MLFLOW_TRACKING_URI": "sqlite:///runs/t.db"}) == (
         f"sqlite:///{tmp_path}/runs/t.db", f"file://{tmp_path}/runs/mlartifacts")
-
-
-def test_params_hash_follows_what_the_cell_trains_with():
-    base = make_params()
-    h = params_hash(base, "lstm")
-    assert len(h) == 64 and h != params_hash(base, "gru")
-    same = copy.deepcopy(base)
-    same["train"]["cells"] = ["lstm"]
-    same["train"]["overrides"]["gru"]["lr"] = 1.0
-    same["mlflow"]["log_every_steps"] = 7
-    same["train"]["lr"] = 1.0                    # lstm overrides it
-    assert params_hash(same, "lstm") == h
-    for change in (("train", "overrides", "lstm", "lr"), ("train", "clip", "mode"), ("prepare", "max_len"), ("data", "limit")):
-        other = copy.deepcopy(base)
-        node = other
-        for key in change[:-1]:
-            node = node[key]
-        node[change[-1]] = 3
-        assert params_hash(other, "lstm") != h, change
-
-
-def test_trace_csv_round_trip_keeps_gaps(tmp_path):
-    path = write_trace_csv([(1, {"a": [1.0, None, 0.25]}), (2, {})], tmp_path / "t.csv")
-    assert path.read_text().splitlines() == ["epoch,distance,a", "1,0,1.0", "1,2,0.25"]
-    assert read_trace_csv(path) == {"a": {1: ([0, 2], [1.0, 0.25])}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -470,7 +432,8 @@ cell, barrier = sys.argv[1], Path(sys.argv[2])
 (barrier / cell).touch()
 while len(list(barrier.iterdir())) < 2:
     time.sleep(0.01)
-t = Tracker.start({{"train": {{"lr": 0.1}}}}, cell, "train@" + cell)
+from stages import settings
+t = Tracker.start(settings.validate({{"train": {{"lr": 0.1}}}}), cell, "train@" + cell)
 t.log_metrics({{"val_accuracy": 0.5}}, step=1)
 t.end()
 print(t.run_id, sum(t.lost.values()))
@@ -510,13 +473,15 @@ def test_disabled_tracking_creates_no_store_and_imports_no_mlflow(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
+        import json
+        from stages import settings
         from stages.tracking import NullTracker, Tracker
-        params = {{"mlflow": {{"enabled": False}}, "train": {{"lr": 0.1}}}}
+        params = settings.validate({{"mlflow": {{"enabled": False}}, "train": {{"lr": 0.1}}}})
         t = Tracker.start(params, "lstm", "train@lstm")
         assert type(t) is NullTracker and t.run_id is None
         t.log_params({{"a": 1}}); t.log_metrics({{"m": 1.0}}, step=1)
         t.on_step({{}}); t.on_epoch({{}}); t.log_artifact("x"); t.log_artifacts("x")
-        t.log_figure_trace("x"); t.write_run_file("run.json"); t.end()
+        open("run.json", "w").write(json.dumps(t.run_record())); t.end()
         assert type(Tracker.resume(params, "run.json", "evaluate@lstm")) is NullTracker
         print("mlflow" in sys.modules)
     """)

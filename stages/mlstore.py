@@ -1,0 +1,157 @@
+"""Where MLflow runs go, and the connection to that store.
+
+`MLFLOW_TRACKING_URI` when set (a server such as `http://host:5000`, or any store URI), else a SQLite
+file `mlflow.db` with artifacts in `mlartifacts/` in the project root, also for queued experiments,
+whose working copies DVC deletes afterwards. `connect` fails fast, in one line, when the store cannot
+be used; what a run logs is in stages/tracking.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+PROBE_TIMEOUT_S = 5.0
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+LOCK_FILE = ".mlflow.lock"
+QUEUED_EXP_DIR = "/.dvc/tmp/exps/"
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking store cannot be reached or used when a run should start."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where runs go
+
+
+def resolve_root(environ: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> Path:
+    """The absolute project root runs are stored under.
+
+    `DVC_ROOT` when set, else the nearest directory upward from `cwd` holding params.yaml.
+
+    Queued (`dvc exp run --queue` + `dvc queue start`) and `--temp` experiments run in a
+    throw-away copy `<repo>/.dvc/tmp/exps/[standalone/]tmpXXXX` that is deleted afterwards.
+    Checked with DVC 3.67 (a stage printing its environment): there DVC_ROOT is the real repo
+    root (dvc/repo/experiments/queue/base.py overrides it on purpose) while the stage's cwd is
+    the copy; DVC_EXP_NAME and DVC_EXP_BASELINE_REV are set for `dvc exp run` in all modes,
+    plain `dvc repro` sets only DVC_ROOT and DVC_STAGE. Older DVC set DVC_ROOT to the copy, so a
+    root inside `.dvc/tmp/exps/` is still mapped back to the repo, or runs would vanish with it.
+    """
+    environ = os.environ if environ is None else environ
+    cwd = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    dvc_root = environ.get("DVC_ROOT")
+    if dvc_root:
+        root = (cwd / dvc_root).resolve()          # an absolute DVC_ROOT replaces cwd
+        text = root.as_posix()
+        if QUEUED_EXP_DIR in text + "/":
+            root = Path(text[: (text + "/").index(QUEUED_EXP_DIR)] or "/")
+        return root
+    for d in (cwd, *cwd.parents):
+        if (d / "params.yaml").is_file():
+            return d
+    raise FileNotFoundError(f"params.yaml not found in {cwd} or any parent directory")
+
+
+def tracking_location(root: Path, environ: Mapping[str, str] | None = None) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment or None for the store's default).
+
+    `MLFLOW_TRACKING_URI` wins; otherwise a SQLite file in the root. SQLite paths are made absolute
+    (a relative one is taken from the root) and artifacts go beside the database: both would
+    otherwise follow the cwd, which in a queued experiment is a copy deleted after the run.
+    """
+    environ = os.environ if environ is None else environ
+    uri = environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        uri = f"sqlite:///{DEFAULT_DB}"
+    if not uri.startswith("sqlite:///"):
+        return uri, None
+    path, query = uri[len("sqlite:///"):].partition("?")[::2]
+    db = root / path if not path.startswith("/") else Path(path)
+    return f"sqlite:///{db.as_posix()}" + (f"?{query}" if query else ""), (db.parent / DEFAULT_ARTIFACTS).as_uri()
+
+
+def _probe_http(uri: str) -> None:
+    """Fail fast when nothing answers at an http(s) tracking URI (any HTTP status is an answer)."""
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=probe"
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({one_line(reason)}); start it, "
+            "fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml") from None
+
+
+@contextlib.contextmanager
+def _store_lock(root: Path) -> Iterator[None]:
+    """Exclusive lock across processes: creating a fresh SQLite store (its schema migrations)
+    and the experiment concurrently fails, e.g. for train@rnn and train@gru in parallel."""
+    with open(root / LOCK_FILE, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def connect(experiment: str) -> tuple[Any, str, str]:
+    """(MlflowClient, tracking URI, experiment id), creating the store and experiment if needed."""
+    root = resolve_root()
+    uri, artifact_location = tracking_location(root)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):].partition("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith(("http://", "https://")):
+        _probe_http(uri)
+        # Once a run is going, a dead server must not stall training for minutes per request
+        # (MLflow's default is 7 retries with exponential backoff); the user's setting wins.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from mlflow import MlflowClient
+
+    try:
+        with _store_lock(root):
+            client = MlflowClient(tracking_uri=uri)   # a SQLite store is created/migrated here
+            experiment_id = _get_or_create_experiment(client, experiment, artifact_location)
+    except TrackingUnavailable:
+        raise
+    except Exception as exc:
+        raise TrackingUnavailable(f"MLflow store {uri}: {one_line(exc)}") from None
+    return client, uri, experiment_id
+
+
+def _get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(5):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise TrackingUnavailable(
+                    f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
+                    f"--experiment-id {experiment.experiment_id}) or set another mlflow.experiment")
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as exc:
+            # Another process (on another machine, for a server) created it in between.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            time.sleep(0.2)
+    raise TrackingUnavailable(f"MLflow experiment {name!r}: could not be created or found")
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

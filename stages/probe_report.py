@@ -1,0 +1,35 @@
+"""Stage `probe_report`: the memory probe's results of every cell on one chart.
+
+    python -m stages.probe_report           # reports/probe_accuracy.png, reports/probe_gradients.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stages import outputs, settings
+from stages.common import Outputs, project_root, run_stage
+from stages.plots import probe_accuracy_figure, probe_gradients_figure
+
+
+def report(cells: list[str], root: Path) -> None:
+    """reports/probe_accuracy.png and reports/probe_gradients.png: every cell on one chart."""
+    def table(name: str) -> dict[str, np.ndarray]:
+        rows = outputs.read_csv(root / f"probe/{name}.csv", f"probe@{name.split('_')[0]}")
+        return {key: np.array([float(r[key]) for r in rows]) for key in (rows[0] if rows else {})}
+
+    curves = {cell: (t["distance"], t["accuracy"]) for cell, t in ((c, table(c)) for c in cells)}
+    with Outputs(root) as out:
+        out.save_figure("reports/probe_accuracy.png", probe_accuracy_figure(curves))
+        out.save_figure("reports/probe_gradients.png", probe_gradients_figure({c: table(f"{c}_trace") for c in cells}))
+
+
+def main() -> None:
+    root = project_root()
+    report(settings.load(root / "params.yaml")["probe"]["cells"], root)
+
+
+if __name__ == "__main__":
+    run_stage(main)
