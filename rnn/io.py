@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .lm import LanguageModel
 from .model import ModelConfig, SentimentModel, parameter_shapes
 
 WEIGHTS, CONFIG, ENCODER = "weights.npz", "config.json", "encoder.json"
@@ -56,7 +57,7 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: not a readable .npz file ({e})") from None
 
 
-def save_model(folder: str | Path, model: SentimentModel, encoder: dict | None = None,
+def save_model(folder: str | Path, model: SentimentModel | LanguageModel, encoder: dict | None = None,
                metadata: dict | None = None) -> None:
     """Write the model folder; each file appears whole or not at all."""
     folder = Path(folder)
@@ -66,7 +67,7 @@ def save_model(folder: str | Path, model: SentimentModel, encoder: dict | None =
         write_json(folder / ENCODER, encoder)
 
 
-def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
+def read_model(folder: str | Path) -> tuple[SentimentModel | LanguageModel, dict | None, dict]:
     """Read a model folder. Returns (model, encoder dict or None, metadata).
 
     A missing file, an unknown cell, missing arrays or wrong shapes raise InputError naming them."""
@@ -97,4 +98,5 @@ def read_model(folder: str | Path) -> tuple[SentimentModel, dict | None, dict]:
             encoder = json.loads((folder / ENCODER).read_text())
         except ValueError as e:
             raise InputError(f"{folder / ENCODER}: not valid JSON ({e})") from None
-    return SentimentModel(config, params), encoder, meta.get("metadata", {})
+    model_class = LanguageModel if config.task == "language_model" else SentimentModel
+    return model_class(config, params), encoder, meta.get("metadata", {})

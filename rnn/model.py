@@ -1,4 +1,9 @@
-"""The many-to-one sentiment model: embedding -> recurrent layers -> pooling -> dropout -> dense -> logit.
+"""The models: a shared encoder (embedding -> recurrent layers) under one of two heads.
+
+    SentimentModel   many-to-one: encoder -> pooling -> dropout -> dense -> one logit (the article's
+                     sentiment classifier)
+    LanguageModel    many-to-many (rnn/lm.py): encoder -> dropout -> output layer at every step,
+                     predicting the next token; pretrains the encoder for the classifier
 
 Parameters live in one flat dict of named arrays, so optimizers, clipping, checkpoints and the
 PyTorch converter are each one loop over it:
@@ -9,8 +14,12 @@ PyTorch converter are each one loop over it:
     rnn.l{k}.b                  (G*H,)
     rnn.l{k}.b_hn               (H,)             GRU with reset_after only
     rnn.l{k}_reverse.*                           the reverse direction, if bidirectional
-    fc.W                        (F, 1)           F = H, or 2H if bidirectional
+    fc.W                        (F, 1)           classifier: F = H (2H if bidirectional, 3x for concat)
     fc.b                        (1,)
+    lm.W                        (V, H)           language model: the output layer
+    lm.b                        (V,)
+
+The encoder's names are the same in both, so a language model's encoder loads into a classifier.
 """
 from __future__ import annotations
 
@@ -24,7 +33,8 @@ from .layers import (SparseRows, dense_backward, dense_forward, embedding_backwa
 from .losses import bce_with_logits, sigmoid
 from .recurrent import sequence_backward, sequence_forward
 
-POOLINGS = ("last", "mean", "max")
+POOLINGS = ("last", "mean", "max", "concat")       # concat: [last, mean, max] side by side
+TASKS = ("sentiment", "language_model")
 
 
 @dataclass
@@ -38,10 +48,14 @@ class ModelConfig:
     bidirectional: bool = False
     dropout: float = 0.0              # between layers and before the dense layer; the library's own
                                       # default is none, the pipeline's 0.5 (params.yaml) was measured
-    pooling: str = "last"             # last | mean | max
+    pooling: str = "last"             # last | mean | max | concat (sentiment only)
     reset_after: bool = False         # GRU only: False = the article's form, True = PyTorch's
     forget_bias: float = 1.0          # LSTM only: initial forget-gate bias
     freeze_embedding: bool = False
+    embed_dropout: float = 0.0        # dropout on the embedded input: one mask per sequence, the
+                                      # same at every step (a dropped feature stays dropped)
+    task: str = "sentiment"           # sentiment | language_model: which head (and model class)
+    num_sampled: int = 1024           # language model: candidates drawn per step for the sampled softmax
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -53,8 +67,15 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        for name in ("dropout", "embed_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
+        if self.task == "language_model" and self.bidirectional:
+            raise ValueError("a language model reads left to right: bidirectional must be false")
+        if int(self.num_sampled) < 1:
+            raise ValueError(f"num_sampled must be >= 1, got {self.num_sampled}")
 
     @property
     def kind(self) -> str:
@@ -92,8 +113,17 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple]:
         shapes.update({f"{name}.W_x": (D, G * H), f"{name}.W_h": (H, G * H), f"{name}.b": (G * H,)})
         if config.kind == "gru_after":
             shapes[f"{name}.b_hn"] = (H,)
-    shapes.update({"fc.W": (H * config.directions, 1), "fc.b": (1,)})
+    if config.task == "language_model":
+        shapes.update({"lm.W": (config.vocab_size, H), "lm.b": (config.vocab_size,)})
+    else:
+        width = H * config.directions * (3 if config.pooling == "concat" else 1)
+        shapes.update({"fc.W": (width, 1), "fc.b": (1,)})
     return shapes
+
+
+def encoder_names(config: ModelConfig) -> list[str]:
+    """The parameters a language model hands to a classifier: the embedding and recurrent layers."""
+    return [name for name in parameter_shapes(config) if not name.startswith(("fc.", "lm."))]
 
 
 def init_params(config: ModelConfig, rng: np.random.Generator,
@@ -114,9 +144,10 @@ def init_params(config: ModelConfig, rng: np.random.Generator,
             w[0] = 0
         elif name.endswith(".W_h"):
             w = np.concatenate([_orthogonal(H, rng) for _ in range(shape[1] // H)], axis=1)
-        elif name.endswith((".W_x", "fc.W")):
-            fan_out = H if name.endswith("W_x") else shape[1]     # W_x: per gate block
-            limit = np.sqrt(6.0 / (shape[0] + fan_out))
+        elif name.endswith((".W_x", "fc.W", "lm.W")):
+            fan_in, fan_out = ((shape[1], shape[0]) if name == "lm.W" else   # lm.W is (V, H): rows are words
+                               (shape[0], H if name.endswith("W_x") else shape[1]))   # W_x: per gate block
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
             w = rng.uniform(-limit, limit, shape)
         else:
             w = np.zeros(shape)
@@ -170,42 +201,16 @@ class SentimentModel:
         Returns logits (B,) and the cache for `backward` (without `keep_cache`, nothing a backward
         pass would need is kept)."""
         cfg, p = self.config, self.params
-        lengths = np.asarray(lengths)
-        if lengths.size and lengths.min() < 1:
-            raise ValueError("every sequence needs at least one token (encode empty text as UNK)")
-        order = np.argsort(-lengths, kind="stable")     # longest first: the loop's active prefix
-        rngs = None
-        if dropout_seed is not None and cfg.dropout > 0:
-            positions = np.arange(len(lengths)) if positions is None else np.asarray(positions)
-            rngs = row_generators(dropout_seed, positions[order])    # keyed on the unsorted place
-        lengths = lengths[order]
-        T = int(lengths[0]) if lengths.size else 0
-        ids = ids[order, :T]
-        ids = np.where(np.arange(T) < lengths[:, None], ids, 0)  # whatever padding held: PAD
-        X = embedding_forward(p["embedding.weight"], ids.T)          # (T, B, E)
-        dtype = X.dtype
-        layers, masks = [], []
-        for k in range(cfg.num_layers):
-            outs, finals = [], []
-            for d, name in enumerate(layer_names(cfg)[k * cfg.directions:(k + 1) * cfg.directions]):
-                sub = {key.rsplit(".", 1)[1]: v for key, v in p.items() if key.startswith(name + ".")}
-                out, final, cache = sequence_forward(X, lengths, sub, cfg.kind, reverse=d == 1,
-                                                     keep_cache=keep_cache)
-                outs.append(out)
-                finals.append(final[0])
-                layers.append(cache)
-            X = np.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
-            if k < cfg.num_layers - 1 and rngs is not None:
-                masks.append(row_dropout_mask(X.shape, cfg.dropout, rngs, dtype, lengths))
-                X = X * masks[-1]
+        order, ids, lengths, rngs = sort_batch(cfg, ids, lengths, dropout_seed, positions)
+        X, finals, enc = encode(cfg, p, ids, lengths, rngs, keep_cache)
         pooled, pool_cache = _pool(cfg.pooling, X, finals, lengths)
-        fc_mask = row_dropout_mask(pooled.shape, cfg.dropout, rngs, dtype) if rngs is not None else None
+        fc_mask = row_dropout_mask(pooled.shape, cfg.dropout, rngs, X.dtype) if rngs is not None else None
         fc_in = pooled * fc_mask if fc_mask is not None else pooled
         logits_sorted = dense_forward(fc_in, p["fc.W"], p["fc.b"])[:, 0]
         logits = np.empty_like(logits_sorted)
         logits[order] = logits_sorted
-        cache = dict(order=order, lengths=lengths, ids=ids, layers=layers, masks=masks,
-                     pool=pool_cache, fc_mask=fc_mask, fc_in=fc_in, T=T, out_shape=X.shape)
+        cache = dict(order=order, encoder=enc, pool=pool_cache, fc_mask=fc_mask, fc_in=fc_in,
+                     out_shape=X.shape)
         return logits, cache
 
     # ---------------------------------------------------------------------------- backward
@@ -218,29 +223,11 @@ class SentimentModel:
         cfg, p, c = self.config, self.params, cache
         d_sorted = dlogits[c["order"]].astype(p["fc.W"].dtype)[:, None]
         d_fc_in, dW, db = dense_backward(d_sorted, c["fc_in"], p["fc.W"])
-        grads = {"fc.W": dW, "fc.b": db}
         d_pooled = d_fc_in * c["fc_mask"] if c["fc_mask"] is not None else d_fc_in
         d_out, d_finals = _pool_backward(cfg.pooling, d_pooled, c["pool"], c["out_shape"],
-                                         c["lengths"], cfg.directions)
-        names, traces = layer_names(cfg), None
-        for k in range(cfg.num_layers - 1, -1, -1):
-            if k < cfg.num_layers - 1 and c["masks"] and c["masks"][k] is not None:
-                d_out = d_out * c["masks"][k]
-            H = cfg.hidden_size
-            d_in = None
-            for d in range(cfg.directions):
-                idx = k * cfg.directions + d
-                d_o = None if d_out is None else d_out[..., d * H:(d + 1) * H]
-                d_f = (d_finals[d], None) if d_finals is not None else None
-                need_dX = k > 0 or not cfg.freeze_embedding
-                dX, g, _, tr = sequence_backward(d_o, d_f, c["layers"][idx], trace and idx == 0, need_dX)
-                grads.update({f"{names[idx]}.{key}": v for key, v in g.items()})
-                traces = tr if idx == 0 else traces
-                d_in = dX if d_in is None else d_in + dX
-            d_out, d_finals = d_in, None
-        if not cfg.freeze_embedding:
-            grads["embedding.weight"] = embedding_backward(d_out, c["ids"].T, p["embedding.weight"].shape)
-        return grads, traces
+                                         c["encoder"]["lengths"], cfg.directions)
+        grads, traces = encode_backward(cfg, p, d_out, d_finals, c["encoder"], trace)
+        return {"fc.W": dW, "fc.b": db, **grads}, traces
 
     # ------------------------------------------------------------------------- conveniences
     def loss(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
@@ -296,12 +283,101 @@ class SentimentModel:
         return sigmoid(self.predict_logits(ids, lengths, batch_size, workers))
 
 
+# ------------------------------------------------------------------------------------ encoder
+def sort_batch(config: ModelConfig, ids: np.ndarray, lengths: np.ndarray, dropout_seed: int | None,
+               positions: np.ndarray | None) -> tuple:
+    """The batch sorted longest first, as the recurrent loop needs it (its active prefix).
+
+    ids: (B, T); lengths: (B,). Returns (order (B,), ids (B, T') with T' the longest length and
+    padding set to PAD whatever it held, lengths (B,) sorted, and one dropout Generator per row,
+    keyed on (dropout_seed, the row's unsorted position), or None without a seed or dropout)."""
+    lengths = np.asarray(lengths)
+    if lengths.size and lengths.min() < 1:
+        raise ValueError("every sequence needs at least one token (encode empty text as UNK)")
+    order = np.argsort(-lengths, kind="stable")
+    rngs = None
+    if dropout_seed is not None and (config.dropout > 0 or config.embed_dropout > 0):
+        positions = np.arange(len(lengths)) if positions is None else np.asarray(positions)
+        rngs = row_generators(dropout_seed, positions[order])
+    lengths = lengths[order]
+    T = int(lengths[0]) if lengths.size else 0
+    ids = ids[order, :T]
+    ids = np.where(np.arange(T) < lengths[:, None], ids, 0)
+    return order, ids, lengths, rngs
+
+
+def encode(config: ModelConfig, params: dict, ids: np.ndarray, lengths: np.ndarray,
+           rngs: list | None = None, keep_cache: bool = True) -> tuple[np.ndarray, list, dict]:
+    """Embedding -> recurrent layers, over a batch from `sort_batch`.
+
+    ids: (B, T); lengths: (B,) longest first; rngs: per-row dropout generators (training) or None.
+    Returns the top layer's outputs (T, B, F) (F = H, or 2H bidirectional), its final states
+    [per direction] (B, H), and the cache for `encode_backward`."""
+    cfg, p = config, params
+    X = embedding_forward(p["embedding.weight"], ids.T)          # (T, B, E)
+    dtype = X.dtype
+    embed_mask = None
+    if rngs is not None and cfg.embed_dropout > 0:
+        embed_mask = row_dropout_mask((len(lengths), X.shape[2]), cfg.embed_dropout, rngs, dtype)
+        X = X * embed_mask[None]
+    layers, masks = [], []
+    for k in range(cfg.num_layers):
+        outs, finals = [], []
+        for d, name in enumerate(layer_names(cfg)[k * cfg.directions:(k + 1) * cfg.directions]):
+            sub = {key.rsplit(".", 1)[1]: v for key, v in p.items() if key.startswith(name + ".")}
+            out, final, cache = sequence_forward(X, lengths, sub, cfg.kind, reverse=d == 1,
+                                                 keep_cache=keep_cache)
+            outs.append(out)
+            finals.append(final[0])
+            layers.append(cache)
+        X = np.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
+        if k < cfg.num_layers - 1 and rngs is not None and cfg.dropout > 0:
+            masks.append(row_dropout_mask(X.shape, cfg.dropout, rngs, dtype, lengths))
+            X = X * masks[-1]
+    return X, finals, dict(ids=ids, lengths=lengths, layers=layers, masks=masks, embed_mask=embed_mask)
+
+
+def encode_backward(config: ModelConfig, params: dict, d_out: np.ndarray | None, d_finals: list | None,
+                    cache: dict, trace: bool = False) -> tuple[dict, dict | None]:
+    """Backward of `encode`: d_out (T, B, F) gradient of the top outputs, or None; d_finals: of the
+    top final states [per direction] (B, H), or None. Returns the gradients of the embedding (as
+    SparseRows, unless frozen) and recurrent parameters, and the bottom layer's trace (see
+    rnn.recurrent.align_trace) when `trace` is set."""
+    cfg, c = config, cache
+    names, traces, grads = layer_names(cfg), None, {}
+    H = cfg.hidden_size
+    for k in range(cfg.num_layers - 1, -1, -1):
+        if k < cfg.num_layers - 1 and c["masks"]:
+            d_out = d_out * c["masks"][k]
+        d_in = None
+        for d in range(cfg.directions):
+            idx = k * cfg.directions + d
+            d_o = None if d_out is None else d_out[..., d * H:(d + 1) * H]
+            d_f = (d_finals[d], None) if d_finals is not None else None
+            need_dX = k > 0 or not cfg.freeze_embedding
+            dX, g, _, tr = sequence_backward(d_o, d_f, c["layers"][idx], trace and idx == 0, need_dX)
+            grads.update({f"{names[idx]}.{key}": v for key, v in g.items()})
+            traces = tr if idx == 0 else traces
+            d_in = dX if d_in is None else d_in + dX
+        d_out, d_finals = d_in, None
+    if not cfg.freeze_embedding:
+        if c["embed_mask"] is not None:
+            d_out = d_out * c["embed_mask"][None]
+        grads["embedding.weight"] = embedding_backward(d_out, c["ids"].T, params["embedding.weight"].shape)
+    return grads, traces
+
+
+# ------------------------------------------------------------------------------------ pooling
 def _pool(mode: str, X: np.ndarray, finals: list, lengths: np.ndarray):
-    """Classifier input (B, F) from the top layer's outputs X (T, B, F) or its final states."""
+    """Classifier input (B, F) ((B, 3F) for concat) from the top layer's outputs X (T, B, F) or
+    its final states."""
     if mode == "last":
         return (np.concatenate(finals, axis=-1) if len(finals) > 1 else finals[0]), None
     if mode == "mean":
         return X.sum(0) / lengths[:, None].astype(X.dtype), None
+    if mode == "concat":
+        parts = [_pool(m, X, finals, lengths) for m in ("last", "mean", "max")]
+        return np.concatenate([v for v, _ in parts], axis=-1), parts[2][1]
     padded = np.arange(X.shape[0])[:, None] >= lengths[None, :]          # (T, B)
     masked = np.where(padded[:, :, None], -np.inf, X)
     arg = masked.argmax(0)                                               # (B, F)
@@ -313,6 +389,11 @@ def _pool_backward(mode, d_pooled, pool_cache, out_shape, lengths, directions):
     if mode == "last":
         return None, np.split(d_pooled, directions, axis=-1)
     T, B, F = out_shape
+    if mode == "concat":
+        d_last, d_mean, d_max = np.split(d_pooled, 3, axis=-1)
+        d_out = _pool_backward("mean", d_mean, None, out_shape, lengths, directions)[0]
+        d_out = d_out + _pool_backward("max", d_max, pool_cache, out_shape, lengths, directions)[0]
+        return d_out, _pool_backward("last", d_last, None, out_shape, lengths, directions)[1]
     if mode == "mean":
         valid = (np.arange(T)[:, None] < lengths[None, :])[:, :, None]
         return valid * (d_pooled / lengths[:, None].astype(d_pooled.dtype)), None

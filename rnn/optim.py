@@ -55,14 +55,18 @@ def clip_gradients(grads: dict, mode: str, threshold: float, norm: float | None 
 
 class Optimizer:
     """Base class: `step(params, grads)` updates params in place; `state_dict` holds everything
-    needed to resume exactly (the step counter and the per-parameter moments)."""
+    needed to resume exactly (the step counter and the per-parameter moments).
+
+    `lr_scale` multiplies the learning rate of the parameters it names ({name: factor}; 1 for the
+    others): fine-tuning a pretrained encoder more gently than a new head."""
 
     moments: tuple[str, ...] = ()           # names of the per-parameter state arrays
 
-    def __init__(self, lr: float, weight_decay: float = 0.0):
+    def __init__(self, lr: float, weight_decay: float = 0.0, lr_scale: dict[str, float] | None = None):
         if not lr > 0:
             raise ValueError(f"learning rate must be > 0, got {lr}")
         self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.lr_scale = dict(lr_scale or {})
         self.t = 0
         self.state: dict[str, dict[str, np.ndarray]] = {}
 
@@ -73,17 +77,18 @@ class Optimizer:
             st = self.state.get(name)
             if st is None:
                 st = self.state[name] = {k: np.zeros_like(p) for k in self.moments}
+            lr = self.lr * self.lr_scale.get(name, 1.0)
             if isinstance(g, SparseRows):
                 rows = g.rows
                 p_rows, sub = p[rows], {k: v[rows] for k, v in st.items()}
-                self._update(p_rows, g.values, sub)
+                self._update(p_rows, g.values, sub, lr)
                 p[rows] = p_rows
                 for k, v in sub.items():
                     st[k][rows] = v
             else:
-                self._update(p, g, st)
+                self._update(p, g, st, lr)
 
-    def _update(self, p, g, st):
+    def _update(self, p, g, st, lr):
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -101,12 +106,13 @@ class Optimizer:
 class SGD(Optimizer):
     """p -= lr * (g + wd * p), with heavy-ball momentum: buf = momentum * buf + g."""
 
-    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
+    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 lr_scale: dict[str, float] | None = None):
+        super().__init__(lr, weight_decay, lr_scale)
         self.momentum = float(momentum)
         self.moments = ("momentum",) if self.momentum else ()
 
-    def _update(self, p, g, st):
+    def _update(self, p, g, st, lr):
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
@@ -114,7 +120,7 @@ class SGD(Optimizer):
             buf *= self.momentum
             buf += g
             g = buf
-        p -= self.lr * g
+        p -= lr * g
 
 
 class Adam(Optimizer):
@@ -123,12 +129,12 @@ class Adam(Optimizer):
     moments = ("m", "v")
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
+                 weight_decay: float = 0.0, lr_scale: dict[str, float] | None = None):
+        super().__init__(lr, weight_decay, lr_scale)
         self.b1, self.b2 = map(float, betas)
         self.eps = float(eps)
 
-    def _update(self, p, g, st):
+    def _update(self, p, g, st, lr):
         if self.weight_decay and not self.decoupled:
             g = g + self.weight_decay * p
         m, v = st["m"], st["v"]
@@ -144,9 +150,9 @@ class Adam(Optimizer):
         np.sqrt(v, out=scratch)
         scratch += self.eps * np.sqrt(c2)
         np.divide(m, scratch, out=scratch)
-        scratch *= self.lr * np.sqrt(c2) / c1
+        scratch *= lr * np.sqrt(c2) / c1
         if self.weight_decay and self.decoupled:
-            p *= 1 - self.lr * self.weight_decay
+            p *= 1 - lr * self.weight_decay
         p -= scratch
 
 
@@ -156,12 +162,13 @@ class AdamW(Adam):
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Optimizer:
-    """An optimizer by name: sgd | adam | adamw."""
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                   lr_scale: dict[str, float] | None = None) -> Optimizer:
+    """An optimizer by name: sgd | adam | adamw (lr_scale: see Optimizer)."""
     if name == "sgd":
-        return SGD(lr, momentum, weight_decay)
+        return SGD(lr, momentum, weight_decay, lr_scale)
     if name == "adam":
-        return Adam(lr, betas, eps, weight_decay)
+        return Adam(lr, betas, eps, weight_decay, lr_scale)
     if name == "adamw":
-        return AdamW(lr, betas, eps, weight_decay)
+        return AdamW(lr, betas, eps, weight_decay, lr_scale)
     raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")

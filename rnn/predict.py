@@ -15,6 +15,7 @@ import numpy as np
 from .errors import InputError
 from .io import read_model
 from .losses import sigmoid
+from .lm import LanguageModel
 from .model import SentimentModel
 from .text import UNK, TextEncoder, tokenize, truncate
 
@@ -22,7 +23,24 @@ LABELS = ("negative", "positive")
 
 
 def load_model(path: str | Path) -> "Predictor":
-    """Load a model folder written by `rnn.io.save_model` with its text encoder."""
+    """Load a sentiment model folder written by `rnn.io.save_model`, with its text encoder."""
+    model, encoder, metadata = _read_with_encoder(path)
+    if model.config.task != "sentiment":
+        raise InputError(f"{path}: a language model, not a sentiment classifier (such as models/lstm); "
+                         "write with it: rnn generate --model " + str(path))
+    return Predictor(model, encoder, metadata)
+
+
+def load_language_model(path: str | Path) -> "Writer":
+    """Load a language model folder (models/lm/<cell>, written by the pretrain stage)."""
+    model, encoder, metadata = _read_with_encoder(path)
+    if model.config.task != "language_model":
+        raise InputError(f"{path}: a sentiment classifier, not a language model; the pretrain stage "
+                         f"writes those to models/lm/<cell>")
+    return Writer(model, encoder, metadata)
+
+
+def _read_with_encoder(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: no such model folder")
@@ -37,7 +55,23 @@ def load_model(path: str | Path) -> "Predictor":
     if len(encoder.vocab) != model.config.vocab_size:
         raise InputError(f"{path}: encoder has {len(encoder.vocab)} tokens, "
                          f"model expects {model.config.vocab_size}")
-    return Predictor(model, encoder, metadata)
+    return model, encoder, metadata
+
+
+class Writer:
+    """A language model together with the text encoder it was trained with: text in, text out."""
+
+    def __init__(self, model: LanguageModel, encoder: TextEncoder, metadata: dict | None = None):
+        self.model, self.encoder, self.metadata = model, encoder, metadata or {}
+
+    def generate(self, prompt: str, tokens: int = 60, temperature: float = 0.8, seed: int = 0) -> list[str]:
+        """The words that follow `prompt` (tokenized as in training; an empty prompt starts from
+        the most frequent word), `tokens` of them, drawn at `temperature` with a seeded generator."""
+        ids = self.encoder.vocab.encode(tokenize(prompt))
+        if len(ids) == 0:
+            ids = np.array([UNK + 1])
+        out = self.model.generate(ids, tokens, temperature, np.random.default_rng(seed))
+        return [self.encoder.vocab.tokens[i] for i in out]
 
 
 class Predictor:

@@ -69,7 +69,7 @@ def check_model_gradients(model, ids, lengths, labels, dropout_seed, samples=5, 
     expected = set(model.params) - ({"embedding.weight"} if model.config.freeze_embedding else set())
     assert set(grads) == expected
     positions, h = None, H_STEP
-    if model.config.pooling == "max":        # smaller steps keep clear of max pooling's kinks
+    if model.config.pooling in ("max", "concat"):     # smaller steps keep clear of max pooling's kinks
         positions, h = model.forward(ids, lengths, dropout_seed)[1]["pool"], H_STEP / 10
 
     def f():
@@ -103,6 +103,26 @@ def test_model_gradients_with_dropout(variant, num_layers, bidirectional, poolin
                        bidirectional=bidirectional, pooling=pooling, dropout=0.3)
     ids, lengths, labels = make_batch([2, 5, 1, 4], seed=1, pad_id="random")
     check_model_gradients(model, ids, lengths, labels, dropout_seed=123)
+
+
+@pytest.mark.parametrize("variant", CELL_VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_model_gradients_concat_pooling_and_embedding_dropout(variant, bidirectional):
+    model = make_model(*variant, seed=8, num_layers=2, bidirectional=bidirectional, pooling="concat",
+                       dropout=0.3, embed_dropout=0.4)
+    assert model.params["fc.W"].shape == (3 * H * (2 if bidirectional else 1), 1)
+    ids, lengths, labels = make_batch([2, 5, 1, 4], seed=4, pad_id="random")
+    check_model_gradients(model, ids, lengths, labels, dropout_seed=7)
+
+
+def test_embedding_dropout_drops_a_feature_for_the_whole_sequence():
+    model = make_model("gru", seed=9, embed_dropout=0.5)
+    ids, lengths, _ = make_batch([5, 3], seed=5)
+    _, cache = model.forward(ids, lengths, dropout_seed=1)
+    mask = cache["encoder"]["embed_mask"]
+    assert mask.shape == (2, E) and set(np.unique(mask)) <= {0.0, 2.0} and (mask == 0).any()
+    assert model.forward(ids, lengths)[1]["encoder"]["embed_mask"] is None       # inference: none
+    assert np.array_equal(model.forward(ids, lengths, dropout_seed=1)[0], model.forward(ids, lengths, 1)[0])
 
 
 @pytest.mark.parametrize("variant", CELL_VARIANTS, ids=VARIANT_IDS)

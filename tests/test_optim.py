@@ -277,3 +277,14 @@ def test_clip_float32_in_place():
 def test_clip_unknown_mode_raises():
     with pytest.raises(ValueError, match="unknown clip mode 'global'"):
         clip_gradients(make_grads(), "global", 1.0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_lr_scale_slows_the_named_parameters_only(name):
+    params = {"encoder": np.ones(3), "head": np.ones(3)}
+    grads = {"encoder": np.array([0.5, -1.0, 2.0]), "head": np.array([0.5, -1.0, 2.0])}
+    plain, scaled = ({k: v.copy() for k, v in params.items()} for _ in range(2))
+    make_optimizer(name, 0.1, momentum=0.0).step(plain, grads)
+    make_optimizer(name, 0.1, momentum=0.0, lr_scale={"encoder": 0.25}).step(scaled, grads)
+    np.testing.assert_allclose(scaled["head"], plain["head"])
+    np.testing.assert_allclose(1 - scaled["encoder"], 0.25 * (1 - plain["encoder"]), rtol=1e-12)

@@ -1,0 +1,170 @@
+"""The many-to-many language model: the classifier's encoder with an output layer at every step.
+
+At every position t the model has read tokens x<1..t> and predicts the next one:
+
+    a<t> = cell(a<t-1>, embedding[x<t>])            the same recurrent layers as the classifier
+    P(x<t+1> = w) = softmax(lm.W a<t> + lm.b)[w]    over the V words of the vocabulary
+
+Training uses a sampled softmax (rnn.losses.sampled_softmax_loss): each step draws K candidate words
+from a log-uniform distribution over the frequency-sorted vocabulary, which stand in for all V; the
+full softmax measures perplexity. Pretrained this way on the unlabelled reviews, the encoder starts
+the sentiment classifier (Dai & Le, 2015, "Semi-supervised Sequence Learning"), and sampling from
+it one word at a time writes text: the article's one-to-many shape.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import row_dropout_mask
+from .losses import sample_log_uniform, sample_next_token, sampled_softmax_loss, softmax_cross_entropy
+from .model import (ModelConfig, encode, encode_backward, encoder_names, init_params, layer_names,
+                    parameter_shapes, sort_batch)
+from .recurrent import sequence_forward
+from .text import PAD, UNK
+
+CANDIDATES_KEY = 2**32        # keys the step's candidate draw apart from the rows' dropout draws
+
+
+class LanguageModel:
+    """A config (task "language_model") and a flat dict of parameters; `share_loss` trains it
+    (alone or in rnn.parallel's workers), `nll` evaluates it, `generate` writes with it."""
+
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
+        if config.task != "language_model":
+            raise ValueError(f"LanguageModel needs a config with task 'language_model', got {config.task!r}")
+        expected = parameter_shapes(config)
+        missing = set(expected) - set(params)
+        if missing:
+            raise ValueError(f"missing parameters: {', '.join(sorted(missing))}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, expected {shape}")
+        self.config = config
+        self.params = {name: params[name] for name in expected}
+
+    @classmethod
+    def create(cls, config: ModelConfig, rng: np.random.Generator,
+               embeddings: np.ndarray | None = None) -> "LanguageModel":
+        return cls(config, init_params(config, rng, embeddings))
+
+    def num_parameters(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
+
+    def astype(self, dtype) -> "LanguageModel":
+        """A copy with every parameter in `dtype` (float64 for gradient checks)."""
+        config = ModelConfig.from_dict({**self.config.to_dict(), "dtype": np.dtype(dtype).name})
+        return LanguageModel(config, {k: v.astype(dtype) for k, v in self.params.items()})
+
+    # -------------------------------------------------------------------------------- training
+    @staticmethod
+    def loss_denominator(lengths: np.ndarray) -> int:
+        """The number of predictions in sequences of these lengths: every token but the first."""
+        return int(np.maximum(np.asarray(lengths) - 1, 0).sum())
+
+    def share_loss(self, batch: dict, seed: int, positions: np.ndarray, total: int,
+                   trace: bool = False) -> tuple[float, dict, dict]:
+        """Sampled-softmax loss and gradients of some rows of a training batch (rnn.parallel runs it
+        in each worker; see SentimentModel.share_loss).
+
+        batch: these rows' "ids" (n, T) and "lengths" (n,); seed: the step's seed, from which the
+        dropout masks of each row (keyed on its position in the batch) and the step's candidate
+        words (the same in every worker) come; total: the whole batch's number of predictions
+        (`loss_denominator`). Returns (loss, grads, extras) with the loss and gradients summed over
+        these rows' predictions / total, and extras = {"predictions": count, "trace": None}."""
+        cfg, p = self.config, self.params
+        inputs, in_lengths, targets = _shift(batch["ids"], batch["lengths"])
+        order, ids, lengths, rngs = sort_batch(cfg, inputs, in_lengths, seed, positions)
+        targets = targets[order, :ids.shape[1]]
+        X, _, enc = encode(cfg, p, ids, lengths, rngs)                        # (T, n, H)
+        mask = row_dropout_mask(X.shape, cfg.dropout, rngs, X.dtype, lengths) if rngs is not None else None
+        h = X * mask if mask is not None else X
+        T, n, H = X.shape
+        candidates, log_q = sample_log_uniform(cfg.vocab_size, cfg.num_sampled,
+                                               np.random.default_rng([seed, CANDIDATES_KEY]))
+        loss, count, dh, dW, db = sampled_softmax_loss(h.reshape(-1, H), p["lm.W"], p["lm.b"],
+                                                       targets.T.reshape(-1), candidates, log_q,
+                                                       denominator=max(total, 1))
+        d_out = dh.reshape(T, n, H)
+        if mask is not None:
+            d_out *= mask
+        grads, _ = encode_backward(cfg, p, d_out, None, enc)
+        return loss, {"lm.W": dW, "lm.b": db, **grads}, {"predictions": count, "trace": None}
+
+    # ------------------------------------------------------------------------------ evaluation
+    def nll(self, ids: np.ndarray, lengths: np.ndarray, chunk_size: int = 512) -> tuple[float, int]:
+        """Full-softmax negative log-likelihood of the next-token predictions in a batch: (sum, count).
+        ids: (n, T); lengths: (n,). Perplexity over many batches = exp(sum of sums / sum of counts)."""
+        cfg, p = self.config, self.params
+        inputs, in_lengths, targets = _shift(ids, lengths)
+        order, ids, lengths, _ = sort_batch(cfg, inputs, in_lengths, None, None)
+        X, _, _ = encode(cfg, p, ids, lengths, keep_cache=False)
+        targets = targets[order, :ids.shape[1]]
+        return softmax_cross_entropy(X.reshape(-1, X.shape[2]), p["lm.W"], p["lm.b"],
+                                     targets.T.reshape(-1), chunk_size=chunk_size)
+
+    def perplexity(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 64, runner=None) -> float:
+        """exp(mean negative log-likelihood per prediction) over many sequences, in batches of
+        similar length; on a runner's workers when one is given (rnn.parallel)."""
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        calls = [(ids[c][:, :int(lengths[c].max())], lengths[c])
+                 for c in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
+        results = runner.map("nll", calls) if runner is not None else [self.nll(*c) for c in calls]
+        total, count = map(sum, zip(*results))
+        return float(np.exp(total / max(count, 1)))
+
+    # ------------------------------------------------------------------------------ generation
+    def generate(self, prompt: np.ndarray, num_tokens: int, temperature: float,
+                 rng: np.random.Generator, exclude: tuple[int, ...] = (PAD, UNK)) -> np.ndarray:
+        """Continue the token ids `prompt` (L,) (L >= 1) by `num_tokens` ids, each drawn from the
+        full softmax at `temperature` (0: the most likely word), never one of `exclude`. The state
+        carries from step to step, so each new word costs one step of the network."""
+        cfg, p = self.config, self.params
+        layers = [{k.rsplit(".", 1)[1]: v for k, v in p.items() if k.startswith(name + ".")}
+                  for name in layer_names(cfg)]
+        states = [None] * len(layers)
+        tokens = np.asarray(prompt, dtype=np.int64).reshape(-1, 1)           # (L, 1): time-major
+        out = []
+        for _ in range(num_tokens):
+            X = p["embedding.weight"][tokens]                                 # (L, 1, E)
+            for k, sub in enumerate(layers):
+                X, states[k], _ = sequence_forward(X, np.array([len(tokens)]), sub, cfg.kind, states[k],
+                                                   keep_cache=False)
+            logits = X[-1, 0] @ p["lm.W"].T + p["lm.b"]
+            token = int(sample_next_token(logits, temperature, rng, exclude))
+            out.append(token)
+            tokens = np.array([[token]])
+        return np.array(out, dtype=np.int64)
+
+
+def _shift(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs and next-token targets of right-padded sequences: ids (n, T), lengths (n,) ->
+    inputs (n, T) (ids with each row's last token blanked), input lengths (n,) = max(L - 1, 1), and
+    targets (n, T) = ids shifted left by one, PAD (ignored) past each row's last prediction. A
+    one-token row keeps its token as input and predicts nothing."""
+    ids, lengths = np.asarray(ids), np.asarray(lengths)
+    n, T = ids.shape
+    real = np.arange(T)[None, :] < lengths[:, None]
+    ids = np.where(real, ids, PAD)
+    targets = np.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    in_lengths = np.maximum(lengths - 1, 1)
+    inputs = np.where(np.arange(T)[None, :] < in_lengths[:, None], ids, PAD)
+    return inputs, in_lengths, targets
+
+
+# The settings that fix the encoder's parameters: a classifier inherits a language model's encoder
+# only where they agree.
+ENCODER_SETTINGS = ("vocab_size", "cell", "reset_after", "embed_dim", "hidden_size", "num_layers")
+
+
+def load_encoder(model, lm: LanguageModel) -> None:
+    """Copy the language model's encoder (embedding and recurrent layers) into `model` (a
+    SentimentModel), in place; its head keeps its own initialisation. Raises ValueError naming the
+    first setting in which the two differ."""
+    for name in ENCODER_SETTINGS:
+        mine, theirs = getattr(model.config, name), getattr(lm.config, name)
+        if mine != theirs:
+            raise ValueError(f"the language model has {name} = {theirs!r}, the classifier {mine!r}: "
+                             "pretrain with the classifier's settings")
+    for name in encoder_names(model.config):
+        model.params[name][...] = lm.params[name]
