@@ -2,6 +2,7 @@
 
     rnn predict  --model models/lstm "A wonderful film." ...   (or --file F, or standard input)
     rnn evaluate --model models/lstm --dir aclImdb/test         (or --csv F with text,label columns)
+                 [--workers N|auto]                             (processes; default: all cores)
     rnn explain  --model models/lstm "Not a bad film at all"    [--no-color] [--html page.html]
     rnn runs     [--experiment NAME] [--tracking-uri URI]
 
@@ -18,7 +19,9 @@ import sys
 from pathlib import Path
 
 from .io import atomic_file
+from .losses import sigmoid
 from .metrics import binary_metrics
+from .parallel import resolve_workers
 from .predict import LABELS, load_model
 from .text import tokenize
 
@@ -64,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--dir", help="folder with pos/ and neg/ subfolders of .txt reviews (aclImdb layout)")
     src.add_argument("--csv", help="a .csv with 'text' and 'label' (1/0, pos/neg, positive/negative) columns")
     s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    s.add_argument("--workers", default="auto",
+                   help="worker processes scoring batches of 256 reviews: a number, or 'auto' (default) "
+                        "for every core this process may use")
 
     s = command("explain", _explain, "Show how much each word moved the prediction (leave-one-out).")
     s.add_argument("text", nargs="*", help="the review (default: standard input)")
@@ -131,10 +137,15 @@ def _shorten(text: str, width: int) -> str:
 
 # ----------------------------------------------------------------------------------- evaluate
 def _evaluate(args) -> int:
+    try:
+        workers = resolve_workers(args.workers)
+    except ValueError:
+        raise ValueError(f"--workers must be a positive integer or 'auto', got {args.workers!r}") from None
     predictor = load_model(args.model)
     source = Path(args.dir or args.csv)
     texts, labels = _read_labelled_dir(source) if args.dir else _read_labelled_csv(source)
-    m = binary_metrics(labels, predictor.predict_proba(texts))
+    ids, lengths = predictor.encoder.encode(texts)
+    m = binary_metrics(labels, sigmoid(predictor.model.predict_logits(ids, lengths, workers=workers)))
     positives = sum(labels)
     if args.json:
         print(json.dumps({"model": args.model, "data": str(source), **m}))

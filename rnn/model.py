@@ -275,13 +275,15 @@ class SentimentModel:
                        workers: int = 1) -> np.ndarray:
         """Logits (N,) for many sequences, in batches of similar length (inference, no dropout).
 
-        With workers > 1 the batches are spread over that many worker processes started for this
-        call (see rnn.parallel; to serve many calls from one set of workers use its WorkerPool)."""
+        With workers > 1 the batches are spread over up to that many worker processes (no more
+        than there are batches) started for this call; see rnn.parallel, whose WorkerPool serves
+        many calls from one set of workers."""
+        lengths = np.asarray(lengths)
+        workers = min(workers, -(-len(lengths) // batch_size))
         if workers > 1:
             from .parallel import WorkerPool
             with WorkerPool(self, workers) as pool:
                 return pool.predict_logits(ids, lengths, batch_size)
-        lengths = np.asarray(lengths)
         out = np.empty(len(lengths), dtype=np.float64)
         order = np.argsort(-lengths, kind="stable")
         for start in range(0, len(order), batch_size):

@@ -107,6 +107,21 @@ def test_evaluate_prints_a_readable_report(capsys, model, labelled):
         ["negative", str(tn), str(fp)], ["positive", str(fn), str(tp)]]
 
 
+def test_evaluate_on_two_workers_matches_one(capsys, model, tmp_path):
+    """600 reviews are three batches of 256: --workers 2 scores them on two processes."""
+    texts, labels = toy_sentences(np.random.default_rng(8), 600)
+    csv = tmp_path / "many.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    reports = []
+    for workers in ("1", "2", "auto"):
+        status, out, _ = run(capsys, "evaluate", "--model", model, "--json", "--csv", csv, "--workers", workers)
+        assert status == 0
+        reports.append(json.loads(out))
+    assert reports[0]["confusion"] == reports[1]["confusion"] == reports[2]["confusion"]
+    for key in ("accuracy", "roc_auc", "log_loss"):
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-6), key
+
+
 # ------------------------------------------------------------------------------------ explain
 def test_explain_colours_and_ranks_the_deciding_word(capsys, model):
     status, out, _ = run(capsys, "explain", "--model", model, *"the plot was awful and a film".split())
@@ -192,6 +207,8 @@ def test_runs_without_a_store_says_so(capsys, tmp_path, monkeypatch):
     (["evaluate", "--model", "{model}", "--dir", "{tmp}"], "no reviews in pos/*.txt or neg/*.txt"),
     (["evaluate", "--model", "{model}", "--csv", "{tmp}/bad.csv"], "no column 'text', 'label'"),
     (["evaluate", "--model", "{model}", "--csv", "{tmp}/badlabel.csv"], "line 3: label 'maybe'"),
+    (["evaluate", "--model", "{model}", "--dir", "{tmp}", "--workers", "0"],
+     "--workers must be a positive integer or 'auto', got '0'"),
     (["predict", "--model", "{model}", "--file", "{tmp}/ragged.csv"], "ragged.csv: not a readable CSV"),
     (["explain", "--model", "{tmp}", "great"], "no weights.npz"),
     (["explain", "--model", "{model}", "--top", "0", "great"], "--top must be >= 1"),
