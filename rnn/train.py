@@ -90,63 +90,64 @@ def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Datase
         run, best_params = _load_checkpoint(ckpt, model, optimizer, rng)
 
     base_lr = optimizer.lr           # the schedule follows from the epoch: resuming needs no state
+    runner = make_runner(model, train._asdict(), workers)    # starts the worker processes, if any
     stop = {"requested": False}
     handlers = _catch_signals(stop)
     try:
-        with make_runner(model, train._asdict(), workers) as runner:
-            while run["epoch"] < cfg.epochs and not run["stopped_early"]:
-                epoch = run["epoch"] + 1
-                optimizer.lr = base_lr * cfg.lr_decay ** (epoch - 1)
-                epoch_start_rng = rng.bit_generator.state
-                if run["partial"]:                            # resuming inside an epoch
-                    epoch_start_rng = run["partial"]["epoch_start_rng"]
-                    rng.bit_generator.state = epoch_start_rng
-                order = batches(train.lengths, cfg.batch_size, rng)
-                acc = run["partial"] or _new_epoch_sums(T, epoch_start_rng)
-                if run["partial"]:
-                    rng.bit_generator.state = acc["rng_now"]
-                    acc["trace"] = {k: [np.array(s), np.array(c)] for k, (s, c) in acc["trace"].items()}
-                run["partial"] = None
-                for position in range(run["position"], len(order)):
-                    t0 = time.perf_counter()
-                    idx = order[position]
-                    trace = cfg.trace and optimizer.t % cfg.trace_every == 0
-                    seed = int(rng.integers(2**63))      # the step's seed: its dropout masks come from it
-                    loss, grads, shares = runner.gradients(idx, seed, trace)
-                    norms = group_norms(grads)
-                    pre = float(np.sqrt(sum(v * v for v in norms.values())))
-                    if not (np.isfinite(loss) and np.isfinite(pre)):
-                        worst = max(norms, key=lambda k: norms[k] if np.isfinite(norms[k]) else np.inf)
-                        raise TrainingDiverged(
-                            f"epoch {epoch}, step {optimizer.t + 1}: loss {loss}, gradient norm {pre} "
-                            f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
-                    _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
-                    optimizer.step(model.params, grads)
-                    _accumulate(acc, loss, shares, train, idx, pre, clipped, time.perf_counter() - t0)
-                    info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
-                            "grad_norm_clipped": post, "clipped": clipped, "group_norms": norms,
-                            "batch": position + 1, "batches": len(order),
-                            "tokens": int(train.lengths[idx].sum())}
-                    _call(callbacks, "on_step", info)
-                    if stop["requested"]:
-                        run.update(position=position + 1, partial={**acc, "rng_now": rng.bit_generator.state})
-                        if ckpt is not None:
-                            _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
-                        raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {position + 1}"
-                                                  + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
-                record, trace_means = _finish_epoch(acc, epoch, optimizer.t, optimizer.lr, runner, val)
-                run["history"].append(record)
-                run["traces"].append(trace_means)
-                if record["val_accuracy"] > run["best_val_accuracy"]:
-                    run["best_val_accuracy"], run["best_epoch"] = record["val_accuracy"], epoch
-                    best_params = {k: v.copy() for k, v in model.params.items()}
-                elif cfg.patience and epoch - run["best_epoch"] >= cfg.patience:
-                    run["stopped_early"] = True
-                run.update(epoch=epoch, position=0)
-                if ckpt is not None:
-                    _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
-                _call(callbacks, "on_epoch", {**record, "trace": trace_means})
+        while run["epoch"] < cfg.epochs and not run["stopped_early"]:
+            epoch = run["epoch"] + 1
+            optimizer.lr = base_lr * cfg.lr_decay ** (epoch - 1)
+            epoch_start_rng = rng.bit_generator.state
+            if run["partial"]:                            # resuming inside an epoch
+                epoch_start_rng = run["partial"]["epoch_start_rng"]
+                rng.bit_generator.state = epoch_start_rng
+            order = batches(train.lengths, cfg.batch_size, rng)
+            acc = run["partial"] or _new_epoch_sums(T, epoch_start_rng)
+            if run["partial"]:
+                rng.bit_generator.state = acc["rng_now"]
+                acc["trace"] = {k: [np.array(s), np.array(c)] for k, (s, c) in acc["trace"].items()}
+            run["partial"] = None
+            for position in range(run["position"], len(order)):
+                t0 = time.perf_counter()
+                idx = order[position]
+                trace = cfg.trace and optimizer.t % cfg.trace_every == 0
+                seed = int(rng.integers(2**63))      # the step's seed: its dropout masks come from it
+                loss, grads, shares = runner.gradients(idx, seed, trace)
+                norms = group_norms(grads)
+                pre = float(np.sqrt(sum(v * v for v in norms.values())))
+                if not (np.isfinite(loss) and np.isfinite(pre)):
+                    worst = max(norms, key=lambda k: norms[k] if np.isfinite(norms[k]) else np.inf)
+                    raise TrainingDiverged(
+                        f"epoch {epoch}, step {optimizer.t + 1}: loss {loss}, gradient norm {pre} "
+                        f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
+                _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
+                optimizer.step(model.params, grads)
+                _accumulate(acc, loss, shares, train, idx, pre, clipped, time.perf_counter() - t0)
+                info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
+                        "grad_norm_clipped": post, "clipped": clipped, "group_norms": norms,
+                        "batch": position + 1, "batches": len(order),
+                        "tokens": int(train.lengths[idx].sum())}
+                _call(callbacks, "on_step", info)
+                if stop["requested"]:
+                    run.update(position=position + 1, partial={**acc, "rng_now": rng.bit_generator.state})
+                    if ckpt is not None:
+                        _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
+                    raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {position + 1}"
+                                              + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
+            record, trace_means = _finish_epoch(acc, epoch, optimizer.t, optimizer.lr, runner, val)
+            run["history"].append(record)
+            run["traces"].append(trace_means)
+            if record["val_accuracy"] > run["best_val_accuracy"]:
+                run["best_val_accuracy"], run["best_epoch"] = record["val_accuracy"], epoch
+                best_params = {k: v.copy() for k, v in model.params.items()}
+            elif cfg.patience and epoch - run["best_epoch"] >= cfg.patience:
+                run["stopped_early"] = True
+            run.update(epoch=epoch, position=0)
+            if ckpt is not None:
+                _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
+            _call(callbacks, "on_epoch", {**record, "trace": trace_means})
     finally:
+        runner.close()
         for sig, h in handlers.items():
             signal.signal(sig, h)
     optimizer.lr = base_lr
