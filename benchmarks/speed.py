@@ -11,10 +11,18 @@ rnn.interop) and see the same batch. This is a measurement, not a test: nothing 
     python benchmarks/speed.py                                  # 64x200x100x128, rnn/gru/lstm
     python benchmarks/speed.py --shape all --vs-torch --json    # three shapes, one JSON line each
     python benchmarks/speed.py --shape 32x100x64x64 --cells lstm --lengths random --no-flush
+    python benchmarks/speed.py --vs-torch --workers 2 --repeats 9   # data-parallel NumPy vs torch
 
-Shapes are B x T x E x H (batch, steps, embedding size, hidden size). The GRU is built with
-reset_after=True, the form torch implements. Ratios are NumPy time / torch time (above 1: NumPy is
-slower). peak_rss_mb is the whole process's peak so far, torch included when it is loaded.
+Shapes are B x T x E x H (batch, steps, embedding size, hidden size), or a comma list of them. The
+GRU is built with reset_after=True, the form torch implements. Ratios are NumPy time / torch time
+(above 1: NumPy is slower). peak_rss_mb is the whole process's peak so far, torch included when it
+is loaded (worker processes not included).
+
+With --workers N, NumPy runs the step as training does (rnn.parallel): once in this process with
+one BLAS thread (1 worker, what workers: 1 does) and once over N worker processes with one BLAS
+thread each; torch keeps --threads threads. The ratios then compare N workers with torch, and
+speed-up is the 1-worker time over the N-worker time (at most N). The default shapes are then
+64x200x100x128 and 128x200x100x128.
 """
 from __future__ import annotations
 
@@ -24,19 +32,22 @@ import re
 import sys
 
 SHAPES = {"default": ["64x200x100x128"],
-          "all": ["32x100x64x64", "64x200x100x128", "128x400x128x256"]}
+          "all": ["32x100x64x64", "64x200x100x128", "128x400x128x256"],
+          "workers": ["64x200x100x128", "128x200x100x128"]}
+QUICK = {"shape": "4x5x8x8", "repeats": 1, "warmup": 0, "vocab": 50}
 CELLS = ("rnn", "gru", "lstm")
 SETTLE_S = 0.3        # pause before each timed call when two libraries alternate
 
 
 def parse_shape(text: str) -> list[tuple[int, int, int, int]]:
-    """'default', 'all' or an explicit 'BxTxExH' -> list of (B, T, E, H)."""
-    specs = SHAPES.get(text, [text])
+    """'default', 'all', 'workers' or explicit 'BxTxExH' (comma list) -> list of (B, T, E, H)."""
+    specs = SHAPES.get(text, text.split(","))
     shapes = []
     for spec in specs:
         if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){3}", spec):
             raise argparse.ArgumentTypeError(
-                f"shape must be 'default', 'all' or BxTxExH with positive integers, got {text!r}")
+                f"shape must be 'default', 'all', 'workers' or BxTxExH with positive integers "
+                f"(comma list), got {text!r}")
         shapes.append(tuple(int(v) for v in spec.split("x")))
     return shapes
 
@@ -64,14 +75,20 @@ def non_negative(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", type=parse_shape, default=parse_shape("default"),
-                    help="'default' (64x200x100x128), 'all' (also 32x100x64x64 and 128x400x128x256) "
-                         "or an explicit BxTxExH")
+    ap.add_argument("--shape", type=parse_shape, default=None,
+                    help="'default' (64x200x100x128), 'all' (also 32x100x64x64 and 128x400x128x256), "
+                         "'workers' (64x200x100x128 and 128x200x100x128, the default with --workers) "
+                         "or explicit BxTxExH, comma-separated")
     ap.add_argument("--cells", type=parse_cells, default=list(CELLS), help="comma list, default rnn,gru,lstm")
     ap.add_argument("--repeats", type=positive, default=7, help="timed steps per measurement (median)")
     ap.add_argument("--warmup", type=non_negative, default=1, help="untimed steps before timing")
     ap.add_argument("--threads", type=positive, default=os.cpu_count() or 1,
-                    help="BLAS/OpenMP threads for NumPy and torch (default: all cores)")
+                    help="BLAS/OpenMP threads for NumPy and torch (default: all cores); with "
+                         "--workers for torch only")
+    ap.add_argument("--workers", type=positive, default=None,
+                    help="also time NumPy data-parallel over this many worker processes (rnn.parallel)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: shape 4x5x8x8, vocabulary 50, 1 repeat, no warm-up")
     ap.add_argument("--lengths", choices=("full", "random"), default="full",
                     help="full: every sequence has T tokens; random: uniform in [1, T] (torch packs)")
     ap.add_argument("--vocab", type=positive, default=20_000)
@@ -80,14 +97,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="keep denormals: our backward's flushing off, torch.set_flush_denormal(False)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.shape, args.repeats, args.warmup, args.vocab = (parse_shape(QUICK["shape"]), QUICK["repeats"],
+                                                             QUICK["warmup"], QUICK["vocab"])
+    if args.shape is None:
+        args.shape = parse_shape("workers" if args.workers else "default")
+    return args
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
     # OpenBLAS reads its thread count once, when NumPy loads it: set it before the import below.
+    # With --workers, NumPy keeps one thread per process, as training does; torch.set_num_threads
+    # gives torch its --threads.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(ARGS.threads)
+        os.environ[var] = str(1 if ARGS.workers else ARGS.threads)
 
 import json  # noqa: E402
 import resource  # noqa: E402
@@ -102,6 +127,7 @@ import rnn.recurrent  # noqa: E402
 from rnn.interop import to_torch_model_state  # noqa: E402
 from rnn.model import ModelConfig, SentimentModel  # noqa: E402
 from rnn.optim import Adam  # noqa: E402
+from rnn.parallel import make_runner  # noqa: E402
 
 
 def make_batch(B: int, T: int, vocab: int, lengths_mode: str, rng: np.random.Generator):
@@ -112,22 +138,36 @@ def make_batch(B: int, T: int, vocab: int, lengths_mode: str, rng: np.random.Gen
     return ids, lengths, rng.integers(0, 2, B).astype(np.float32)
 
 
-def numpy_side(cell: str, E: int, H: int, vocab: int, batch, rng: np.random.Generator):
-    """Our model and its (train_step, infer) closures."""
+def make_model(cell: str, E: int, H: int, vocab: int, rng: np.random.Generator) -> SentimentModel:
     config = ModelConfig(vocab_size=vocab, cell=cell, embed_dim=E, hidden_size=H,
                          reset_after=True, dtype="float32")
-    model = SentimentModel.create(config, rng)
+    return SentimentModel.create(config, rng)
+
+
+def numpy_side(model: SentimentModel, batch, workers: int | None):
+    """(train_step, infer, close) of our model: in this process (workers None or 1) or on a pool."""
     optimizer = Adam(lr=1e-3)
     ids, lengths, labels = batch
+    if workers is None:                                   # the plain model, as before rnn.parallel
+        def train_step():
+            _, grads, _, _ = model.loss(ids, lengths, labels)
+            optimizer.step(model.params, grads)
 
-    def train_step():
-        _, grads, _, _ = model.loss(ids, lengths, labels)
+        def infer():
+            model.forward(ids, lengths, keep_cache=False)     # what prediction runs
+
+        return train_step, infer, lambda: None
+    runner = make_runner(model, {"ids": ids, "lengths": lengths, "labels": labels}, workers)
+    rows = np.arange(len(lengths))
+
+    def train_step():                                     # what fit does, less norms and clipping
+        _, grads, _ = runner.gradients(rows, seed=0)
         optimizer.step(model.params, grads)
 
     def infer():
-        model.forward(ids, lengths, keep_cache=False)     # what prediction runs
+        runner.predict_logits(ids, lengths, len(lengths))
 
-    return model, train_step, infer
+    return train_step, infer, runner.close
 
 
 def torch_side(torch, model: SentimentModel, batch, packed: bool):
@@ -208,61 +248,106 @@ def bench(cell: str, shape: tuple, args, torch) -> dict:
     B, T, E, H = shape
     rng = np.random.default_rng(args.seed)
     batch = make_batch(B, T, args.vocab, args.lengths, rng)
-    model, np_train, np_infer = numpy_side(cell, E, H, args.vocab, batch, rng)
-    sides = {"numpy": (np_train, np_infer)}
-    if torch is not None:
-        sides["torch"] = torch_side(torch, model, batch, packed=args.lengths == "random")
+    model = make_model(cell, E, H, args.vocab, rng)
+    sides, closers = {}, []
+    try:
+        # each NumPy side trains its own copy (a pool serves one model); torch starts from `model`
+        for workers in (sorted({1, args.workers}) if args.workers else [None]):
+            name = "numpy_workers" if workers and workers > 1 else "numpy"
+            train_step, infer, close = numpy_side(model.astype(np.float32), batch, workers)
+            closers.append(close)
+            sides[name] = (train_step, infer)
+        if torch is not None:
+            sides["torch"] = torch_side(torch, model, batch, packed=args.lengths == "random")
+        med = time_sides(sides, args)
+    finally:
+        for close in closers:
+            close()
+    tokens = int(batch[1].sum())
+    best = "numpy_workers" if "numpy_workers" in sides else "numpy"
+
+    def get(side, what, per_token=False):
+        if side not in sides:
+            return None
+        return tokens / med[side, what] if per_token else med[side, what]
+
+    def ratio(a, b, what):
+        return med[a, what] / med[b, what] if a in sides and b in sides else None
+
+    return {
+        "cell": cell, "batch": B, "steps": T, "embed": E, "hidden": H, "vocab": args.vocab,
+        "lengths": args.lengths, "tokens": tokens, "threads": args.threads, "repeats": args.repeats,
+        "workers": args.workers,
+        "numpy_train_step_s": get("numpy", "train"),
+        "numpy_tokens_per_s": get("numpy", "train", True),
+        "numpy_infer_s": get("numpy", "infer"),
+        "numpy_infer_tokens_per_s": get("numpy", "infer", True),
+        "numpy_workers_train_step_s": get("numpy_workers", "train"),
+        "numpy_workers_tokens_per_s": get("numpy_workers", "train", True),
+        "numpy_workers_infer_s": get("numpy_workers", "infer"),
+        "numpy_workers_infer_tokens_per_s": get("numpy_workers", "infer", True),
+        "torch_train_step_s": get("torch", "train"),
+        "torch_tokens_per_s": get("torch", "train", True),
+        "torch_infer_s": get("torch", "infer"),
+        "torch_infer_tokens_per_s": get("torch", "infer", True),
+        "train_ratio": ratio(best, "torch", "train"), "infer_ratio": ratio(best, "torch", "infer"),
+        "workers_train_speedup": ratio("numpy", "numpy_workers", "train"),
+        "workers_infer_speedup": ratio("numpy", "numpy_workers", "infer"),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "flush": not args.no_flush, "numpy_flush": args.numpy_flush,
+        "numpy_version": np.__version__, "torch_version": torch.__version__ if torch is not None else None,
+    }
+
+
+def time_sides(sides: dict, args) -> dict:
+    """{(side, "train" | "infer"): median seconds}, the sides' calls alternating."""
     for train_step, infer in sides.values():
         for _ in range(args.warmup):
             train_step()
             infer()
     times = {(side, what): [] for side in sides for what in ("train", "infer")}
-    for _ in range(args.repeats):            # alternate, so both sides share any change in load
+    for _ in range(args.repeats):            # alternate, so all sides share any change in load
         for what, k in (("train", 0), ("infer", 1)):
             for side, fns in sides.items():
                 if len(sides) > 1:
                     # After a call, OpenBLAS's worker threads spin for ~2^28 cycles (~0.1 s) and
                     # OpenMP's a little: without a pause the side timed next would share its
                     # cores with the other side's idle threads (seen: torch's LSTM step 0.154 s
-                    # here against 0.100 s alone).
+                    # here against 0.100 s alone). Idle pool workers wait in a read, not a spin.
                     time.sleep(SETTLE_S)
                 times[side, what].append(timed(fns[k]))
-    med = {key: statistics.median(v) for key, v in times.items()}
-    tokens = int(batch[1].sum())
-    has_torch = "torch" in sides
-
-    def ratio(what):
-        return med["numpy", what] / med["torch", what] if has_torch else None
-
-    return {
-        "cell": cell, "batch": B, "steps": T, "embed": E, "hidden": H, "vocab": args.vocab,
-        "lengths": args.lengths, "tokens": tokens, "threads": args.threads, "repeats": args.repeats,
-        "numpy_train_step_s": med["numpy", "train"],
-        "numpy_tokens_per_s": tokens / med["numpy", "train"],
-        "numpy_infer_s": med["numpy", "infer"],
-        "numpy_infer_tokens_per_s": tokens / med["numpy", "infer"],
-        "torch_train_step_s": med["torch", "train"] if has_torch else None,
-        "torch_tokens_per_s": tokens / med["torch", "train"] if has_torch else None,
-        "torch_infer_s": med["torch", "infer"] if has_torch else None,
-        "torch_infer_tokens_per_s": tokens / med["torch", "infer"] if has_torch else None,
-        "train_ratio": ratio("train"), "infer_ratio": ratio("infer"),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "flush": not args.no_flush, "numpy_flush": args.numpy_flush,
-        "numpy_version": np.__version__, "torch_version": torch.__version__ if has_torch else None,
-    }
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def print_table_header() -> None:
+def print_table_header(args) -> None:
+    if args.workers:
+        n = f"{args.workers} wk"
+        print(f"{'':5} {'':>16} {'training step (s)':^28} {'':6} {'':>8}   "
+              f"{'inference (tokens/s)':^32} {'':6} {'':>8}")
+        print(f"{'cell':5} {'BxTxExH':>16} {'1 worker':>8} {n:>9} {'torch':>9} {'ratio':>6} {'speed-up':>8}   "
+              f"{'1 worker':>10} {n:>10} {'torch':>10} {'ratio':>6} {'speed-up':>8}")
+        return
     print(f"{'cell':5} {'BxTxExH':>16} {'train s':>9} {'torch s':>9} {'ratio':>6} "
           f"{'tok/s':>9} {'infer tok/s':>11} {'torch':>11} {'ratio':>6} {'rss MB':>8}")
 
 
 def print_table_row(r: dict) -> None:
     shape = f"{r['batch']}x{r['steps']}x{r['embed']}x{r['hidden']}"
+    if r["workers"]:
+        many = r["workers"] > 1
+        print(f"{r['cell']:5} {shape:>16} {fmt(r['numpy_train_step_s'], '8.4f')} "
+              f"{fmt(r['numpy_workers_train_step_s'] if many else r['numpy_train_step_s'], '9.4f')} "
+              f"{fmt(r['torch_train_step_s'], '9.4f'):>9} {fmt(r['train_ratio'], '6.2f'):>6} "
+              f"{fmt(r['workers_train_speedup'], '8.2f'):>8}   "
+              f"{fmt(r['numpy_infer_tokens_per_s'], '10.0f')} "
+              f"{fmt(r['numpy_workers_infer_tokens_per_s'] if many else r['numpy_infer_tokens_per_s'], '10.0f')} "
+              f"{fmt(r['torch_infer_tokens_per_s'], '10.0f'):>10} {fmt(r['infer_ratio'], '6.2f'):>6} "
+              f"{fmt(r['workers_infer_speedup'], '8.2f'):>8}", flush=True)
+        return
     print(f"{r['cell']:5} {shape:>16} {fmt(r['numpy_train_step_s'], '9.4f')} "
           f"{fmt(r['torch_train_step_s'], '9.4f'):>9} {fmt(r['train_ratio'], '6.2f'):>6} "
           f"{fmt(r['numpy_tokens_per_s'], '9.0f')} {fmt(r['numpy_infer_tokens_per_s'], '11.0f')} "
@@ -274,10 +359,12 @@ def main(args: argparse.Namespace) -> None:
     args.numpy_flush = set_numpy_flush(not args.no_flush)
     torch = load_torch(args) if args.vs_torch else None
     if not args.json:
-        print(f"threads={args.threads} lengths={args.lengths} repeats={args.repeats} "
-              f"flush={not args.no_flush} (ours: {args.numpy_flush}) float32; "
-              f"ratio = numpy time / torch time")
-        print_table_header()
+        workers = (f"workers={args.workers} (1 BLAS thread each; torch {args.threads} threads) "
+                   if args.workers else f"threads={args.threads} ")
+        print(f"{workers}lengths={args.lengths} repeats={args.repeats} "
+              f"flush={not args.no_flush} (ours: {args.numpy_flush}) float32; ratio = numpy time / torch "
+              f"time{f' with {args.workers} workers; speed-up = 1 worker / {args.workers}' if args.workers else ''}")
+        print_table_header(args)
     for shape in args.shape:
         for cell in args.cells:
             row = bench(cell, shape, args, torch)

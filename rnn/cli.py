@@ -2,7 +2,9 @@
 
     rnn predict  --model models/lstm "A wonderful film." ...   (or --file F, or standard input)
     rnn evaluate --model models/lstm --dir aclImdb/test         (or --csv F with text,label columns)
+                 [--workers N|auto]                             (processes; default: all cores)
     rnn explain  --model models/lstm "Not a bad film at all"    [--no-color] [--html page.html]
+    rnn generate --model models/lm/lstm "This movie was"        [--tokens 60] [--temperature 0.8] [--seed 0]
     rnn runs     [--experiment NAME] [--tracking-uri URI]
 
 Errors are reported in one line on stderr with exit status 2. pandas and mlflow are imported
@@ -18,8 +20,10 @@ import sys
 from pathlib import Path
 
 from .io import atomic_file
+from .losses import sigmoid
 from .metrics import binary_metrics
-from .predict import LABELS, load_model
+from .parallel import resolve_workers
+from .predict import LABELS, load_language_model, load_model
 from .text import tokenize
 
 LABEL_VALUES = {"1": 1, "1.0": 1, "pos": 1, "positive": 1, "0": 0, "0.0": 0, "neg": 0, "negative": 0}
@@ -64,12 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--dir", help="folder with pos/ and neg/ subfolders of .txt reviews (aclImdb layout)")
     src.add_argument("--csv", help="a .csv with 'text' and 'label' (1/0, pos/neg, positive/negative) columns")
     s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    s.add_argument("--workers", default="auto",
+                   help="worker processes scoring batches of 256 reviews: a number, or 'auto' (default) "
+                        "for every core this process may use")
 
     s = command("explain", _explain, "Show how much each word moved the prediction (leave-one-out).")
     s.add_argument("text", nargs="*", help="the review (default: standard input)")
     s.add_argument("--top", type=int, default=10, help="how many of the strongest words to list")
     s.add_argument("--no-color", action="store_true", help="plain text with scores instead of colours")
     s.add_argument("--html", help="also write a self-contained HTML page highlighting the words")
+
+    s = command("generate", _generate, "Write text with a language model (the pretrain stage's models/lm/<cell>).")
+    s.add_argument("prompt", nargs="*", help="the words to continue (default: standard input; may be empty)")
+    s.add_argument("--tokens", type=int, default=60, help="how many words to write (default 60)")
+    s.add_argument("--temperature", type=float, default=0.8,
+                   help="divides the logits before sampling: lower is safer, 0 always takes the likeliest word")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling: the same seed writes the same text")
+    s.add_argument("--json", action="store_true", help="print {prompt, text, tokens, temperature, seed}")
 
     s = command("runs", _runs, "List the MLflow runs of an experiment.")
     s.add_argument("--experiment", help="default: params.yaml mlflow.experiment, else " + DEFAULT_EXPERIMENT)
@@ -131,10 +146,15 @@ def _shorten(text: str, width: int) -> str:
 
 # ----------------------------------------------------------------------------------- evaluate
 def _evaluate(args) -> int:
+    try:
+        workers = resolve_workers(args.workers)
+    except ValueError:
+        raise ValueError(f"--workers must be a positive integer or 'auto', got {args.workers!r}") from None
     predictor = load_model(args.model)
     source = Path(args.dir or args.csv)
     texts, labels = _read_labelled_dir(source) if args.dir else _read_labelled_csv(source)
-    m = binary_metrics(labels, predictor.predict_proba(texts))
+    ids, lengths = predictor.encoder.encode(texts)
+    m = binary_metrics(labels, sigmoid(predictor.model.predict_logits(ids, lengths, workers=workers)))
     positives = sum(labels)
     if args.json:
         print(json.dumps({"model": args.model, "data": str(source), **m}))
@@ -229,6 +249,26 @@ span{{padding:.1em .15em;border-radius:.2em}} small{{color:#666}}</style></head>
 the logit when the word is left out; hover for the value). Model: {html.escape(model)}</small></p>
 </body></html>
 """
+
+
+# ----------------------------------------------------------------------------------- generate
+def _generate(args) -> int:
+    if args.tokens < 1 or args.tokens > 10_000:
+        raise ValueError(f"--tokens must lie in [1, 10000], got {args.tokens}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    writer = load_language_model(args.model)
+    prompt = " ".join(args.prompt) if args.prompt else (sys.stdin.read() if not sys.stdin.isatty() else "")
+    words = writer.generate(prompt, args.tokens, args.temperature, args.seed)
+    text = " ".join([*tokenize(prompt), *words])
+    if args.json:
+        print(json.dumps({"prompt": prompt, "text": text, "tokens": args.tokens,
+                          "temperature": args.temperature, "seed": args.seed}, ensure_ascii=False))
+    else:
+        print(text)
+    return 0
 
 
 # --------------------------------------------------------------------------------------- runs

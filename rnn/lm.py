@@ -16,11 +16,11 @@ from __future__ import annotations
 import numpy as np
 
 from .layers import row_dropout_mask
-from .losses import sample_log_uniform, sample_next_token, sampled_softmax_loss, softmax_cross_entropy
+from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_softmax_loss,
+                     softmax_cross_entropy)
 from .model import (ModelConfig, encode, encode_backward, encoder_names, init_params, layer_names,
                     parameter_shapes, sort_batch)
 from .recurrent import sequence_forward
-from .text import PAD, UNK
 
 CANDIDATES_KEY = 2**32        # keys the step's candidate draw apart from the rows' dropout draws
 

@@ -240,6 +240,11 @@ class SentimentModel:
         loss, grads, extras = self.share_loss(batch, dropout_seed, np.arange(B), B, trace)
         return loss, grads, extras["logits"], extras["trace"]
 
+    @staticmethod
+    def loss_denominator(lengths: np.ndarray) -> int:
+        """What the loss of a batch of sequences of these lengths is a mean over: its examples."""
+        return len(lengths)
+
     def share_loss(self, batch: dict, seed: int | None, positions: np.ndarray, total: int,
                    trace: bool = False) -> tuple[float, dict, dict]:
         """Loss and gradients of some rows of a training batch: the part of data-parallel training
@@ -263,13 +268,15 @@ class SentimentModel:
                        workers: int = 1) -> np.ndarray:
         """Logits (N,) for many sequences, in batches of similar length (inference, no dropout).
 
-        With workers > 1 the batches are spread over that many worker processes started for this
-        call (see rnn.parallel; to serve many calls from one set of workers use its WorkerPool)."""
+        With workers > 1 the batches are spread over up to that many worker processes (no more
+        than there are batches) started for this call; see rnn.parallel, whose WorkerPool serves
+        many calls from one set of workers."""
+        lengths = np.asarray(lengths)
+        workers = min(workers, -(-len(lengths) // batch_size))
         if workers > 1:
             from .parallel import WorkerPool
             with WorkerPool(self, workers) as pool:
                 return pool.predict_logits(ids, lengths, batch_size)
-        lengths = np.asarray(lengths)
         out = np.empty(len(lengths), dtype=np.float64)
         order = np.argsort(-lengths, kind="stable")
         for start in range(0, len(order), batch_size):

@@ -28,7 +28,8 @@ from /dev/shm as soon as every worker has mapped it (a mapping outlives its name
 left behind however the processes end.
 
 A model class fits if it is built as `cls(config, params)`, keeps its parameters in `.params` (a
-flat dict of arrays) and has `share_loss` and `predict_logits` like SentimentModel.
+flat dict of arrays) and has `share_loss` and `loss_denominator` like SentimentModel (and
+LanguageModel, rnn/lm.py); inference calls any of its methods by name (`map`).
 """
 from __future__ import annotations
 
@@ -107,11 +108,16 @@ class LocalRunner:
         """See WorkerPool.gradients."""
         positions = np.arange(len(rows))
         batch = {k: v[rows] for k, v in self.data.items()}
-        loss, grads, extras = self.model.share_loss(batch, seed, positions, len(rows), trace)
+        total = self.model.loss_denominator(batch["lengths"])
+        loss, grads, extras = self.model.share_loss(batch, seed, positions, total, trace)
         return loss, grads, [(positions, extras)]
 
     def predict_logits(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256) -> np.ndarray:
         return self.model.predict_logits(ids, lengths, batch_size)
+
+    def map(self, method: str, calls: Iterable[tuple]) -> list:
+        """See WorkerPool.map."""
+        return [getattr(self.model, method)(*args) for args in calls]
 
     def close(self) -> None:
         pass
@@ -198,8 +204,9 @@ class WorkerPool:
         lengths = self._arrays["data/lengths"][rows] if "lengths" in self.data_keys else np.ones(len(rows))
         shares = split_rows(lengths, self.workers)
         busy = [w for w in range(self.workers) if len(shares[w])]
+        total = self.model.loss_denominator(lengths)       # the batch's examples (or predictions)
         for w in busy:
-            self._send(w, ("grad", rows[shares[w]], shares[w], seed, len(rows), trace))
+            self._send(w, ("grad", rows[shares[w]], shares[w], seed, total, trace))
         replies = self._receive_all(busy)
         loss = sum(replies[w][0] for w in busy)
         grads = {}

@@ -18,17 +18,18 @@ from stages.common import Outputs, project_root, run_stage
 from stages.plots import curves_figure, grad_trace_figure
 
 COLUMNS = ("cell", "test_accuracy", "test_f1", "test_auc", "best_val_accuracy", "best_epoch",
-           "epochs", "train_seconds", "parameters")
+           "epochs", "train_seconds", "parameters", "lm_val_perplexity")
 HEADINGS = ("cell", "test accuracy", "test F1", "test AUC", "best val accuracy", "best epoch",
-            "epochs run", "training time (s)", "parameters")
+            "epochs run", "training time (s)", "parameters", "LM val perplexity")
 
 
-def summary_row(cell: str, train: dict, evaluation: dict) -> dict:
-    """One table row from a cell's train.json and eval.json."""
+def summary_row(cell: str, train: dict, evaluation: dict, pretrain: dict | None = None) -> dict:
+    """One table row from a cell's train.json, eval.json and, if it was pretrained, pretrain.json."""
     return {"cell": cell, "test_accuracy": evaluation["accuracy"], "test_f1": evaluation["f1"],
             "test_auc": evaluation["roc_auc"], "best_val_accuracy": train["best_val_accuracy"],
             "best_epoch": train["best_epoch"], "epochs": train["epochs_run"],
-            "train_seconds": train["train_seconds"], "parameters": train["num_parameters"]}
+            "train_seconds": train["train_seconds"], "parameters": train["num_parameters"],
+            "lm_val_perplexity": pretrain["val_perplexity"] if pretrain else None}
 
 
 def summary_csv(rows: list[dict]) -> str:
@@ -43,7 +44,7 @@ def _cell_text(column: str, value: object) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.1f}" if column == "train_seconds" else f"{value:.4f}"
+        return f"{value:.1f}" if column in ("train_seconds", "lm_val_perplexity") else f"{value:.4f}"
     return str(value)
 
 
@@ -65,7 +66,8 @@ def run(cells: list[str], root: Path) -> list[dict]:
     for cell in cells:
         train = outputs.read_json(root / "metrics" / cell / "train.json", f"train@{cell}")
         evaluation = outputs.read_json(root / "metrics" / cell / "eval.json", f"evaluate@{cell}")
-        rows.append(summary_row(cell, train, evaluation))
+        lm = root / "metrics" / cell / "pretrain.json"
+        rows.append(summary_row(cell, train, evaluation, outputs.read_json(lm, f"pretrain@{cell}") if lm.is_file() else None))
         history = outputs.read_csv(root / "plots" / cell / "history.csv", f"train@{cell}", ["epoch", "val_accuracy"])
         histories[cell] = ([int(r["epoch"]) for r in history], [float(r["val_accuracy"]) for r in history])
         trace = outputs.read_csv(root / "plots" / cell / "grad_trace.csv", f"train@{cell}", outputs.TRACE_COLUMNS)

@@ -17,6 +17,7 @@ import numpy as np
 from rnn.errors import InputError
 from rnn.io import read_model
 from rnn.metrics import binary_metrics, roc_curve
+from rnn.parallel import resolve_workers
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
 from stages.plots import confusion_figure, roc_figure
@@ -33,7 +34,7 @@ def main() -> None:
 
     tracker = Tracker.resume(params, root / "models" / cell / "mlflow_run.json", f"evaluate@{cell}")
     try:
-        metrics = run(cell, params["evaluate"], root, tracker)
+        metrics = run(cell, params["evaluate"], root, tracker, resolve_workers(params["train"]["workers"]))
     except BaseException:
         tracker.end(status="FAILED")
         raise
@@ -42,13 +43,14 @@ def main() -> None:
           f"AUC {metrics['roc_auc']}, {metrics['seconds']:.1f}s")
 
 
-def run(cell: str, cfg: dict, root: Path, tracker) -> dict:
-    """Evaluate models/<cell> on the test split, write the outputs, log them; returns eval metrics."""
+def run(cell: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dict:
+    """Evaluate models/<cell> on the test split (on `workers` processes; the scores do not depend
+    on how many), write the outputs, log them; returns eval metrics."""
     t0 = time.perf_counter()
     model, _, _ = read_model(root / "models" / cell)
     test = outputs.load_split(root / "data/prepared/test.npz")
     labels = test["labels"].astype(np.int64)
-    probs = model.predict_proba(test["ids"], test["lengths"], cfg["batch_size"])
+    probs = model.predict_proba(test["ids"], test["lengths"], cfg["batch_size"], workers)
     seconds = time.perf_counter() - t0
 
     scores = binary_metrics(labels, probs, cfg["threshold"])

@@ -30,7 +30,7 @@ from rnn.errors import InputError
 # every stage load (and, in dvc.yaml, depend on) the whole package. tests/test_settings.py holds
 # them equal to rnn's own.
 CELLS = ("rnn", "gru", "lstm")
-POOLINGS = ("last", "mean", "max")
+POOLINGS = ("last", "mean", "max", "concat")
 CLIP_MODES = ("none", "value", "norm")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PROBE_VARIANTS = ("signal", "order")
@@ -135,10 +135,13 @@ CELL_KNOBS = {
     "num_layers": Field(int, 1, min=1),
     "bidirectional": Field(bool, False),
     "dropout": Field(float, 0.5, min=0, max=0.95),
+    "embed_dropout": Field(float, 0.0, min=0, max=0.95),
     "pooling": Field(str, "last", choices=POOLINGS),
     "reset_after": Field(bool, False),
     "forget_bias": Field(float, 1.0),
     "freeze_embedding": Field(bool, False),
+    "init": Field(str, "lm", choices=("lm", "embeddings")),
+    "pretrained_lr_scale": Field(float, 1.0, min=0, max=1, min_exclusive=True),
     "clip": {
         "mode": Field(str, "norm", choices=CLIP_MODES),
         "threshold": Field(float, 5.0, min=0, min_exclusive=True),
@@ -153,6 +156,23 @@ TRAIN = {
     "workers": Field((int, str), "auto", check=_workers),
     **CELL_KNOBS,
     "overrides": {cell: CELL_KNOBS for cell in CELLS},
+}
+PRETRAIN = {
+    "epochs": Field(int, 1, min=1),
+    "batch_size": Field(int, 64, min=1),
+    "lr": Field(float, 0.002, min=0, min_exclusive=True),
+    "lr_decay": Field(float, 0.5, min=0, max=1, min_exclusive=True),
+    "optimizer": Field(str, "adam", choices=OPTIMIZERS),
+    "num_sampled": Field(int, 1024, min=1),
+    "dropout": Field(float, 0.1, min=0, max=0.95),
+    "embed_dropout": Field(float, 0.0, min=0, max=0.95),
+    "clip": {
+        "mode": Field(str, "norm", choices=CLIP_MODES),
+        "threshold": Field(float, 1.0, min=0, min_exclusive=True),
+    },
+    "tokens_per_epoch": Field(int, None, min=1),
+    "val_reviews": Field(int, 500, min=1),
+    "seed": Field(int, 0, min=0),
 }
 EVALUATE = {
     "batch_size": Field(int, 256, min=1),
@@ -185,8 +205,8 @@ MLFLOW = {
     "experiment": Field(str, "imdb-sentiment"),
     "log_every_steps": Field(int, 200, min=1),
 }
-SECTIONS = {"data": DATA, "prepare": PREPARE, "embed": EMBED, "train": TRAIN, "evaluate": EVALUATE,
-            "probe": PROBE, "mlflow": MLFLOW}
+SECTIONS = {"data": DATA, "prepare": PREPARE, "embed": EMBED, "pretrain": PRETRAIN, "train": TRAIN,
+            "evaluate": EVALUATE, "probe": PROBE, "mlflow": MLFLOW}
 
 
 def _cross_checks(params: dict, source: str) -> None:
@@ -199,6 +219,12 @@ def _cross_checks(params: dict, source: str) -> None:
     if probe["trace_steps"] > probe["steps"]:
         raise ParamsError(f"{source}: probe.trace_steps = {probe['trace_steps']}: must be <= probe.steps")
     probe["distances"] = sorted(probe["distances"])
+    for cell in params["train"]["cells"]:
+        cfg = cell_settings(params, cell)
+        if cfg["init"] == "lm" and cfg["bidirectional"]:
+            where = "train.overrides." + cell if "bidirectional" in params["train"]["overrides"].get(cell, {}) else "train"
+            raise ParamsError(f"{source}: {where}.bidirectional = true: needs train.init = embeddings "
+                              "(the pretrained language model reads left to right only)")
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -358,16 +384,34 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-# Sections that decide what a cell's training computes, besides its own train settings.
+# Sections that decide what a cell's training computes, besides its own settings.
 RUN_SECTIONS = ("data", "prepare", "embed")
+# The train settings that shape the encoder a language model hands to the classifier.
+ARCHITECTURE = ("embed_dim", "hidden_size", "num_layers", "reset_after", "forget_bias")
 
 
-def run_hash(params: Params, cell: str) -> str:
-    """sha256 of what decides `cell`'s trained model: the data, prepare and embed sections, the cell's
-    merged train settings and the number of workers (it changes the sums' rounding). Equal hash =
-    same setup: the MLflow runs' `params_hash` tag and the checkpoint key both use it."""
+def pretrain_settings(params: Params, cell: str) -> dict:
+    """What `cell`'s language model is built and trained with: the `pretrain` section, and the
+    architecture keys of the cell's train settings (so that its encoder fits the classifier)."""
+    cfg = cell_settings(params, cell)
+    return {**params["pretrain"], **{k: cfg[k] for k in ARCHITECTURE}}
+
+
+def run_hash(params: Params, cell: str, stage: str = "train", workers: int | str | None = None) -> str:
+    """sha256 of what decides the model `stage` (train or pretrain) trains for `cell`: the data,
+    prepare and embed sections, the stage's settings for the cell (for train with init lm, the
+    language model's too), and the number of workers (it changes the sums' rounding; default: the
+    setting as written). Equal hash = same setup: the MLflow runs' `params_hash` tag and the
+    checkpoint keys use it."""
     relevant = {s: params[s] for s in RUN_SECTIONS}
-    relevant.update(cell=cell, train=cell_settings(params, cell), workers=params["train"]["workers"])
+    relevant.update(cell=cell, stage=stage,
+                    workers=params["train"]["workers"] if workers is None else workers)
+    if stage == "pretrain":
+        relevant["pretrain"] = pretrain_settings(params, cell)
+    else:
+        relevant["train"] = cfg = cell_settings(params, cell)
+        if cfg["init"] == "lm":
+            relevant["pretrain"] = pretrain_settings(params, cell)
     return digest(relevant)
 
 

@@ -10,8 +10,6 @@ models/<cell>/, metrics/<cell>/train.json and plots/<cell>/{history.csv, grad_tr
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import sys
 import time
@@ -20,12 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from rnn.errors import InputError
-from rnn.io import save_model, write_json
-from rnn.model import ModelConfig, SentimentModel
+from rnn.io import read_model, save_model, write_json
+from rnn.lm import load_encoder
+from rnn.model import ModelConfig, SentimentModel, encoder_names
 from rnn.optim import make_optimizer
+from rnn.parallel import resolve_workers
 from rnn.train import Dataset, TrainConfig, TrainingDiverged, TrainingInterrupted, fit
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
+from stages.fitting import Progress, checkpoint_folder, code_digest
 from stages.plots import grad_trace_figure
 
 
@@ -38,14 +39,15 @@ def main() -> None:
     cfg = settings.cell_settings(params, cell)
     width_key = (f"train.overrides.{cell}.embed_dim" if "embed_dim" in params["train"]["overrides"].get(cell, {})
                  else "train.embed_dim")
-    inputs = load_inputs(root, cfg["embed_dim"], width_key)
-    run_hash = settings.run_hash(params, cell)
+    inputs = load_inputs(root, cfg["embed_dim"], width_key, f"models/lm/{cell}" if cfg["init"] == "lm" else None)
+    workers = resolve_workers(params["train"]["workers"])
+    run_hash = settings.run_hash(params, cell, "train", workers)
 
     from stages.tracking import Tracker      # MLflow is imported only when tracking is on
 
     tracker = Tracker.start(params, cell, f"train@{cell}", run_hash)
     try:
-        model, result, seconds = train(cell, cfg, inputs, root, run_hash, tracker)
+        model, result, seconds = train(cell, cfg, inputs, root, run_hash, workers, tracker)
         write_outputs(root, cell, cfg, run_hash, model, result, seconds, inputs["encoder"], tracker)
     except TrainingDiverged as exc:
         tracker.end(status="FAILED")
@@ -64,11 +66,18 @@ def main() -> None:
           f"{seconds:.1f}s, {model.num_parameters()} parameters")
 
 
-def load_inputs(root: Path, embed_dim: int, width_key: str = "train.embed_dim") -> dict:
-    """Prepared train/val splits, the encoder dict, the embedding matrix (V, embed_dim), and a digest
-    of those files (part of the checkpoint key). width_key: the setting embed_dim came from."""
+def load_inputs(root: Path, embed_dim: int, width_key: str = "train.embed_dim", lm: str | None = None) -> dict:
+    """Prepared train/val splits, the encoder dict, the embedding matrix (V, embed_dim), the language
+    model in the folder `lm` (relative to root) when given, and a digest of those files (part of the
+    checkpoint key). width_key: the setting embed_dim came from."""
     prepared = root / "data/prepared"
     files = [prepared / "train.npz", prepared / "val.npz", prepared / "vocab.json", root / "data/embeddings.npy"]
+    language_model = None
+    if lm is not None:
+        if not (root / lm).is_dir():
+            raise FileNotFoundError(f"{root / lm}: not found (run the pretrain stage first, or set train.init: embeddings)")
+        language_model = read_model(root / lm)[0]
+        files += sorted(f for f in (root / lm).iterdir() if f.is_file())
     encoder = outputs.load_vocab(files[2])
     if not files[3].is_file():
         raise FileNotFoundError(f"{files[3]}: not found (run the embed stage first)")
@@ -82,30 +91,38 @@ def load_inputs(root: Path, embed_dim: int, width_key: str = "train.embed_dim") 
     train, val = (outputs.load_split(f) for f in files[:2])
     return {"train": Dataset(train["ids"], train["lengths"], train["labels"]),
             "val": Dataset(val["ids"], val["lengths"], val["labels"]),
-            "encoder": encoder, "embeddings": embeddings,
+            "encoder": encoder, "embeddings": embeddings, "language_model": language_model,
             "digest": settings.digest([outputs.file_digest(f) for f in files])}
 
 
-def train(cell: str, cfg: dict, inputs: dict, root: Path, run_hash: str, tracker) -> tuple:
-    """Build the model, fit it (resuming a checkpoint of the same key); returns (model, result, seconds)."""
+def train(cell: str, cfg: dict, inputs: dict, root: Path, run_hash: str, workers: int, tracker) -> tuple:
+    """Build the model (its encoder from the language model with init lm), fit it (resuming a
+    checkpoint of the same key); returns (model, result, seconds)."""
     t0 = time.perf_counter()
     config = ModelConfig(
         vocab_size=len(inputs["encoder"]["tokens"]), cell=cell, embed_dim=cfg["embed_dim"],
         hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
-        dropout=cfg["dropout"], pooling=cfg["pooling"],
+        dropout=cfg["dropout"], embed_dropout=cfg["embed_dropout"], pooling=cfg["pooling"],
         reset_after=cfg["reset_after"] and cell == "gru",     # meaningless for rnn/lstm: not claimed
         forget_bias=cfg["forget_bias"], freeze_embedding=cfg["freeze_embedding"])
     # Model initialisation and training draw from separate streams of the same seed.
     model = SentimentModel.create(config, np.random.default_rng(cfg["seed"]), inputs["embeddings"])
-    optimizer = make_optimizer(cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
-    checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest()}")
+    lr_scale = {}
+    if inputs["language_model"] is not None:
+        try:
+            load_encoder(model, inputs["language_model"])
+        except ValueError as exc:
+            raise InputError(f"models/lm/{cell}: {exc}") from None
+        lr_scale = dict.fromkeys(encoder_names(config), cfg["pretrained_lr_scale"])
+    optimizer = make_optimizer(cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"], lr_scale=lr_scale)
+    checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest(__file__)}")
     train_data, val = inputs["train"], inputs["val"]
     tracker.log_params({"data.train_size": len(train_data.labels), "data.val_size": len(val.labels),
                         "data.max_len": train_data.ids.shape[1], "data.vocab_size": config.vocab_size,
                         "model.num_parameters": model.num_parameters()})
     progress = Progress(cell, cfg["epochs"])
     try:
-        result = fit(model, optimizer, train_data, val, train_config(cfg), np.random.default_rng([cfg["seed"], 1]),
+        result = fit(model, optimizer, train_data, val, train_config(cfg, workers), np.random.default_rng([cfg["seed"], 1]),
                      checkpoint_dir=checkpoint_dir, callbacks=[progress, tracker])
     finally:
         progress.close()
@@ -113,33 +130,11 @@ def train(cell: str, cfg: dict, inputs: dict, root: Path, run_hash: str, tracker
     return model, result, time.perf_counter() - t0
 
 
-def train_config(cfg: dict) -> TrainConfig:
+def train_config(cfg: dict, workers: int = 1) -> TrainConfig:
     return TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], clip_mode=cfg["clip"]["mode"],
                        clip_threshold=cfg["clip"]["threshold"], lr_decay=cfg["lr_decay"],
-                       patience=cfg["patience"], trace=cfg["trace"], trace_every=cfg["trace_every"])
-
-
-def checkpoint_folder(root: Path, cell: str, key: str) -> tuple[Path, bool]:
-    """(checkpoints/<cell>/<key>/, whether it holds a checkpoint to resume), after removing the cell's
-    checkpoints of any other key."""
-    folder = root / "checkpoints" / cell / key
-    for stale in (root / "checkpoints" / cell).glob("*"):
-        if stale != folder:
-            shutil.rmtree(stale, ignore_errors=True)
-    resumed = (folder / "checkpoint.npz").is_file()
-    if resumed:
-        print(f"{cell}: resuming from {folder.relative_to(root)}", flush=True)
-    return folder, resumed
-
-
-def code_digest() -> str:
-    """Digest of the code a checkpoint was trained with: every module of rnn/ this process loaded, and
-    this stage. After a code change an interrupted run starts again rather than resume weights the
-    old code produced."""
-    package = Path(__file__).resolve().parents[1] / "rnn"
-    files = sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
-                    if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent == package})
-    return hashlib.sha256("".join(outputs.file_digest(f) for f in files + [Path(__file__)]).encode()).hexdigest()[:12]
+                       patience=cfg["patience"], trace=cfg["trace"], trace_every=cfg["trace_every"],
+                       workers=workers)
 
 
 def write_outputs(root: Path, cell: str, cfg: dict, run_hash: str, model: SentimentModel, result: dict,
@@ -189,42 +184,6 @@ def train_metrics(cell: str, result: dict, model: SentimentModel, wall_seconds: 
         "final_val_accuracy": last["val_accuracy"],
         "resumed": result["resumed"],
     }
-
-
-class Progress:
-    """Per-epoch tqdm bar with running loss and tokens/s, and one printed line per epoch. The bar is
-    off when stderr is not a terminal or the CI variable is set (logs stay readable)."""
-
-    def __init__(self, cell: str, epochs: int):
-        self.cell, self.epochs = cell, epochs
-        self.enabled = sys.stderr.isatty() and not os.environ.get("CI")
-        self.bar = None
-
-    def on_step(self, info: dict) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=info["batches"], initial=info["batch"] - 1, unit="batch", leave=False,
-                            desc=f"{self.cell} epoch {info['epoch']}/{self.epochs}", disable=not self.enabled)
-            self.t0, self.tokens, self.loss_sum, self.steps = time.perf_counter(), 0, 0.0, 0
-        self.tokens += info["tokens"]
-        self.loss_sum += info["loss"]
-        self.steps += 1
-        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix(loss=f"{self.loss_sum / self.steps:.4f}", tok_s=f"{rate:.0f}", refresh=False)
-        self.bar.update(1)
-
-    def on_epoch(self, info: dict) -> None:
-        self.close()
-        print(f"{self.cell} epoch {info['epoch']}/{self.epochs}: train loss {info['train_loss']:.4f} "
-              f"acc {info['train_accuracy']:.4f} | val loss {info['val_loss']:.4f} "
-              f"acc {info['val_accuracy']:.4f} | {info['tokens_per_s']:.0f} tokens/s, "
-              f"{info['seconds']:.1f}s", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 if __name__ == "__main__":

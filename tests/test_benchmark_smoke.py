@@ -47,6 +47,31 @@ def test_table_with_random_lengths_and_no_flush():
     assert lines[2].split()[:2] == ["lstm", "4x5x8x8"]
 
 
+WORKER_KEYS = {"workers", "numpy_workers_train_step_s", "numpy_workers_infer_tokens_per_s",
+               "workers_train_speedup", "workers_infer_speedup"}
+
+
+def test_quick_with_two_workers():
+    """--quick --workers 2: NumPy in this process and on two worker processes (and torch, if any);
+    JSON lines carry both sides and the speed-up, the table has one row per cell."""
+    torch = ["--vs-torch"] if HAS_TORCH else []
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workers", "2", "--json", *torch],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["cell"] for r in rows] == ["rnn", "gru", "lstm"]
+    for r in rows:
+        assert KEYS | WORKER_KEYS <= set(r) and r["workers"] == 2 and r["batch"] == 4
+        assert r["workers_train_speedup"] == pytest.approx(r["numpy_train_step_s"] / r["numpy_workers_train_step_s"])
+        assert (r["train_ratio"] is not None) == HAS_TORCH
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workers", "2", "--cells", "lstm", *torch],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("workers=2") and lines[2].split()[:2] == ["cell", "BxTxExH"]
+    assert lines[3].split()[:2] == ["lstm", "4x5x8x8"] and len(lines) == 4
+
+
 def test_bad_shape_is_a_usage_error():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "4x5"], capture_output=True,
                           text=True, timeout=60)

@@ -107,6 +107,21 @@ def test_evaluate_prints_a_readable_report(capsys, model, labelled):
         ["negative", str(tn), str(fp)], ["positive", str(fn), str(tp)]]
 
 
+def test_evaluate_on_two_workers_matches_one(capsys, model, tmp_path):
+    """600 reviews are three batches of 256: --workers 2 scores them on two processes."""
+    texts, labels = toy_sentences(np.random.default_rng(8), 600)
+    csv = tmp_path / "many.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    reports = []
+    for workers in ("1", "2", "auto"):
+        status, out, _ = run(capsys, "evaluate", "--model", model, "--json", "--csv", csv, "--workers", workers)
+        assert status == 0
+        reports.append(json.loads(out))
+    assert reports[0]["confusion"] == reports[1]["confusion"] == reports[2]["confusion"]
+    for key in ("accuracy", "roc_auc", "log_loss"):
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-6), key
+
+
 # ------------------------------------------------------------------------------------ explain
 def test_explain_colours_and_ranks_the_deciding_word(capsys, model):
     status, out, _ = run(capsys, "explain", "--model", model, *"the plot was awful and a film".split())
@@ -182,6 +197,43 @@ def test_runs_without_a_store_says_so(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+# ----------------------------------------------------------------------------------- generate
+@pytest.fixture(scope="module")
+def language_model(tmp_path_factory, model) -> str:
+    """An (untrained) language model folder with the toy classifier's vocabulary."""
+    from rnn.io import read_model, save_model
+    from rnn.lm import LanguageModel
+    from rnn.model import ModelConfig
+
+    _, encoder, _ = read_model(model)
+    config = ModelConfig(vocab_size=len(encoder["tokens"]), cell="gru", embed_dim=8, hidden_size=8,
+                         task="language_model")
+    folder = tmp_path_factory.mktemp("lm") / "gru"
+    save_model(folder, LanguageModel.create(config, np.random.default_rng(0)), encoder=encoder)
+    return str(folder)
+
+
+def test_generate_is_reproducible_for_a_seed(capsys, language_model):
+    argv = ["generate", "--model", language_model, "A great", "film", "--tokens", "12", "--seed", "3"]
+    status, first, err = run(capsys, *argv)
+    assert status == 0 and err == ""
+    words = first.split()
+    assert words[:3] == ["a", "great", "film"] and len(words) == 3 + 12
+    assert run(capsys, *argv)[1] == first
+    assert run(capsys, *argv[:-1], "4")[1] != first
+    status, out, _ = run(capsys, *argv, "--json", "--temperature", "0")
+    record = json.loads(out)
+    assert record["text"].split()[:3] == ["a", "great", "film"] and record["temperature"] == 0.0
+    assert run(capsys, *argv, "--json", "--temperature", "0")[1] == out          # greedy: no randomness
+
+
+def test_models_of_the_other_kind_are_refused_in_one_line(capsys, model, language_model):
+    status, out, err = run(capsys, "generate", "--model", model, "great")
+    assert status == 2 and "a sentiment classifier, not a language model" in err and err.count("\n") == 1
+    status, out, err = run(capsys, "predict", "--model", language_model, "great")
+    assert status == 2 and "a language model, not a sentiment classifier" in err and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("argv, message", [
     (["predict", "--model", "{tmp}/nope", "x"], "no such model folder"),
@@ -192,10 +244,14 @@ def test_runs_without_a_store_says_so(capsys, tmp_path, monkeypatch):
     (["evaluate", "--model", "{model}", "--dir", "{tmp}"], "no reviews in pos/*.txt or neg/*.txt"),
     (["evaluate", "--model", "{model}", "--csv", "{tmp}/bad.csv"], "no column 'text', 'label'"),
     (["evaluate", "--model", "{model}", "--csv", "{tmp}/badlabel.csv"], "line 3: label 'maybe'"),
+    (["evaluate", "--model", "{model}", "--dir", "{tmp}", "--workers", "0"],
+     "--workers must be a positive integer or 'auto', got '0'"),
     (["predict", "--model", "{model}", "--file", "{tmp}/ragged.csv"], "ragged.csv: not a readable CSV"),
     (["explain", "--model", "{tmp}", "great"], "no weights.npz"),
     (["explain", "--model", "{model}", "--top", "0", "great"], "--top must be >= 1"),
     (["runs", "--tracking-uri", "sqlite:///{tmp}/none.db"], "no MLflow store"),
+    (["generate", "--model", "{model}", "--tokens", "0", "x"], "--tokens must lie in [1, 10000]"),
+    (["generate", "--model", "{model}", "--temperature", "-1", "x"], "--temperature must be >= 0"),
 ])
 def test_errors_are_one_line_with_status_2(capsys, model, tmp_path, argv, message):
     (tmp_path / "bad.csv").write_text("review,stars\ngood,5\n")
@@ -211,4 +267,4 @@ def test_python_dash_m_rnn_help():
     result = subprocess.run([sys.executable, "-m", "rnn", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0
-    assert all(cmd in result.stdout for cmd in ("predict", "evaluate", "explain", "runs"))
+    assert all(cmd in result.stdout for cmd in ("predict", "evaluate", "explain", "generate", "runs"))

@@ -10,7 +10,7 @@ from gradcheck import assert_directional_close, assert_grad_close, numeric_grad,
 from rnn.lm import LanguageModel, _shift
 from rnn.losses import softmax_cross_entropy
 from rnn.model import ModelConfig, SentimentModel, dense_grad, encoder_names
-from rnn.text import PAD
+from rnn.losses import PAD
 
 V, E, H = 12, 3, 4
 CELL_VARIANTS = [("rnn", False), ("gru", False), ("gru", True), ("lstm", False)]
@@ -19,8 +19,8 @@ VARIANT_IDS = ["rnn", "gru", "gru_after", "lstm"]
 
 def make_lm(cell="lstm", reset_after=False, seed=0, dtype=np.float64, **config) -> LanguageModel:
     rng = np.random.default_rng(seed)
-    cfg = ModelConfig(vocab_size=V, cell=cell, reset_after=reset_after, embed_dim=E, hidden_size=H,
-                      task="language_model", **{"num_sampled": 6, **config})
+    cfg = ModelConfig(vocab_size=V, cell=cell, reset_after=reset_after, task="language_model",
+                      **{"embed_dim": E, "hidden_size": H, "num_sampled": 6, **config})
     model = LanguageModel.create(cfg, rng).astype(dtype)
     for name, p in model.params.items():
         if name.endswith((".b", ".b_hn")) or name == "lm.b":
@@ -147,3 +147,69 @@ def test_language_model_configs_are_checked():
     cfg = ModelConfig(vocab_size=V, embed_dim=E, hidden_size=H, task="language_model")
     assert encoder_names(cfg) == ["embedding.weight", "rnn.l0.W_x", "rnn.l0.W_h", "rnn.l0.b"]
     assert softmax_cross_entropy is not None
+
+
+def counting_corpus(n: int, seed: int, T: int = 9) -> "Dataset":
+    """Sequences that count upwards from a random word (wrapping after V-1 back to 2): each next
+    token is determined by the current one, so a language model can learn the corpus exactly."""
+    from rnn.train import Dataset
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, T + 1, n)
+    start = rng.integers(2, V, n)
+    ids = (start[:, None] - 2 + np.arange(T)[None, :]) % (V - 2) + 2
+    ids[np.arange(T)[None, :] >= lengths[:, None]] = 0
+    return Dataset(ids, lengths, np.zeros(n, np.int8))
+
+
+def test_fit_trains_a_language_model_and_keeps_its_best_perplexity():
+    from rnn.optim import Adam
+    from rnn.train import TrainConfig, evaluate, fit
+
+    model = make_lm("gru", seed=11, dtype=np.float32, hidden_size=16, num_sampled=8)
+    train, val = counting_corpus(256, 1), counting_corpus(64, 2)
+    before = evaluate(model, val)["perplexity"]
+    result = fit(model, Adam(0.03), train, val, TrainConfig(epochs=4, batch_size=32, trace=False, patience=0),
+                 np.random.default_rng(0))
+    perplexities = [r["val_perplexity"] for r in result["history"]]
+    assert before > 5 and min(perplexities) < 1.5, (before, perplexities)
+    assert result["best_val_accuracy"] is None and "train_accuracy" not in result["history"][0]
+    assert evaluate(model, val)["perplexity"] == pytest.approx(min(perplexities), rel=1e-6)
+
+
+def test_language_model_gradients_agree_across_worker_counts():
+    from rnn.parallel import LocalRunner, WorkerPool
+
+    data = counting_corpus(24, 3)._asdict()
+    rows, seed = np.array([3, 17, 5, 0, 9, 21, 11]), 99
+    model = make_lm("lstm", seed=12, dropout=0.3, embed_dropout=0.2)
+    loss1, grads1, _ = LocalRunner(model, data).gradients(rows, seed)
+    with WorkerPool(make_lm("lstm", seed=12, dropout=0.3, embed_dropout=0.2), 2, data) as pool:
+        loss2, grads2, shares = pool.gradients(rows, seed)
+        ppl = make_lm("lstm", seed=12).perplexity(data["ids"], data["lengths"], 5)
+        assert pool.model.perplexity(data["ids"], data["lengths"], 5, runner=pool) == pytest.approx(ppl, rel=1e-12)
+    assert len(shares) == 2 and abs(loss1 - loss2) <= 1e-12 * abs(loss1)
+    for name in grads1:
+        a, b = dense_grad(grads1[name]), dense_grad(grads2[name])
+        assert np.max(np.abs(a - b)) <= 1e-12 * np.max(np.abs(a)), name
+
+
+def test_a_classifier_started_from_the_language_model_reads_with_its_encoder():
+    from rnn.lm import load_encoder
+    from rnn.model import encode, sort_batch
+
+    lm = make_lm("lstm", seed=13, num_layers=2)
+    cfg = ModelConfig(vocab_size=V, cell="lstm", embed_dim=E, hidden_size=H, num_layers=2, pooling="last")
+    classifier = SentimentModel.create(cfg, np.random.default_rng(0)).astype(np.float64)
+    head = {k: classifier.params[k].copy() for k in ("fc.W", "fc.b")}
+    load_encoder(classifier, lm)
+    batch = make_batch([6, 3, 7], seed=14)
+    _, cache = classifier.forward(batch["ids"], batch["lengths"])        # the first forward pass
+    order, ids, lengths, _ = sort_batch(lm.config, batch["ids"], batch["lengths"], None, None)
+    _, finals, _ = encode(lm.config, lm.params, ids, lengths)
+    np.testing.assert_array_equal(cache["fc_in"], finals[0])            # the LM's state at the last token
+    assert all(np.array_equal(classifier.params[k], v) for k, v in head.items())   # the head is its own
+    wider = SentimentModel.create(ModelConfig(vocab_size=V, cell="lstm", embed_dim=E, hidden_size=H + 1),
+                                  np.random.default_rng(0))
+    with pytest.raises(ValueError, match="hidden_size = 4, the classifier 5"):
+        load_encoder(wider, lm)

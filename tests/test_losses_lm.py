@@ -365,3 +365,9 @@ def test_next_token_rejects_bad_temperature_and_full_exclusion():
         sample_next_token(np.zeros(5), -1.0, np.random.default_rng(0))
     with pytest.raises(ValueError, match="excluded"):
         sample_next_token(np.zeros(2), 1.0, np.random.default_rng(0))
+
+
+def test_special_ids_are_the_tokenizers():
+    from rnn import losses, text
+
+    assert (losses.PAD, losses.UNK) == (text.PAD, text.UNK)

@@ -45,7 +45,8 @@ def _project(tmp_path: Path) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["limit"] = 200
     params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)
-    params["train"].update(cells=CELLS, epochs=1, hidden_size=16, embed_dim=16, batch_size=32)
+    params["train"].update(cells=CELLS, epochs=1, hidden_size=16, embed_dim=16, batch_size=32, workers=2)
+    params["pretrain"].update(epochs=1, batch_size=32, num_sampled=64, val_reviews=20)
     params["mlflow"] = {**(params.get("mlflow") or {}), "enabled": True}
     if "probe" in params:  # part of the same `dvc repro`; its defaults take minutes
         params["probe"].update(cells=CELLS, distances=[1, 3], lead=3, steps=4, trace_steps=2,
@@ -95,6 +96,11 @@ def _check_outputs(root: Path) -> None:
         assert len(_csv(plots / "confusion.csv")) == 200
         for png in ("grad_trace.png", "roc.png", "confusion.png"):
             assert (plots / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plots / png
+    for cell in CELLS:
+        pretrain = json.loads((root / "metrics" / cell / "pretrain.json").read_text())
+        assert pretrain["epochs_run"] == 1 and 1 < pretrain["val_perplexity"] < 300 and pretrain["tokens"] > 0
+        assert (root / "models" / "lm" / cell / "weights.npz").is_file()
+        assert [int(r["epoch"]) for r in _csv(root / "plots" / cell / "pretrain.csv")] == [1]
     summary = _csv(root / "reports" / "summary.csv")
     assert [r["cell"] for r in summary] == CELLS
     assert "| lstm |" in (root / "reports" / "summary.md").read_text()
@@ -156,9 +162,9 @@ def _check_what_reruns(root: Path, env: dict) -> None:
     def comment(text: str) -> str:
         return text + "\n# an edit\n"
 
-    assert stale_after("params.yaml", set_lstm_lr) == {"train@lstm"}
+    assert stale_after("params.yaml", set_lstm_lr) == {"pretrain@lstm", "train@lstm"}
     assert stale_after("rnn/cli.py", comment) == set()
     assert stale_after("stages/tracking.py", comment) == set()
     assert stale_after("rnn/metrics.py", comment) == {f"evaluate@{c}" for c in CELLS}
     assert stale_after("rnn/probe.py", comment) == {f"probe@{c}" for c in CELLS}
-    assert stale_after("rnn/text.py", comment) == {"prepare", "embed"}
+    assert stale_after("rnn/text.py", comment) == {"prepare", "embed"} | {f"pretrain@{c}" for c in CELLS}

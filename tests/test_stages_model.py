@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -114,8 +115,12 @@ def project(tmp_path, monkeypatch):
     emb = rng.normal(0, 0.3, (V, E)).astype(np.float32)
     emb[0] = 0
     np.save(tmp_path / "data/embeddings.npy", emb)
+    (tmp_path / "data/raw").mkdir()
+    unsup = [" ".join(f"w{i}" for i in rng.integers(2, V, rng.integers(2, T))) for _ in range(40)]
+    pd.DataFrame({"text": unsup}).to_parquet(tmp_path / "data/raw/unsup.parquet", index=False)
     params = {"train": {"cells": ["rnn", "lstm"], "epochs": 2, "batch_size": 16, "hidden_size": 6,
-                        "embed_dim": E, "lr": 0.01},
+                        "embed_dim": E, "lr": 0.01, "init": "embeddings", "workers": 1},
+              "pretrain": {"batch_size": 16, "num_sampled": 10, "val_reviews": 8},
               "evaluate": {"length_edges": [5, 10]},
               "mlflow": {"enabled": False}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -191,3 +196,29 @@ def test_embed_dim_must_match_the_embeddings(project, monkeypatch):
 def test_compare_names_the_missing_stage(project, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"metrics/rnn/train.json: not found \(run the train@rnn stage"):
         _main(compare, monkeypatch=monkeypatch)
+
+
+def test_pretrain_then_train_from_the_language_model(project, monkeypatch, capsys):
+    from stages import pretrain
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["init"] = "lm"
+    params["train"]["pretrained_lr_scale"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _main(pretrain, "gru", monkeypatch=monkeypatch)
+    metrics = json.loads((project / "metrics/gru/pretrain.json").read_text())
+    assert metrics["reviews"] == 64 + 40 and metrics["val_perplexity"] > 1 and metrics["resumed"] is False
+    lm = np.load(project / "models/lm/gru/weights.npz")
+    assert json.loads((project / "models/lm/gru/config.json").read_text())["model"]["task"] == "language_model"
+    # A rerun with unchanged settings, inputs and code reuses the finished model.
+    first = (project / "models/lm/gru/weights.npz").read_bytes()
+    capsys.readouterr()
+    _main(pretrain, "gru", monkeypatch=monkeypatch)
+    assert "reused" in capsys.readouterr().out
+    assert (project / "models/lm/gru/weights.npz").read_bytes() == first
+    _main(train, "gru", monkeypatch=monkeypatch)
+    assert json.loads((project / "models/gru/config.json").read_text())["metadata"]["train"]["init"] == "lm"
+    # The encoder moved on from the language model's weights, the classifier's head is its own.
+    trained = np.load(project / "models/gru/weights.npz")
+    assert trained["rnn.l0.W_h"].shape == lm["rnn.l0.W_h"].shape
+    assert not np.array_equal(trained["rnn.l0.W_h"], lm["rnn.l0.W_h"]) and "lm.W" not in trained
