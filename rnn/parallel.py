@@ -25,7 +25,8 @@ Faults: workers ignore Ctrl-C and SIGTERM (the training loop stops them after a 
 when their pipe to the main process closes, so they never outlive it. A worker that dies raises
 `WorkerDied` naming it and its signal, and the pool shuts down. The shared memory block is unlinked
 from /dev/shm as soon as every worker has mapped it (a mapping outlives its name), so nothing is
-left behind however the processes end.
+left behind however the processes end. (Only if the main process is killed in the second or so
+before that does the block stay linked; multiprocessing's resource tracker then removes it.)
 
 A model class fits if it is built as `cls(config, params)`, keeps its parameters in `.params` (a
 flat dict of arrays) and has `share_loss` and `loss_denominator` like SentimentModel (and
@@ -201,6 +202,8 @@ class WorkerPool:
         grads, shares): shares lists each busy worker's (positions in the batch, extras), from
         which the caller assembles per-row results such as the logits."""
         rows = np.asarray(rows)
+        if not self.data_keys or not len(rows):
+            raise ValueError("gradients need a pool made with data and a batch of at least one row")
         lengths = self._arrays["data/lengths"][rows] if "lengths" in self.data_keys else np.ones(len(rows))
         shares = split_rows(lengths, self.workers)
         busy = [w for w in range(self.workers) if len(shares[w])]
