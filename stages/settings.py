@@ -184,6 +184,8 @@ MLFLOW = {
     "enabled": Field(bool, True),
     "experiment": Field(str, "imdb-sentiment"),
     "log_every_steps": Field(int, 200, min=1),
+    "system_metrics_every": Field(float, 10.0, min=0),
+    "register": Field(bool, False),
 }
 SECTIONS = {"data": DATA, "prepare": PREPARE, "embed": EMBED, "train": TRAIN, "evaluate": EVALUATE,
             "probe": PROBE, "mlflow": MLFLOW}

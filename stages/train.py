@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rnn.errors import InputError
-from rnn.io import save_model, write_json
+from rnn.io import save_model
 from rnn.model import ModelConfig, SentimentModel
 from rnn.optim import make_optimizer
 from rnn.train import Dataset, TrainConfig, TrainingDiverged, TrainingInterrupted, fit
@@ -40,12 +40,14 @@ def main() -> None:
                  else "train.embed_dim")
     inputs = load_inputs(root, cfg["embed_dim"], width_key)
     run_hash = settings.run_hash(params, cell)
+    checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest()}")
 
     from stages.tracking import Tracker      # MLflow is imported only when tracking is on
 
-    tracker = Tracker.start(params, cell, f"train@{cell}", run_hash)
+    # The run's id is kept beside the checkpoint: a resumed training continues the same run.
+    tracker = Tracker.start(params, cell, f"train@{cell}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
     try:
-        model, result, seconds = train(cell, cfg, inputs, root, run_hash, tracker)
+        model, result, seconds = train(cell, cfg, inputs, root, checkpoint_dir, resumed, tracker)
         write_outputs(root, cell, cfg, run_hash, model, result, seconds, inputs["encoder"], tracker)
     except TrainingDiverged as exc:
         tracker.end(status="FAILED")
@@ -86,8 +88,9 @@ def load_inputs(root: Path, embed_dim: int, width_key: str = "train.embed_dim") 
             "digest": settings.digest([outputs.file_digest(f) for f in files])}
 
 
-def train(cell: str, cfg: dict, inputs: dict, root: Path, run_hash: str, tracker) -> tuple:
-    """Build the model, fit it (resuming a checkpoint of the same key); returns (model, result, seconds)."""
+def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, resumed: bool, tracker) -> tuple:
+    """Build the model, fit it (resuming the checkpoint in checkpoint_dir if `resumed`); returns
+    (model, result, seconds)."""
     t0 = time.perf_counter()
     config = ModelConfig(
         vocab_size=len(inputs["encoder"]["tokens"]), cell=cell, embed_dim=cfg["embed_dim"],
@@ -98,11 +101,11 @@ def train(cell: str, cfg: dict, inputs: dict, root: Path, run_hash: str, tracker
     # Model initialisation and training draw from separate streams of the same seed.
     model = SentimentModel.create(config, np.random.default_rng(cfg["seed"]), inputs["embeddings"])
     optimizer = make_optimizer(cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
-    checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest()}")
     train_data, val = inputs["train"], inputs["val"]
     tracker.log_params({"data.train_size": len(train_data.labels), "data.val_size": len(val.labels),
                         "data.max_len": train_data.ids.shape[1], "data.vocab_size": config.vocab_size,
                         "model.num_parameters": model.num_parameters()})
+    tracker.log_datasets(root, {"train": len(train_data.labels), "val": len(val.labels)})
     progress = Progress(cell, cfg["epochs"])
     try:
         result = fit(model, optimizer, train_data, val, train_config(cfg), np.random.default_rng([cfg["seed"], 1]),
@@ -152,19 +155,22 @@ def write_outputs(root: Path, cell: str, cfg: dict, run_hash: str, model: Sentim
     figure = grad_trace_figure({f"epoch {e}": outputs.trace_series(rows, e) for e in epochs},
                                f"{cell}: gradient norm vs distance from the last token")
     with Outputs(root) as out:
-        # The same hash as the MLflow run's params_hash tag: a model folder leads to its run.
+        # Nothing run-specific in the folder (no run id, no time): identical training, identical
+        # bytes, one copy in a DVC remote. Its MLflow run carries the folder's digest as a tag.
         folder = out.path(f"models/{cell}", folder=True)
         save_model(folder, model, encoder=encoder,
                    metadata={"cell": cell, "params_hash": run_hash, "best_epoch": result["best_epoch"],
                              "best_val_accuracy": result["best_val_accuracy"], "train": cfg})
-        write_json(folder / "mlflow_run.json", tracker.run_record())
         out.write_json(f"metrics/{cell}/train.json", metrics)
         out.write_text(f"plots/{cell}/history.csv", outputs.history_csv(history))
         out.write_text(f"plots/{cell}/grad_trace.csv", outputs.trace_csv(rows))
         out.save_figure(f"plots/{cell}/grad_trace.png", figure)
-    tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.log_artifacts(root / "models" / cell, "model")
+    tracker.set_model_digest(root / "models" / cell)
+    tracker.log_model(root / "models" / cell)
+    tracker.log_summary(metrics, result["traces"])
     tracker.log_artifact(root / "plots" / cell / "history.csv", "plots")
+    for name in ("grad_trace.csv", "grad_trace.png"):        # every epoch, also after a resume
+        tracker.log_artifact(root / "plots" / cell / name, "grad_trace")
     shutil.rmtree(result["checkpoint_dir"], ignore_errors=True)
 
 
