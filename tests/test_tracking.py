@@ -615,3 +615,101 @@ def test_disabled_tracking_creates_no_store_and_imports_no_mlflow(tmp_path):
 def test_null_tracker_is_a_context_manager():
     with NullTracker() as t:
         t.end("FAILED")
+
+
+# ------------------------------------------------------------------------------------------
+# (g) the stages with tracking on, and the logged model served over HTTP
+
+
+@pytest.fixture
+def stage_project(project, monkeypatch):
+    """`project` with tiny synthetic prepared data and embeddings, and params for a tiny rnn."""
+    root, _ = project
+    rng = np.random.default_rng(0)
+    V, T = 20, 10
+    tokens = ["<pad>", "<unk>"] + [f"w{i}" for i in range(2, V)]
+    for split, n in (("train", 48), ("val", 16), ("test", 24)):
+        lengths = rng.integers(2, T + 1, n)
+        ids = np.where(np.arange(T) < lengths[:, None], rng.integers(2, V, (n, T)), 0).astype(np.int32)
+        labels = (ids == 2).any(1).astype(np.int8)
+        path = root / "data" / "prepared" / f"{split}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, ids=ids, lengths=lengths.astype(np.int32), labels=labels)
+    (root / "data/prepared/vocab.json").write_text(json.dumps({"tokens": tokens, "max_len": T, "truncate": "head"}))
+    np.save(root / "data/embeddings.npy", rng.normal(0, 0.3, (V, 4)).astype(np.float32))
+    params = {"train": {"cells": ["rnn"], "epochs": 2, "batch_size": 16, "hidden_size": 3, "embed_dim": 4,
+                        "workers": 1},
+              "mlflow": {"system_metrics_every": 0}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.delenv("DVC_EXP_NAME")
+    return root
+
+
+def run_stage(module, *argv: str, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    module.main()
+
+
+def test_identical_training_writes_identical_model_folders_and_evaluate_finds_the_newest_run(
+        stage_project, monkeypatch):
+    root = stage_project
+    folders = []
+    for _ in range(2):
+        run_stage(train, "rnn", monkeypatch=monkeypatch)
+        folder = root / "models" / "rnn"
+        folders.append({p.name: p.read_bytes() for p in sorted(folder.iterdir())})
+        time.sleep(2.1)                      # zip timestamps (2 s steps) or a clock in a file would differ
+    assert sorted(folders[0]) == ["config.json", "encoder.json", "weights.npz"]      # no run id
+    assert folders[0] == folders[1], "same code, params and data must give the same bytes (DVC dedupes)"
+    run_stage(evaluate, "rnn", monkeypatch=monkeypatch)
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("imdb-sentiment")
+    older, newer = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert older.data.tags["model_digest"] == newer.data.tags["model_digest"] == model_digest(root / "models/rnn")
+    assert "accuracy/test" in newer.data.metrics and "accuracy/test" not in older.data.metrics
+    expected = json.loads((root / "metrics/rnn/eval.json").read_text())["accuracy"]
+    assert newer.data.metrics["accuracy/test"] == expected
+    assert newer.data.metrics["accuracy/val_best"] == json.loads((root / "metrics/rnn/train.json").read_text())[
+        "best_val_accuracy"]
+    assert newer.data.tags["dvc.stages"] == "train@rnn,evaluate@rnn" and newer.info.status == "FINISHED"
+    datasets = {d.dataset.name: d.dataset.digest for d in newer.inputs.dataset_inputs}
+    assert datasets == {f"imdb-{s}": dvc_md5(root / f"data/prepared/{s}.npz") for s in ("train", "val", "test")}
+
+
+def test_logged_model_answers_invocations_on_loopback(project, tmp_path):
+    root, _ = project
+    tracker = Tracker.start(make_params(), "lstm", "train@lstm")
+    folder = model_folder(root / "models" / "lstm")
+    tracker.log_model(folder)
+    tracker.end()
+    assert tracker.model_id is not None
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DVC_ROOT")}
+    # uvicorn is looked up on PATH; the model's own copy of `rnn` is what it loads.
+    env.update(MLFLOW_TRACKING_URI=tracker.tracking_uri, PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    away = tmp_path / "elsewhere"                  # not the project: nothing importable from cwd
+    away.mkdir()
+    log = open(away / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{tracker.run_id}/model",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            cwd=away, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow models serve did not start: {(away / 'serve.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = json.loads(response.read())["predictions"]
+    finally:
+        stop_group(proc)
+        log.close()
+    assert np.allclose(predictions, rnn.load_model(folder).predict_proba(TEXTS), rtol=0, atol=1e-12)
