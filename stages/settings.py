@@ -183,6 +183,7 @@ PROBE = {
 MLFLOW = {
     "enabled": Field(bool, True),
     "experiment": Field(str, "imdb-sentiment"),
+    "probe_experiment": Field(str, "memory-probe"),
     "log_every_steps": Field(int, 200, min=1),
     "system_metrics_every": Field(float, 10.0, min=0),
     "register": Field(bool, False),

@@ -84,6 +84,10 @@ def grad_metric(state: str, when: str) -> str:
     return f"gradient/log10_dL_d{state}_{when}"
 
 
+# The UI draws a run in the colour of its `mlflow.runColor` tag, else in one hashed from its id (two
+# cells may then share one). These are the cells' colours in reports/*.png (matplotlib's C0-C2).
+RUN_COLOR = "mlflow.runColor"
+CELL_COLORS = {"rnn": "#1f77b4", "gru": "#ff7f0e", "lstm": "#2ca02c"}
 TRACE_DIR = "grad_trace"
 MODEL_NAME = "model"         # `runs:/<run id>/model` loads the logged model of that name
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -262,7 +266,8 @@ class Tracker(NullTracker):
         cfg = params["mlflow"]
         if not cfg["enabled"]:
             return NullTracker()
-        client, uri, experiment_id = connect(cfg["experiment"])
+        experiment = cfg["probe_experiment"] if stage.startswith("probe@") else cfg["experiment"]
+        client, uri, experiment_id = connect(experiment)
         tracker = None
         if resume and run_file is not None:
             tracker = cls._continue(client, uri, Path(run_file), cell, cfg["log_every_steps"])
@@ -285,6 +290,7 @@ class Tracker(NullTracker):
         exp_name = os.environ.get("DVC_EXP_NAME") or None
         tags = {
             "cell": cell,
+            RUN_COLOR: CELL_COLORS.get(cell, "#7f7f7f"),
             "dvc.stage": stage,
             "dvc.stages": stage,
             "mlflow.source.type": "LOCAL",

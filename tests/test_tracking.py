@@ -200,6 +200,7 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     assert tags["mlflow.source.git.commit"] == commit
     assert tags["params_hash"] == settings.run_hash(params, "lstm")
     assert tags["model_digest"] == model_digest(folder)
+    assert tags["mlflow.runColor"] == "#2ca02c"            # each cell its colour, as in reports/
 
     logged = run.data.params
     # The values lstm trained with: its overrides on top, other cells' overrides left out.
@@ -363,6 +364,20 @@ def test_evaluate_without_a_training_run_starts_one_that_the_next_evaluate_finds
     assert Tracker.for_model(make_params(), folder, "evaluate@gru").run_id == tracker.run_id
     (folder / "config.json").write_text((folder / "config.json").read_text() + " ")   # another model
     assert model_digest(folder) != run.data.tags["model_digest"]
+
+
+def test_probe_runs_go_to_their_own_experiment_with_step_as_distance(project):
+    tracker = Tracker.start(make_params(), "gru", "probe@gru")
+    for d in (5, 50):
+        tracker.log_metrics({"probe/accuracy": 1.0 - d / 100}, step=d)
+    tracker.log_series("probe/log10_dL_da_last_steps", [1.0, 0.1, 0.0, 0.01])
+    tracker.end()
+    run = tracker.client.get_run(tracker.run_id)
+    assert tracker.client.get_experiment(run.info.experiment_id).name == "memory-probe"
+    assert run.info.run_name == "probe@gru (exp-abc12)"
+    history = tracker.client.get_metric_history(run.info.run_id, "probe/log10_dL_da_last_steps")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, -1.0), (3, -2.0)]   # 0 has no log
+    assert sorted(m.step for m in tracker.client.get_metric_history(run.info.run_id, "probe/accuracy")) == [5, 50]
 
 
 def test_system_metrics_are_logged_while_training(project):
