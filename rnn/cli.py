@@ -30,9 +30,9 @@ DEFAULT_EXPERIMENT = "imdb-sentiment"
 RUN_PARAMS = ("optimizer", "lr", "hidden_size", "num_layers", "pooling", "dropout")
 RUN_METRICS = {"test_acc": "accuracy/test", "test_auc": "test/roc_auc",
                "best_val_acc": "accuracy/val_best", "epochs": "train/epochs_run"}
-# Where MLflow 3's UI shows a model-training experiment: its runs, charts and models. (Without the
-# query a fresh browser opens the GenAI view of traces, whatever the experiment.)
-UI_LINK = "{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+# MLflow 3's UI on a model-training experiment, its runs as charts. (Without workflowType a fresh
+# browser opens the GenAI view of traces, whatever the experiment.)
+UI_LINK = "{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
 UI_START_TIMEOUT_S = 120
 
 

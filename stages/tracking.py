@@ -88,6 +88,18 @@ def grad_metric(state: str, when: str) -> str:
 # cells may then share one). These are the cells' colours in reports/*.png (matplotlib's C0-C2).
 RUN_COLOR = "mlflow.runColor"
 CELL_COLORS = {"rnn": "#1f77b4", "gru": "#ff7f0e", "lstm": "#2ca02c"}
+# The experiments' descriptions in the UI (set once; an edit made in the UI is kept).
+NOTE = "mlflow.note.content"
+EXPERIMENT_NOTES = {
+    "train": "One run per `train@<cell>` stage of the DVC pipeline; `evaluate@<cell>` adds the test "
+             "metrics to it. Chart sections: `accuracy/` and `loss/` by epoch (bars: test, best "
+             "validation), `gradient/` log10 of the mean gradient norm by distance from the last token "
+             "(the chart's step is the distance: the vanishing gradient), `test/`, `train/` by step and "
+             "by epoch, system metrics. Sweeps: group by the tag `dvc.exp_name` or by a param.",
+    "probe": "One run per `probe@<cell>` stage: the memory probe. `probe/accuracy` by distance of the "
+             "decisive token from the end (the chart's step is the distance), `probe/log10_dL_d*` the "
+             "gradient by steps from the end at the largest distance, over the first and last steps.",
+}
 TRACE_DIR = "grad_trace"
 MODEL_NAME = "model"         # `runs:/<run id>/model` loads the logged model of that name
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -266,8 +278,9 @@ class Tracker(NullTracker):
         cfg = params["mlflow"]
         if not cfg["enabled"]:
             return NullTracker()
-        experiment = cfg["probe_experiment"] if stage.startswith("probe@") else cfg["experiment"]
-        client, uri, experiment_id = connect(experiment)
+        probe = stage.startswith("probe@")
+        client, uri, experiment_id = connect(cfg["probe_experiment"] if probe else cfg["experiment"])
+        _describe(client, experiment_id, EXPERIMENT_NOTES["probe" if probe else "train"])
         tracker = None
         if resume and run_file is not None:
             tracker = cls._continue(client, uri, Path(run_file), cell, cfg["log_every_steps"])
@@ -622,6 +635,14 @@ class Tracker(NullTracker):
             self.first_error = one_line(exc)
             _warn(f"logging to {self.tracking_uri} failed ({self.first_error}); training goes on, "
                   "what cannot be logged is counted and reported at the end")
+
+
+def _describe(client: Any, experiment_id: str, note: str) -> None:
+    try:
+        if NOTE not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, NOTE, note)
+    except Exception as exc:  # noqa: BLE001 - a description is not worth failing a stage for
+        _warn(f"cannot describe experiment {experiment_id}: {one_line(exc)}")
 
 
 def _warn(message: str) -> None:

@@ -193,6 +193,7 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     assert experiment.artifact_location == (root / "mlartifacts").as_uri()
     # What makes MLflow 3's UI open the experiment on runs and models, not on GenAI traces.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "distance from the last token" in experiment.tags["mlflow.note.content"]
 
     tags = run.data.tags
     assert tags["cell"] == "lstm" and tags["dvc.stage"] == "train@lstm"
@@ -728,3 +729,16 @@ def test_logged_model_answers_invocations_on_loopback(project, tmp_path):
         stop_group(proc)
         log.close()
     assert np.allclose(predictions, rnn.load_model(folder).predict_proba(TEXTS), rtol=0, atol=1e-12)
+
+
+def test_rnn_ui_links_to_the_experiment_as_model_training_charts(project, monkeypatch, capsys):
+    from rnn import cli
+
+    Tracker.start(make_params(), "rnn", "train@rnn").end()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["ui", "--link-only", "--port", "5999"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "http://127.0.0.1:5999/#/experiments/1/runs?workflowType=machine_learning&compareRunsMode=CHART")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///nowhere.db")
+    assert cli.main(["ui", "--link-only"]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
