@@ -166,6 +166,9 @@ def test_train_evaluate_compare_write_their_declared_outputs(project, monkeypatc
             assert (project / "plots" / cell / png).read_bytes()[:4] == b"\x89PNG"
     summary = list(csv.DictReader(open(project / "reports/summary.csv")))
     assert [r["cell"] for r in summary] == ["rnn", "lstm"]
+    headline = json.loads((project / "reports/summary.json").read_text())
+    assert headline["test_accuracy"] == {r["cell"]: float(r["test_accuracy"]) for r in summary}
+    assert list(headline["val_accuracy"]) == ["rnn", "lstm"]
     assert (project / "reports/grad_trace.png").read_bytes()[:4] == b"\x89PNG"
 
 
