@@ -693,6 +693,19 @@ def test_identical_training_writes_identical_model_folders_and_evaluate_finds_th
     assert datasets == {f"imdb-{s}": dvc_md5(root / f"data/prepared/{s}.npz") for s in ("train", "val", "test")}
 
 
+def test_register_setting_makes_each_trained_model_a_registered_version(project):
+    for version in ("1", "2"):                # one version per training run
+        tracker = Tracker.start(make_params(register=True), "gru", "train@gru")
+        tracker.log_model(model_folder(project[0] / "models" / "gru", "gru"))
+        tracker.end()
+        registered = tracker.client.get_model_version("imdb-sentiment-gru", version)
+        assert (registered.run_id, registered.source) == (tracker.run_id, f"models:/{tracker.model_id}")
+    plain = Tracker.start(make_params(), "rnn", "train@rnn")            # off by default
+    plain.log_model(model_folder(project[0] / "models" / "rnn", "rnn"))
+    plain.end()
+    assert plain.client.search_registered_models(filter_string="name = 'imdb-sentiment-rnn'") == []
+
+
 def test_logged_model_answers_invocations_on_loopback(project, tmp_path):
     root, _ = project
     tracker = Tracker.start(make_params(), "lstm", "train@lstm")
