@@ -291,7 +291,7 @@ class Tracker(NullTracker):
 
                 write_json(run_file, {"run_id": tracker.run_id, "tracking_uri": uri,
                                       "experiment_id": tracker.experiment_id})
-        if cfg["register"]:
+        if cfg["register"] and stage.startswith("train@"):
             tracker.register_as = f"{cfg['experiment']}-{cell}"
         if stage.startswith(("train@", "probe@")):
             tracker._start_system_metrics(cfg["system_metrics_every"])
@@ -409,6 +409,9 @@ class Tracker(NullTracker):
             self._monitor.start()
         except ImportError:
             self._monitor = None
+        except Exception as exc:  # noqa: BLE001 - training goes on without system metrics
+            self._monitor = None
+            _warn(f"no system metrics: {one_line(exc)}")
 
     # -- logging ------------------------------------------------------------------------------
 
