@@ -755,3 +755,29 @@ def test_rnn_ui_links_to_the_experiment_as_model_training_charts(project, monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///nowhere.db")
     assert cli.main(["ui", "--link-only"]) == 2
     assert "no MLflow store" in capsys.readouterr().err
+
+
+def test_interrupted_train_stage_resumes_into_the_same_run(stage_project, monkeypatch):
+    root = stage_project
+    original = train.Progress.on_step
+
+    def ctrl_c_at_step_3(self, info):
+        original(self, info)
+        if info["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)       # fit stops after this step, checkpoint saved
+
+    monkeypatch.setattr(train.Progress, "on_step", ctrl_c_at_step_3)
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(train, "rnn", monkeypatch=monkeypatch)
+    assert stopped.value.code == 130
+    [run_file] = (root / "checkpoints" / "rnn").glob("*/mlflow_run.json")
+    run_id = json.loads(run_file.read_text())["run_id"]
+    monkeypatch.setattr(train.Progress, "on_step", original)
+    run_stage(train, "rnn", monkeypatch=monkeypatch)
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/step_loss")]
+    assert sorted(steps) == list(range(1, 7))       # 2 epochs x 3 batches, each step once
+    assert run.data.metrics["train/resumed"] == 1 and not run_file.exists()
