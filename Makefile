@@ -11,7 +11,7 @@ ifneq ($(IMDB_ARCHIVE),)
 export IMDB_ARCHIVE
 endif
 
-.PHONY: pipeline test bench venv
+.PHONY: pipeline test bench venv ui screenshots
 
 venv: $(PY)
 
@@ -35,3 +35,11 @@ test: $(VENV)/install-dev.stamp
 
 bench: $(VENV)/install.stamp
 	$(PY) benchmarks/speed.py
+
+# MLflow's UI on the project's runs; prints the link to the experiment's charts (Ctrl-C stops it).
+ui: $(VENV)/install.stamp
+	$(VENV)/bin/rnn ui
+
+# Retake the README's MLflow screenshots (docs/) from the current store: needs chromium and node.
+screenshots: $(VENV)/install.stamp
+	$(PY) docs/screenshots.py

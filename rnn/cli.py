@@ -6,6 +6,7 @@
     rnn explain  --model models/lstm "Not a bad film at all"    [--no-color] [--html page.html]
     rnn generate --model models/lm/lstm "This movie was"        [--tokens 60] [--temperature 0.8] [--seed 0]
     rnn runs     [--experiment NAME] [--tracking-uri URI]
+    rnn ui       [--port 5000] [--link-only]                    MLflow's UI on the project's runs
 
 Errors are reported in one line on stderr with exit status 2. pandas and mlflow are imported
 only by the subcommands that need them.
@@ -31,8 +32,12 @@ DEFAULT_EXPERIMENT = "imdb-sentiment"
 # Columns of `rnn runs`: the train settings each run trained with (the tracker logs them with the
 # cell's overrides merged, as "train.<name>"), then metrics as logged by train and evaluate.
 RUN_PARAMS = ("optimizer", "lr", "hidden_size", "num_layers", "pooling", "dropout")
-RUN_METRICS = {"test_acc": "test_accuracy", "test_auc": "test_roc_auc",
-               "best_val_acc": "best_val_accuracy", "epochs": "epochs_run"}
+RUN_METRICS = {"test_acc": "accuracy/test", "test_auc": "test/roc_auc",
+               "best_val_acc": "accuracy/val_best", "epochs": "train/epochs_run"}
+# MLflow 3's UI on a model-training experiment, its runs as charts. (Without workflowType a fresh
+# browser opens the GenAI view of traces, whatever the experiment.)
+UI_LINK = "{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+UI_START_TIMEOUT_S = 120
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     def command(name, run, help):
         s = sub.add_parser(name, help=help, description=help)
         s.set_defaults(run=run)
-        if name != "runs":
+        if name not in ("runs", "ui"):
             s.add_argument("--model", required=True, help="model folder, e.g. models/lstm")
         return s
 
@@ -89,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     s = command("runs", _runs, "List the MLflow runs of an experiment.")
     s.add_argument("--experiment", help="default: params.yaml mlflow.experiment, else " + DEFAULT_EXPERIMENT)
     s.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db")
+
+    s = command("ui", _ui, "Start MLflow's UI on the project's runs and print the link to the experiment.")
+    s.add_argument("--experiment", help="default: params.yaml mlflow.experiment, else " + DEFAULT_EXPERIMENT)
+    s.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db "
+                   "(an http(s) server is not started, only linked to)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    s.add_argument("--link-only", action="store_true", help="print the link, start nothing")
     return p
 
 
@@ -272,12 +285,18 @@ def _generate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------- runs
-def _runs(args) -> int:
+def _store(args) -> tuple[Path, str, str]:
+    """(project root, tracking URI, experiment name) of `runs` and `ui`."""
     root = _project_root()
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     experiment = args.experiment or _params_experiment(root) or DEFAULT_EXPERIMENT
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ValueError(f"no MLflow store at {uri[len('sqlite:///'):]}: nothing tracked yet")
+    return root, uri, experiment
+
+
+def _runs(args) -> int:
+    root, uri, experiment = _store(args)
     import pandas as pd
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -306,6 +325,70 @@ def _runs(args) -> int:
     print(f"experiment {experiment!r} ({uri}): {len(rows)} run{'s' * (len(rows) > 1)}, newest first")
     print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
     return 0
+
+
+# ----------------------------------------------------------------------------------------- ui
+def _ui(args) -> int:
+    """`mlflow ui` on the project's store (in the project root), the link printed once it answers;
+    runs until Ctrl-C. An http(s) tracking URI is a running server: only its link is printed."""
+    root, uri, experiment = _store(args)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    try:
+        exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    except MlflowException as e:
+        raise ValueError(f"{uri}: {e.message}") from None
+    if exp is None:
+        raise ValueError(f"no experiment {experiment!r} in {uri}")
+    serve = uri.startswith("sqlite:")
+    base = f"http://{args.host}:{args.port}" if serve else uri.rstrip("/")
+    link = UI_LINK.format(base=base, experiment_id=exp.experiment_id)
+    if args.link_only or not serve:
+        print(link)
+        return 0
+    import subprocess
+    import time
+    import urllib.request
+    # GenAI job runners (scorers) are not used by this project; without them the UI starts faster.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # stop the UI too
+    # Its own process group, so that stopping it also stops the uvicorn worker it starts.
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                             "--host", args.host, "--port", str(args.port), "--workers", "1"], cwd=root, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + UI_START_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise OSError(f"mlflow ui exited with status {proc.returncode} (is port {args.port} "
+                                  "in use? try --port)") from None
+                if time.monotonic() > deadline:
+                    raise OSError(f"mlflow ui did not answer at {base} within {UI_START_TIMEOUT_S} s") from None
+                time.sleep(0.3)
+        print(f"MLflow UI for experiment {experiment!r} ({uri}); Ctrl-C stops it:\n{link}", flush=True)
+        return proc.wait()
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc) -> None:
+    import signal
+    import subprocess
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _project_root() -> Path:

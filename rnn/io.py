@@ -43,9 +43,17 @@ def write_json(path: str | Path, obj) -> None:
         json.dump(obj, f, indent=2)
 
 
+# np.savez stamps each member with the current time; a fixed stamp makes equal arrays equal bytes,
+# so an unchanged model keeps its DVC hash and is stored once.
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
 def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_file(path) as f:
-        np.savez(f, **arrays)
+    """An uncompressed .npz (what np.savez writes) whose bytes depend only on the arrays."""
+    with atomic_file(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, array in arrays.items():
+            with z.open(zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_TIME), "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:

@@ -4,7 +4,8 @@
 
 Reads metrics/<cell>/{train,eval}.json and plots/<cell>/{history,grad_trace}.csv; writes
 reports/summary.md, reports/summary.csv, reports/val_accuracy.png and reports/grad_trace.png (the
-gradient norm against the distance from the last token: the vanishing-gradient picture).
+gradient norm against the distance from the last token: the vanishing-gradient picture), and
+reports/summary.json, the metrics `dvc exp show` opens with (test and validation accuracy per cell).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def _cell_text(column: str, value: object) -> str:
     return str(value)
 
 
+def summary_metrics(rows: list[dict]) -> dict:
+    """{"test_accuracy": {cell: ...}, "val_accuracy": {cell: best ...}}: the three cells side by side."""
+    return {"test_accuracy": {r["cell"]: r["test_accuracy"] for r in rows},
+            "val_accuracy": {r["cell"]: r["best_val_accuracy"] for r in rows}}
+
+
 def summary_markdown(rows: list[dict]) -> str:
     """The table as Markdown, the best test accuracy named, the figures linked."""
     lines = ["# RNN vs GRU vs LSTM on IMDB", "",
@@ -75,6 +82,7 @@ def run(cells: list[str], root: Path) -> list[dict]:
 
     with Outputs(root) as out:
         out.write_text("reports/summary.csv", summary_csv(rows))
+        out.write_json("reports/summary.json", summary_metrics(rows))
         out.write_text("reports/summary.md", summary_markdown(rows))
         out.save_figure("reports/val_accuracy.png", curves_figure(
             histories, "epoch", "validation accuracy", "Validation accuracy per epoch"))

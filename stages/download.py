@@ -172,7 +172,8 @@ def build_frames(
 
 
 def run(cfg: dict, root: Path, local_archive: str | None = None) -> dict:
-    """Produce data/raw/*.parquet and metrics/download.json under `root`; return the metrics."""
+    """Produce data/raw/*.parquet and data/raw/source.json (where the data came from: the archive,
+    its hashes, the counts) under `root`; return what source.json holds."""
     if local_archive:
         archive = Path(local_archive)
         if not archive.is_file():
@@ -205,7 +206,8 @@ def run(cfg: dict, root: Path, local_archive: str | None = None) -> dict:
     with Outputs(root) as out:
         for name, df in frames.items():
             out.write_parquet(f"data/raw/{name}.parquet", df)
-        out.write_json("metrics/download.json", metrics)
+        # Provenance, not a metric: kept out of `dvc exp show`'s columns, versioned with the data.
+        out.write_json("data/raw/source.json", metrics)
     return metrics
 
 

@@ -32,7 +32,7 @@ def main() -> None:
 
     from stages.tracking import Tracker
 
-    tracker = Tracker.resume(params, root / "models" / cell / "mlflow_run.json", f"evaluate@{cell}")
+    tracker = Tracker.for_model(params, root / "models" / cell, f"evaluate@{cell}")   # the run that trained it
     try:
         metrics = run(cell, params["evaluate"], root, tracker, resolve_workers(params["train"]["workers"]))
     except BaseException:
@@ -78,7 +78,8 @@ def run(cell: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dict:
         out.save_figure(f"{plots}/confusion.png", confusion_figure([[tn, fp], [fn, tp]], f"{cell}: test confusion matrix"))
         out.save_figure(f"{plots}/roc.png", roc_figure(fpr, tpr, auc, f"{cell}: test ROC"))
 
-    tracker.log_metrics({f"test_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k != "n"})
+    tracker.log_datasets(root, {"test": len(labels)})
+    tracker.log_test_metrics(scores, buckets)
     for name in ("roc.csv", "length_buckets.csv", "roc.png", "confusion.png"):
         tracker.log_artifact(root / plots / name, "evaluation")
     tracker.log_artifact(root / "metrics" / cell / "eval.json", "evaluation")

@@ -23,6 +23,9 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 LOCK_FILE = ".mlflow.lock"
 QUEUED_EXP_DIR = "/.dvc/tmp/exps/"
+# Marks the experiment as model training: MLflow 3's UI then opens it on its runs, charts and models
+# (without it, a fresh browser shows the GenAI view of traces). A kind chosen in the UI is kept.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 class TrackingUnavailable(ConnectionError):
@@ -141,9 +144,12 @@ def _get_or_create_experiment(client: Any, name: str, artifact_location: str | N
                 raise TrackingUnavailable(
                     f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
                     f"--experiment-id {experiment.experiment_id}) or set another mlflow.experiment")
+            if EXPERIMENT_KIND[0] not in experiment.tags:     # made before the tag existed
+                client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
             return experiment.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags=dict([EXPERIMENT_KIND]))
         except MlflowException as exc:
             # Another process (on another machine, for a server) created it in between.
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":

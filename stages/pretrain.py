@@ -61,7 +61,7 @@ def main() -> None:
 
     from stages.tracking import Tracker
 
-    tracker = Tracker.start(params, cell, f"pretrain@{cell}", run_hash)
+    tracker = Tracker.start(params, cell, f"pretrain@{cell}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
     try:
         tracker.log_params({f"pretrain.{k}": v for k, v in flat(cfg).items()})
         model, result, seconds = pretrain(cell, cfg, corpus, checkpoint_dir, workers, tracker)
@@ -177,8 +177,10 @@ def write_outputs(root: Path, cell: str, cfg: dict, run_hash: str, model: Langua
         out.write_json(f"metrics/{cell}/pretrain.json", metrics)
         out.write_text(f"plots/{cell}/pretrain.csv",
                        outputs.csv_text(HISTORY_COLUMNS, ([r[c] for c in HISTORY_COLUMNS] for r in history)))
-    tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    tracker.log_metrics({("perplexity/val_best" if k == "val_perplexity" else f"train/{k}"): float(v)
+                         for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.log_artifact(root / "plots" / cell / "pretrain.csv", "plots")
+    tracker.log_artifacts(root / "models" / "lm" / cell, "language_model")
     finished = result["checkpoint_dir"] / FINISHED       # kept for `reuse`; the checkpoint is done
     shutil.copytree(root / "models" / "lm" / cell, finished / "model")
     shutil.copy(root / "metrics" / cell / "pretrain.json", finished / "pretrain.json")

@@ -103,7 +103,7 @@ def run(cell: str, cfg: dict, root: Path, tracker=None) -> dict:
         print(f"probe {cell}: distance {d:4d}  accuracy {r['accuracy']:.3f}  grad ratio "
               f"{r['grad_ratio_first']:.1e} -> {r['grad_ratio_last']:.1e}  ({r['seconds']:.1f} s)", flush=True)
         if tracker is not None:
-            tracker.log_metrics({f"probe_{k}": r[k] for k in SCALARS[:-1]}, step=d)
+            tracker.log_metrics({f"probe/{k}": r[k] for k in SCALARS[:-1]}, step=d)    # step = distance
     metrics = {"cell": cell, **{key: {str(d): r[key] for d, r in results.items()} for key in SCALARS},
                "settings": {k: v for k, v in cfg.items() if k != "cells"},
                "total_seconds": time.perf_counter() - start}
@@ -119,6 +119,9 @@ def run(cell: str, cfg: dict, root: Path, tracker=None) -> dict:
             ["steps_from_end", *(f"{n}_{w}" for w, n in columns)],
             ([t, *(float(traces[w][n][t]) for w, n in columns)] for t in range(len(traces["first"]["a"])))))
     if tracker is not None:
+        for w, by_name in traces.items():     # log10 |dL/da| (and dL/dc) with step = steps from the end
+            for name, norms in sorted(by_name.items()):
+                tracker.log_series(f"probe/log10_dL_d{name}_{w}_steps", [float(v) for v in norms])
         for name in names:
             tracker.log_artifact(root / name)
     return metrics

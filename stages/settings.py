@@ -203,7 +203,11 @@ PROBE = {
 MLFLOW = {
     "enabled": Field(bool, True),
     "experiment": Field(str, "imdb-sentiment"),
+    "probe_experiment": Field(str, "memory-probe"),
+    "pretrain_experiment": Field(str, "language-models"),
     "log_every_steps": Field(int, 200, min=1),
+    "system_metrics_every": Field(float, 10.0, min=0),
+    "register": Field(bool, False),
 }
 SECTIONS = {"data": DATA, "prepare": PREPARE, "embed": EMBED, "pretrain": PRETRAIN, "train": TRAIN,
             "evaluate": EVALUATE, "probe": PROBE, "mlflow": MLFLOW}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rnn.errors import InputError
-from rnn.io import read_model, save_model, write_json
+from rnn.io import read_model, save_model
 from rnn.lm import load_encoder
 from rnn.model import ModelConfig, SentimentModel, encoder_names
 from rnn.optim import make_optimizer
@@ -42,12 +42,14 @@ def main() -> None:
     inputs = load_inputs(root, cfg["embed_dim"], width_key, f"models/lm/{cell}" if cfg["init"] == "lm" else None)
     workers = resolve_workers(params["train"]["workers"])
     run_hash = settings.run_hash(params, cell, "train", workers)
+    checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest(__file__)}")
 
     from stages.tracking import Tracker      # MLflow is imported only when tracking is on
 
-    tracker = Tracker.start(params, cell, f"train@{cell}", run_hash)
+    # The run's id is kept beside the checkpoint: a resumed training continues the same run.
+    tracker = Tracker.start(params, cell, f"train@{cell}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
     try:
-        model, result, seconds = train(cell, cfg, inputs, root, run_hash, workers, tracker)
+        model, result, seconds = train(cell, cfg, inputs, root, checkpoint_dir, resumed, workers, tracker)
         write_outputs(root, cell, cfg, run_hash, model, result, seconds, inputs["encoder"], tracker)
     except TrainingDiverged as exc:
         tracker.end(status="FAILED")
@@ -95,9 +97,10 @@ def load_inputs(root: Path, embed_dim: int, width_key: str = "train.embed_dim", 
             "digest": settings.digest([outputs.file_digest(f) for f in files])}
 
 
-def train(cell: str, cfg: dict, inputs: dict, root: Path, run_hash: str, workers: int, tracker) -> tuple:
-    """Build the model (its encoder from the language model with init lm), fit it (resuming a
-    checkpoint of the same key); returns (model, result, seconds)."""
+def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, resumed: bool, workers: int,
+          tracker) -> tuple:
+    """Build the model (its encoder from the language model with init lm), fit it (resuming the
+    checkpoint in checkpoint_dir if `resumed`); returns (model, result, seconds)."""
     t0 = time.perf_counter()
     config = ModelConfig(
         vocab_size=len(inputs["encoder"]["tokens"]), cell=cell, embed_dim=cfg["embed_dim"],
@@ -115,11 +118,11 @@ def train(cell: str, cfg: dict, inputs: dict, root: Path, run_hash: str, workers
             raise InputError(f"models/lm/{cell}: {exc}") from None
         lr_scale = dict.fromkeys(encoder_names(config), cfg["pretrained_lr_scale"])
     optimizer = make_optimizer(cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"], lr_scale=lr_scale)
-    checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest(__file__)}")
     train_data, val = inputs["train"], inputs["val"]
     tracker.log_params({"data.train_size": len(train_data.labels), "data.val_size": len(val.labels),
                         "data.max_len": train_data.ids.shape[1], "data.vocab_size": config.vocab_size,
                         "model.num_parameters": model.num_parameters()})
+    tracker.log_datasets(root, {"train": len(train_data.labels), "val": len(val.labels)})
     progress = Progress(cell, cfg["epochs"])
     try:
         result = fit(model, optimizer, train_data, val, train_config(cfg, workers), np.random.default_rng([cfg["seed"], 1]),
@@ -147,19 +150,22 @@ def write_outputs(root: Path, cell: str, cfg: dict, run_hash: str, model: Sentim
     figure = grad_trace_figure({f"epoch {e}": outputs.trace_series(rows, e) for e in epochs},
                                f"{cell}: gradient norm vs distance from the last token")
     with Outputs(root) as out:
-        # The same hash as the MLflow run's params_hash tag: a model folder leads to its run.
+        # Nothing run-specific in the folder (no run id, no time): identical training, identical
+        # bytes, one copy in a DVC remote. Its MLflow run carries the folder's digest as a tag.
         folder = out.path(f"models/{cell}", folder=True)
         save_model(folder, model, encoder=encoder,
                    metadata={"cell": cell, "params_hash": run_hash, "best_epoch": result["best_epoch"],
                              "best_val_accuracy": result["best_val_accuracy"], "train": cfg})
-        write_json(folder / "mlflow_run.json", tracker.run_record())
         out.write_json(f"metrics/{cell}/train.json", metrics)
         out.write_text(f"plots/{cell}/history.csv", outputs.history_csv(history))
         out.write_text(f"plots/{cell}/grad_trace.csv", outputs.trace_csv(rows))
         out.save_figure(f"plots/{cell}/grad_trace.png", figure)
-    tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.log_artifacts(root / "models" / cell, "model")
+    tracker.set_model_digest(root / "models" / cell)
+    tracker.log_model(root / "models" / cell)
+    tracker.log_summary(metrics, result["traces"])
     tracker.log_artifact(root / "plots" / cell / "history.csv", "plots")
+    for name in ("grad_trace.csv", "grad_trace.png"):        # every epoch, also after a resume
+        tracker.log_artifact(root / "plots" / cell / name, "grad_trace")
     shutil.rmtree(result["checkpoint_dir"], ignore_errors=True)
 
 

@@ -171,8 +171,8 @@ def test_runs_lists_the_experiment(capsys, tmp_path, monkeypatch):
         for key, value in {"train.lr": lr, "train.hidden_size": 128, "train.overrides": over,
                            "train.clip.mode": "norm"}.items():
             client.log_param(r.info.run_id, key, value)
-        client.log_metric(r.info.run_id, "test_accuracy", acc)
-        client.log_metric(r.info.run_id, "epochs_run", 6)
+        client.log_metric(r.info.run_id, "accuracy/test", acc)
+        client.log_metric(r.info.run_id, "train/epochs_run", 6)
         client.set_terminated(r.info.run_id)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))

@@ -2,7 +2,8 @@
 
 download -> prepare -> embed -> train@<cell> -> evaluate@<cell> -> compare via `dvc repro`, then
 a second `dvc repro` that must find nothing to do, then `dvc exp run -S train.lr=...` that
-`dvc exp show` must list. MLflow writes to a SQLite store inside the copy.
+`dvc exp show` must list, opening with the cells' accuracies. MLflow writes to a SQLite store
+beside the copy, which the test opens: every run the stages promise is there.
 """
 
 from __future__ import annotations
@@ -77,9 +78,7 @@ def _csv(path: Path) -> list[dict]:
 def _check_outputs(root: Path) -> None:
     for cell in CELLS:
         model = root / "models" / cell
-        for name in ("weights.npz", "config.json", "encoder.json", "mlflow_run.json"):
-            assert (model / name).is_file(), model / name
-        assert json.loads((model / "mlflow_run.json").read_text())["run_id"]
+        assert sorted(p.name for p in model.iterdir()) == ["config.json", "encoder.json", "weights.npz"]
         train = json.loads((root / "metrics" / cell / "train.json").read_text())
         assert train["epochs_run"] == 1 and 0 <= train["best_val_accuracy"] <= 1
         evaluation = json.loads((root / "metrics" / cell / "eval.json").read_text())
@@ -103,6 +102,8 @@ def _check_outputs(root: Path) -> None:
         assert [int(r["epoch"]) for r in _csv(root / "plots" / cell / "pretrain.csv")] == [1]
     summary = _csv(root / "reports" / "summary.csv")
     assert [r["cell"] for r in summary] == CELLS
+    headline = json.loads((root / "reports" / "summary.json").read_text())
+    assert list(headline) == ["test_accuracy", "val_accuracy"] and list(headline["test_accuracy"]) == CELLS
     assert "| lstm |" in (root / "reports" / "summary.md").read_text()
     for png in ("val_accuracy.png", "grad_trace.png"):
         assert (root / "reports" / png).read_bytes()[:4] == b"\x89PNG"
@@ -117,11 +118,12 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path) -> None:
     _run(["git", "commit", "-q", "-m", "project"], root, env)
 
     stages = _run(dvc + ["stage", "list", "--name-only"], root, env).stdout.split()
-    assert [f"train@{c}" for c in CELLS] + [f"evaluate@{c}" for c in CELLS] + ["compare"] == \
+    assert ["compare"] + [f"train@{c}" for c in CELLS] + [f"evaluate@{c}" for c in CELLS] == \
         [s for s in stages if s.startswith(("train@", "evaluate@", "compare"))]
 
     _run(dvc + ["repro"], root, env)
     _check_outputs(root)
+    _check_mlflow_store(root, env["MLFLOW_TRACKING_URI"])
     _run(["git", "add", "."], root, env)
     _run(["git", "commit", "-q", "-m", "pipeline outputs"], root, env)
 
@@ -140,6 +142,40 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path) -> None:
                    for rev in exp["revs"]]
     lrs = [rev["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for rev in experiments]
     assert 0.005 in lrs, f"dvc exp show lists no experiment with train.lr=0.005: {lrs}"
+    # The metric columns open with the headline; provenance is no metric.
+    metric_files = list(shown[0]["data"]["metrics"])
+    assert metric_files[0] == "reports/summary.json" and not any("download" in f for f in metric_files)
+
+
+def _check_mlflow_store(root: Path, uri: str) -> None:
+    """The store the stages logged to, through MLflow's API: one run per cell holding training and
+    test metrics, datasets with DVC's hashes, a logged model; the probe runs; the experiment kind."""
+    from mlflow import MlflowClient
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    dvc_md5 = {o["path"]: o["md5"] for o in lock["prepare"]["outs"]}
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("imdb-sentiment")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == sorted(CELLS)
+    for cell in CELLS:
+        run = runs[cell]
+        assert run.info.status == "FINISHED" and run.data.tags["dvc.stages"] == f"train@{cell},evaluate@{cell}"
+        evaluation = json.loads((root / "metrics" / cell / "eval.json").read_text())
+        assert run.data.metrics["accuracy/test"] == evaluation["accuracy"]
+        assert {"accuracy/val", "loss/train", "gradient/log10_dL_da_last_epoch"} <= set(run.data.metrics)
+        assert ("gradient/log10_dL_dc_last_epoch" in run.data.metrics) == (cell == "lstm")
+        datasets = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+        assert datasets == {f"imdb-{s}": dvc_md5[f"data/prepared/{s}.npz"] for s in ("train", "val", "test")}
+        [model] = run.outputs.model_outputs
+        assert client.get_logged_model(model.model_id).source_run_id == run.info.run_id
+    probe = client.get_experiment_by_name("memory-probe")
+    runs = {r.info.run_name: r for r in client.search_runs([probe.experiment_id])}
+    assert sorted(runs) == sorted(f"probe@{c}" for c in CELLS)
+    for cell in CELLS:
+        history = client.get_metric_history(runs[f"probe@{cell}"].info.run_id, "probe/accuracy")
+        assert sorted(m.step for m in history) == [1, 3]          # step = distance
 
 
 def _check_what_reruns(root: Path, env: dict) -> None:

@@ -112,10 +112,13 @@ def test_config_validation():
 
 class RecordingTracker:
     def __init__(self):
-        self.metrics, self.artifacts = [], []
+        self.metrics, self.artifacts, self.series = [], [], {}
 
     def log_metrics(self, metrics, step=None):
         self.metrics.append((step, dict(metrics)))
+
+    def log_series(self, key, values):
+        self.series[key] = list(values)
 
     def log_artifact(self, path):
         self.artifacts.append(Path(path).name)
@@ -129,7 +132,10 @@ def test_tiny_probe_writes_metrics_plots_and_report(tmp_path):
         assert set(metrics["accuracy"]) == {"1", "4"}
         assert all(0 <= a <= 1 for a in metrics["accuracy"].values())
     assert [step for step, _ in tracker.metrics] == [1, 4]       # MLflow's step axis is the distance
-    assert set(tracker.metrics[0][1]) >= {"probe_accuracy", "probe_grad_ratio_last"}
+    assert set(tracker.metrics[0][1]) >= {"probe/accuracy", "probe/grad_ratio_last"}
+    # The gradient trace at the largest distance, step = steps from the end (T = 4 + 1 + lead).
+    assert sorted(tracker.series) == ["probe/log10_dL_da_first_steps", "probe/log10_dL_da_last_steps"]
+    assert len(tracker.series["probe/log10_dL_da_last_steps"]) == 4 + 1 + cfg["lead"]
     assert tracker.artifacts == ["rnn.json", "rnn.csv", "rnn_trace.csv"]
     saved = json.loads((tmp_path / "probe/lstm.json").read_text())
     assert saved["settings"]["steps"] == 6 and saved["accuracy"] == metrics["accuracy"]

@@ -28,7 +28,7 @@ DATA_CFG = {"url": "unused", "md5": "unused", "limit": None, "retries": 0, "time
 
 def raw_outputs(root: Path) -> list[Path]:
     return [p for p in (root / "data/raw/train.parquet", root / "data/raw/test.parquet",
-                        root / "data/raw/unsup.parquet", root / "metrics/download.json") if p.exists()]
+                        root / "data/raw/unsup.parquet", root / "data/raw/source.json") if p.exists()]
 
 
 def test_download_reads_archive(tmp_path, make_imdb_archive):
@@ -47,7 +47,7 @@ def test_download_reads_archive(tmp_path, make_imdb_archive):
     assert (unsup["label"] == -1).all() and (unsup["rating"] == 0).all()
     pos_text = " ".join(train.loc[train.label == 1, "text"])
     assert "<br /><br />" in pos_text and "great" in pos_text or "loved" in pos_text
-    saved = json.loads((tmp_path / "metrics/download.json").read_text())
+    saved = json.loads((tmp_path / "data/raw/source.json").read_text())
     assert saved == metrics
     assert saved["counts"]["train"] == {"total": 24, "pos": 12, "neg": 12}
     assert saved["source"] == str(archive) and len(saved["sha256"]) == 64 and saved["decode_errors"] == 0
@@ -262,7 +262,7 @@ def test_scripts_run_in_project_dir(tmp_path, make_imdb_archive):
     for name in ("download", "prepare", "embed"):
         proc = run_script(name, tmp_path, IMDB_ARCHIVE=str(archive))
         assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "metrics/download.json").read_text())["counts"]["train"]["total"] == 16
+    assert json.loads((tmp_path / "data/raw/source.json").read_text())["counts"]["train"]["total"] == 16
     assert json.loads((tmp_path / "metrics/prepare.json").read_text())["splits"]["val"] == 4
     assert np.load(tmp_path / "data/embeddings.npy").shape[1] == 8
 

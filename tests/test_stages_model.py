@@ -150,7 +150,8 @@ def test_train_evaluate_compare_write_their_declared_outputs(project, monkeypatc
         meta = json.loads((project / "models" / cell / "config.json").read_text())
         assert meta["model"]["cell"] == cell and meta["model"]["hidden_size"] == 6
         assert meta["metadata"]["best_epoch"] in (1, 2) and meta["metadata"]["params_hash"]
-        assert json.loads((project / "models" / cell / "mlflow_run.json").read_text())["run_id"] is None
+        assert sorted(p.name for p in (project / "models" / cell).iterdir()) == [
+            "config.json", "encoder.json", "weights.npz"]                # no run id in the model
         m = json.loads((project / "metrics" / cell / "train.json").read_text())
         assert m["epochs_run"] == 2 and m["steps"] == 8 and m["resumed"] is False
         hist = list(csv.DictReader(open(project / "plots" / cell / "history.csv")))
@@ -170,6 +171,9 @@ def test_train_evaluate_compare_write_their_declared_outputs(project, monkeypatc
             assert (project / "plots" / cell / png).read_bytes()[:4] == b"\x89PNG"
     summary = list(csv.DictReader(open(project / "reports/summary.csv")))
     assert [r["cell"] for r in summary] == ["rnn", "lstm"]
+    headline = json.loads((project / "reports/summary.json").read_text())
+    assert headline["test_accuracy"] == {r["cell"]: float(r["test_accuracy"]) for r in summary}
+    assert list(headline["val_accuracy"]) == ["rnn", "lstm"]
     assert (project / "reports/grad_trace.png").read_bytes()[:4] == b"\x89PNG"
 
 
