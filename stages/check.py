@@ -39,6 +39,7 @@ MEMO = "data/download/checked_archives.json"
 def main() -> None:
     root = project_root()
     params = settings.load(root / "params.yaml")
+    check_dvc_params(settings.read_yaml(root / "params.yaml"), params["train"]["cells"])
     data = params["data"]
     local = os.environ.get("IMDB_ARCHIVE") or None
     source = archive.describe_source(data["url"], data["md5"], local)
@@ -56,6 +57,16 @@ def main() -> None:
         out.write_json(VECTORS, vectors)
         out.write_text(CHECKED, "params.yaml and the environment passed stages/check.py\n")
     print(f"check: params.yaml valid; source {json.dumps(source)}")
+
+
+def check_dvc_params(raw: dict, cells: list[str]) -> None:
+    """dvc.yaml's train@<cell> reads the key train.overrides.<cell>: DVC refuses to run it when the key
+    is missing, but only once the stages before it have run."""
+    overrides = (raw.get("train") or {}).get("overrides") or {}
+    for cell in cells:
+        if cell not in overrides:
+            raise InputError(f"params.yaml: train.overrides.{cell} is missing: dvc.yaml's train@{cell} "
+                             f"reads it (write `{cell}: {{}}` under train.overrides)")
 
 
 def pretrained_vectors(root: Path, embed: dict) -> Path | None:
