@@ -36,7 +36,7 @@ def atomic_file(path: str | Path, mode: str = "wb"):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is None:           # a full disk: say which file could not be written
+        if e.filename in (None, str(tmp)):      # a full disk: name the file, not the temporary
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     finally:

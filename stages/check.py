@@ -39,7 +39,8 @@ MEMO = "data/download/checked_archives.json"
 def main() -> None:
     root = project_root()
     params = settings.load(root / "params.yaml")
-    check_dvc_params(settings.read_yaml(root / "params.yaml"), params["train"]["cells"])
+    if (root / "dvc.yaml").is_file():
+        check_dvc_params(settings.read_yaml(root / "params.yaml"), params["train"]["cells"])
     data = params["data"]
     local = os.environ.get("IMDB_ARCHIVE") or None
     source = archive.describe_source(data["url"], data["md5"], local)
@@ -61,7 +62,7 @@ def main() -> None:
 
 def check_dvc_params(raw: dict, cells: list[str]) -> None:
     """dvc.yaml's train@<cell> reads the key train.overrides.<cell>: DVC refuses to run it when the key
-    is missing, but only once the stages before it have run."""
+    is missing (the schema's default does not count), but only once the stages before it have run."""
     overrides = (raw.get("train") or {}).get("overrides") or {}
     for cell in cells:
         if cell not in overrides:

@@ -95,10 +95,13 @@ class Outputs:
         """A temporary path to write the output `rel` (relative to the root) to; a folder if asked."""
         final = self.root / rel
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        self._remove(tmp)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        if folder:
-            tmp.mkdir()
+        try:
+            self._remove(tmp)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            if folder:
+                tmp.mkdir()
+        except OSError as exc:                 # a read-only folder: name the output, not the temporary
+            raise OSError(exc.errno, exc.strerror, str(rel)) from None
         self.pending.append((tmp, final))
         return tmp
 
