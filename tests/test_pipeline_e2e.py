@@ -230,8 +230,8 @@ def _failed(args: list[str], cwd: Path, env: dict) -> str:
 
 
 def _check_mistakes_touch_nothing(root: Path, env: dict) -> None:
-    """A typo in params.yaml, a missing archive or a dead tracking server stops `dvc repro` and
-    `dvc exp run` in the check stage, before DVC removes any output (issue 17, item 4)."""
+    """A typo in params.yaml or a missing archive stops `dvc repro` and `dvc exp run` in the check
+    stage, before DVC removes any output (issue 17, item 4)."""
     dvc = [sys.executable, "-m", "dvc"]
     before = _outputs_digest(root)
     params = root / "params.yaml"
@@ -247,9 +247,9 @@ def _check_mistakes_touch_nothing(root: Path, env: dict) -> None:
             assert _outputs_digest(root) == {k: v for k, v in before.items() if k not in check_outs}
     finally:
         params.write_text(original)
-    for name, value in (("IMDB_ARCHIVE", str(root / "no-such.tar.gz")), ("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")):
-        out = _failed(dvc + ["repro"], root, {**env, name: value})
-        assert _ran(out) == ["check"] and ("no such file" in out or "unreachable" in out), out
+    # Any failure of the check stops DVC the same way; test_reliability.py has the other kinds.
+    out = _failed(dvc + ["repro"], root, {**env, "IMDB_ARCHIVE": str(root / "no-such.tar.gz")})
+    assert _ran(out) == ["check"] and "no-such.tar.gz: no such file" in out, out
     _run(dvc + ["repro"], root, env)                    # the check's own outputs come back
     assert _outputs_digest(root) == before
 
@@ -265,7 +265,5 @@ def _check_the_archive_is_a_dependency(root: Path, env: dict, tmp_path: Path) ->
     other = build_imdb_archive(tmp_path / "other.tar.gz", n_per_class=N_TEST // 2, unsup=5, seed=1)
     out = _run(dvc + ["repro", "download"], root, {**env, "IMDB_ARCHIVE": str(other)}).stdout
     assert _ran(out) == ["check", "download"], out
-    stale = json.loads(_run(dvc + ["status", "--json"], root, {**env, "IMDB_ARCHIVE": str(other)}).stdout)
-    assert {"prepare", "embed"} <= set(stale), stale
     _run(dvc + ["repro", "download"], root, env)        # back to the first archive's data
     assert set(json.loads(_run(dvc + ["status", "--json"], root, env).stdout)) == {"check"}
