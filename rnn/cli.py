@@ -183,8 +183,8 @@ def _read_labelled_dir(folder: Path) -> tuple[list[str], list[int]]:
             texts.append(f.read_text(encoding="utf-8", errors="replace"))
             labels.append(label)
     if skipped:
-        print(f"rnn evaluate: skipped {len(skipped)} .txt entr{'y' if len(skipped) == 1 else 'ies'} that "
-              f"are not regular files (e.g. {skipped[0]})", file=sys.stderr)
+        what = "entry that is not a regular file" if len(skipped) == 1 else "entries that are not regular files"
+        print(f"rnn evaluate: skipped {len(skipped)} .txt {what} (e.g. {skipped[0]})", file=sys.stderr)
     if not texts:
         raise ValueError(f"{folder}: no reviews in pos/*.txt or neg/*.txt")
     return texts, labels

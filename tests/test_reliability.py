@@ -349,7 +349,7 @@ def test_a_fifo_among_the_reviews_is_skipped_not_read(tmp_path, toy_model):
                            str(tmp_path), "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n"] == 2
-    assert "skipped 1 .txt entry that are not regular files" in proc.stderr
+    assert "skipped 1 .txt entry that is not a regular file" in proc.stderr
 
 
 def test_json_output_is_json_for_every_review(capsys, toy_model):
