@@ -41,7 +41,7 @@ MAX_LEN = 10_000                # tokens per review, = rnn.text.MAX_LEN (IMDB's 
 # a MemoryError after DVC removed the outputs. Training holds ~16 bytes per parameter (weights,
 # gradient, two Adam moments) and ~4 bytes per cached activation value.
 MAX_PARAMETERS = 100_000_000    # the pipeline's default models have 2.1 M (the embedding: 2.0 M)
-MAX_ACTIVATIONS = 500_000_000   # values cached per training step; defaults: 13 M (lstm)
+MAX_ACTIVATIONS = 500_000_000   # values cached per training step; defaults: 20 M (lstm)
 
 
 class ParamsError(InputError):
