@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .io import atomic_file
 from .losses import sigmoid
 from .metrics import binary_metrics
@@ -29,6 +31,7 @@ from .text import tokenize
 
 LABEL_VALUES = {"1": 1, "1.0": 1, "pos": 1, "positive": 1, "0": 0, "0.0": 0, "neg": 0, "negative": 0}
 DEFAULT_EXPERIMENT = "imdb-sentiment"
+STORE_TIMEOUT_S = 5.0          # `rnn runs` gives up on a store that does not answer within this
 # Columns of `rnn runs`: the train settings each run trained with (the tracker logs them with the
 # cell's overrides merged, as "train.<name>"), then metrics as logged by train and evaluate.
 RUN_PARAMS = ("optimizer", "lr", "hidden_size", "num_layers", "pooling", "dropout")
@@ -113,12 +116,12 @@ def _predict(args) -> int:
     texts = args.texts or (_read_texts(Path(args.file)) if args.file else _stdin_lines())
     if not texts:
         raise ValueError(f"no reviews in {args.file or 'standard input'}")
-    probs = predictor.predict_proba(texts)
+    probs = _probabilities(predictor, texts, args.model)
     if args.json:
         for text, p in zip(texts, probs):
             label = LABELS[int(p >= 0.5)]
             print(json.dumps({"text": text, "label": label, "probability": round(float(max(p, 1 - p)), 6),
-                              "p_positive": round(float(p), 6)}, ensure_ascii=False))
+                              "p_positive": round(float(p), 6)}, ensure_ascii=False, allow_nan=False))
         return 0
     print(f"{'label':<9} {'prob':>5}  text")
     for text, p in zip(texts, probs):
@@ -126,11 +129,30 @@ def _predict(args) -> int:
     return 0
 
 
+def _probabilities(predictor, texts: list[str], model: str, workers: int = 1):
+    """P(positive) (N,), on `workers` processes; an error rather than NaN if the model's arithmetic
+    overflows."""
+    ids, lengths = predictor.encoder.encode(texts)
+    probs = sigmoid(predictor.model.predict_logits(ids, lengths, workers=workers))
+    bad = int(len(probs) - np.count_nonzero(np.isfinite(probs)))
+    if bad:
+        raise ValueError(f"{model}: the model gives no finite probability for {bad} of {len(probs)} reviews "
+                         "(its weights overflow float arithmetic)")
+    return probs
+
+
 def _read_texts(path: Path) -> list[str]:
     """Reviews of a .csv's 'text' column, or the non-blank lines of any other file."""
     if path.suffix.lower() == ".csv":
         return _read_csv(path, ["text"])["text"].tolist()
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise ValueError(f"{path}: not a text file (it holds NUL bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _read_csv(path: Path, columns: list[str]):
@@ -166,11 +188,10 @@ def _evaluate(args) -> int:
     predictor = load_model(args.model)
     source = Path(args.dir or args.csv)
     texts, labels = _read_labelled_dir(source) if args.dir else _read_labelled_csv(source)
-    ids, lengths = predictor.encoder.encode(texts)
-    m = binary_metrics(labels, sigmoid(predictor.model.predict_logits(ids, lengths, workers=workers)))
+    m = binary_metrics(labels, _probabilities(predictor, texts, args.model, workers))
     positives = sum(labels)
     if args.json:
-        print(json.dumps({"model": args.model, "data": str(source), **m}))
+        print(json.dumps({"model": args.model, "data": str(source), **m}, allow_nan=False))
         return 0
     print(f"model      {args.model}\ndata       {source}: {m['n']} reviews "
           f"({positives} positive, {m['n'] - positives} negative)")
@@ -186,12 +207,18 @@ def _evaluate(args) -> int:
 def _read_labelled_dir(folder: Path) -> tuple[list[str], list[int]]:
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder")
-    texts, labels = [], []
+    texts, labels, skipped = [], [], []
     for label, name in ((1, "pos"), (0, "neg")):
         for f in sorted((folder / name).glob("*.txt")):
+            if not f.is_file():              # a FIFO would block the read forever; a folder fails it
+                skipped.append(f)
+                continue
             # Corpora other than IMDB are not always clean UTF-8; a stray byte should not stop scoring.
             texts.append(f.read_text(encoding="utf-8", errors="replace"))
             labels.append(label)
+    if skipped:
+        what = "entry that is not a regular file" if len(skipped) == 1 else "entries that are not regular files"
+        print(f"rnn evaluate: skipped {len(skipped)} .txt {what} (e.g. {skipped[0]})", file=sys.stderr)
     if not texts:
         raise ValueError(f"{folder}: no reviews in pos/*.txt or neg/*.txt")
     return texts, labels
@@ -290,8 +317,7 @@ def _store(args) -> tuple[Path, str, str]:
     root = _project_root()
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     experiment = args.experiment or _params_experiment(root) or DEFAULT_EXPERIMENT
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ValueError(f"no MLflow store at {uri[len('sqlite:///'):]}: nothing tracked yet")
+    _check_store(uri)
     return root, uri, experiment
 
 
@@ -300,6 +326,9 @@ def _runs(args) -> int:
     import pandas as pd
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+    if uri.startswith(("http://", "https://")):   # a server that dies now: seconds, not MLflow's minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(STORE_TIMEOUT_S)))
     try:
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
@@ -307,8 +336,12 @@ def _runs(args) -> int:
             raise ValueError(f"no experiment {experiment!r} in {uri}")
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
                                   max_results=10_000)
+    except ValueError:
+        raise
     except MlflowException as e:
         raise ValueError(f"{uri}: {e.message}") from None
+    except Exception as e:           # SQLAlchemy's or requests' errors from a damaged or dying store
+        raise ValueError(f"MLflow store {uri}: {type(e).__name__}: {e}") from None
     if not runs:
         print(f"no runs in experiment {experiment!r} ({uri})")
         return 0
@@ -389,6 +422,41 @@ def _stop_group(proc) -> None:
             return
         except subprocess.TimeoutExpired:
             pass
+
+
+def _check_store(uri: str) -> None:
+    """Fail in one line, within STORE_TIMEOUT_S, when the store cannot be read: no server answers at
+    an http(s) URI, or an SQLite file is missing or no MLflow database (what the pipeline's check
+    stage does too, stages/mlstore.py)."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+        url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=probe"
+        try:
+            with urllib.request.urlopen(url, timeout=STORE_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            pass                                   # any HTTP status is an answer
+        except OSError as e:                       # URLError, refused, timed out
+            reason = getattr(e, "reason", e)
+            raise ValueError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, "
+                             "or fix --tracking-uri / MLFLOW_TRACKING_URI") from None
+    elif uri.startswith("sqlite:///"):
+        import contextlib
+        import sqlite3
+        db = Path(uri[len("sqlite:///"):].partition("?")[0])
+        if not db.is_file():
+            raise ValueError(f"no MLflow store at {db}: nothing tracked yet")
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True,
+                                                    timeout=STORE_TIMEOUT_S)) as con:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if "experiments" in tables:
+                    con.execute("SELECT count(*) FROM experiments").fetchone()
+        except sqlite3.Error as e:
+            raise ValueError(f"MLflow store {uri}: {db} is not a usable SQLite database ({e})") from None
+        if "experiments" not in tables:
+            raise ValueError(f"MLflow store {uri}: {db} is an SQLite database without MLflow's tables")
 
 
 def _project_root() -> Path:

@@ -10,6 +10,7 @@ import json
 import os
 import zipfile
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from .lm import LanguageModel
 from .model import ModelConfig, SentimentModel, parameter_shapes
 
 WEIGHTS, CONFIG, ENCODER = "weights.npz", "config.json", "encoder.json"
+MAX_PARAMETERS = 1 << 30     # 4 GiB of float32: a config.json promising more is refused before loading
 
 
 @contextmanager
@@ -34,6 +36,10 @@ def atomic_file(path: str | Path, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, str(tmp)):      # a full disk: name the file, not the temporary
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -56,11 +62,21 @@ def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
-def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file; object arrays (which would need pickle) are refused."""
+def load_arrays(path: str | Path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file; object arrays (which would need pickle) are refused, and so is a
+    file whose arrays would unpack to more than `max_bytes` (a small compressed file can hold
+    gigabytes of zeros)."""
     try:
+        if not zipfile.is_zipfile(path):     # else NumPy's hint would be to allow pickle
+            raise ValueError("not a zip archive")
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(info.file_size for info in z.infolist())
+        if max_bytes is not None and unpacked > max_bytes:
+            raise ValueError(f"its arrays unpack to {unpacked:,} bytes, more than the {max_bytes:,} expected")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable .npz file ({e})") from None
 
@@ -75,6 +91,20 @@ def save_model(folder: str | Path, model: SentimentModel | LanguageModel, encode
         write_json(folder / ENCODER, encoder)
 
 
+_JSON_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"),
+               "bool": ((bool,), "true or false"), "str": ((str,), "a string")}
+
+
+def _check_config_types(d: dict) -> None:
+    """Each key of a model config has its field's JSON type (true is not a number), so that a
+    hand-edited config.json fails naming the key rather than deep inside the model."""
+    for field in fields(ModelConfig):
+        if field.name in d and field.type in _JSON_TYPES:
+            value, (types, name) = d[field.name], _JSON_TYPES[field.type]
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                raise ValueError(f"{field.name} = {json.dumps(value)}: must be {name}")
+
+
 def read_model(folder: str | Path) -> tuple[SentimentModel | LanguageModel, dict | None, dict]:
     """Read a model folder. Returns (model, encoder dict or None, metadata).
 
@@ -85,11 +115,18 @@ def read_model(folder: str | Path) -> tuple[SentimentModel | LanguageModel, dict
             raise InputError(f"{folder}: no {name}: not a model folder")
     try:
         meta = json.loads((folder / CONFIG).read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+            raise ValueError('no "model" mapping')
+        _check_config_types(meta["model"])
         config = ModelConfig.from_dict(meta["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise InputError(f"{folder / CONFIG}: bad model config: {e}") from None
-    arrays = load_arrays(folder / WEIGHTS)
     expected = parameter_shapes(config)
+    n = sum(int(np.prod(shape)) for shape in expected.values())
+    if n > MAX_PARAMETERS:
+        raise InputError(f"{folder / CONFIG}: the config describes {n:.3g} parameters, more than {MAX_PARAMETERS:.0e}")
+    # A loose bound (float64 is 8 bytes): it only has to stop a compressed file of gigabytes of zeros.
+    arrays = load_arrays(folder / WEIGHTS, max_bytes=16 * n + (1 << 20))
     missing = sorted(set(expected) - set(arrays))
     if missing:
         raise InputError(f"{folder / WEIGHTS}: missing arrays {', '.join(missing)}")
@@ -99,6 +136,9 @@ def read_model(folder: str | Path) -> tuple[SentimentModel | LanguageModel, dict
         if arrays[name].shape != shape:
             raise InputError(f"{folder / WEIGHTS}: {name} has shape {arrays[name].shape}, "
                              f"config says {shape}")
+        bad = int(arrays[name].size - np.count_nonzero(np.isfinite(arrays[name])))
+        if bad:
+            raise InputError(f"{folder / WEIGHTS}: {name} holds {bad} NaN or infinite values")
     params = {k: np.ascontiguousarray(arrays[k], dtype=config.dtype) for k in expected}
     encoder = None
     if (folder / ENCODER).is_file():

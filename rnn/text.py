@@ -20,6 +20,9 @@ UNK = 1
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 TRUNCATE_MODES = ("head", "tail", "both")
+# Encoding pads every review to max_len ids: a larger max_len (say 1e12 in a hand-edited encoder.json)
+# would only allocate memory. IMDB's longest review has ~2,500 tokens.
+MAX_LEN = 10_000
 
 _TAG = re.compile(r"</?[a-zA-Z][^>]*>")
 # Curly apostrophes are common in reviews; without this "don’t" would split.
@@ -163,8 +166,10 @@ class TextEncoder:
     def __post_init__(self) -> None:
         if self.truncate not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {', '.join(TRUNCATE_MODES)}, got {self.truncate!r}")
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if isinstance(self.max_len, bool) or not isinstance(self.max_len, (int, np.integer)):
+            raise ValueError(f"max_len must be an integer, got {self.max_len!r}")
+        if not 1 <= self.max_len <= MAX_LEN:
+            raise ValueError(f"max_len must lie in [1, {MAX_LEN}], got {self.max_len}")
 
     def encode(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         return encode_texts(texts, self.vocab, self.max_len, self.truncate)
@@ -174,4 +179,8 @@ class TextEncoder:
 
     @classmethod
     def from_dict(cls, d: dict) -> TextEncoder:
-        return cls(Vocabulary(d["tokens"]), int(d["max_len"]), d["truncate"])
+        if not isinstance(d, dict) or not isinstance(d.get("tokens"), list):
+            raise ValueError("expected a mapping with a list of tokens")
+        if not all(isinstance(t, str) for t in d["tokens"]):
+            raise ValueError("tokens must be strings")
+        return cls(Vocabulary(d["tokens"]), d.get("max_len"), d.get("truncate"))

@@ -242,7 +242,10 @@ def _save_checkpoint(path: Path, run: dict, model, optimizer, best_params, rng) 
 
 def _load_checkpoint(path: Path, model, optimizer, rng) -> tuple[dict, dict]:
     """Everything is checked before anything is assigned: a bad checkpoint leaves the model as it was."""
-    arrays = load_arrays(path)
+    try:
+        arrays = load_arrays(path)
+    except InputError as e:
+        raise InputError(f"{e}; delete it to restart") from None
     try:
         meta = json.loads(arrays.pop("meta_json").tobytes())
         for k, p in model.params.items():

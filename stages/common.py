@@ -76,17 +76,32 @@ class Outputs:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.publish()
-        else:
-            self.discard()
+            return
+        renamed = self._final_name(exc) if isinstance(exc, OSError) else None
+        self.discard()
+        if renamed is not None:
+            raise OSError(exc.errno, exc.strerror, renamed) from None
+
+    def _final_name(self, exc: OSError) -> str | None:
+        """An error inside a folder output (models/.lstm.tmp-42/weights.npz) names the file the
+        user knows (models/lstm/weights.npz)."""
+        name = str(exc.filename or "")
+        for tmp, final in self.pending:
+            if name == str(tmp) or name.startswith(f"{tmp}/"):
+                return str(final.relative_to(self.root)) + name[len(str(tmp)):]
+        return None
 
     def path(self, rel: str | Path, folder: bool = False) -> Path:
         """A temporary path to write the output `rel` (relative to the root) to; a folder if asked."""
         final = self.root / rel
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        self._remove(tmp)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        if folder:
-            tmp.mkdir()
+        try:
+            self._remove(tmp)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            if folder:
+                tmp.mkdir()
+        except OSError as exc:                 # a read-only folder: name the output, not the temporary
+            raise OSError(exc.errno, exc.strerror, str(rel)) from None
         self.pending.append((tmp, final))
         return tmp
 

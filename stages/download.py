@@ -1,26 +1,21 @@
 """Stage `download`: fetch (or take a local copy of) the IMDB archive and turn it into parquet.
 
-The archive is read by streaming its members, never extracted, so a hostile
-member name or link can't write outside the project. Nothing is written until
-every split has been read and checked.
+    python -m stages.download
 
-Env var IMDB_ARCHIVE names a local archive to use instead of downloading; it is
-verified by structure (layout and file names), not by checksum, since offline
-copies may be repacked.
+Reads the archive data/source.json names (the check stage writes it, see stages/archive.py): the
+local copy named by env var IMDB_ARCHIVE, which must be the one the check stage hashed, or else the
+official download (md5-checked). The archive is streamed, never extracted, and nothing is written
+until every split has been read and checked.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import json
 import os
-import posixpath
-import re
 import sys
-import tarfile
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +23,8 @@ import pandas as pd
 
 from rnn.errors import InputError
 from stages import settings
+from stages.archive import DOWNLOADED, LABELS, SOURCE, file_hashes, read_archive, source_mismatch
 from stages.common import Outputs, project_root, run_stage
-
-# (split, class dir) pairs that must exist and be non-empty; label per class.
-SPLITS = {"train": ("pos", "neg", "unsup"), "test": ("pos", "neg")}
-LABELS = {"pos": 1, "neg": 0, "unsup": -1}
-_MEMBER = re.compile(r"^aclImdb/(train|test)/(pos|neg|unsup)/([^/]+)$")
-_REVIEW = re.compile(r"^(\d+)_(\d+)\.txt$")
-
-
-def file_hashes(path: Path) -> tuple[str, str]:
-    """(md5, sha256) hex digests of a file."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            md5.update(chunk)
-            sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
 
 
 def fetch(url: str, dest: Path, md5: str, retries: int, timeout: float) -> Path:
@@ -80,58 +60,6 @@ def fetch(url: str, dest: Path, md5: str, retries: int, timeout: float) -> Path:
         return dest
     part.unlink(missing_ok=True)
     raise OSError(f"{url}: download failed after {retries + 1} attempts: {last_error}")
-
-
-def _safe_name(archive: Path, member: tarfile.TarInfo) -> str:
-    """Normalized member path; reject anything that could escape or isn't a plain file/dir."""
-    name = member.name
-    norm = posixpath.normpath(name.replace("\\", "/"))
-    if name.startswith("/") or norm == ".." or norm.startswith("../") or re.match(r"^[A-Za-z]:", name):
-        raise InputError(f"{archive}: unsafe member path {name!r}")
-    if not (member.isreg() or member.isdir()):
-        kind = "link" if (member.issym() or member.islnk()) else "special file"
-        raise InputError(f"{archive}: refusing {kind} member {name!r}")
-    return norm
-
-
-def read_archive(archive: Path) -> dict[tuple[str, str], dict[int, tuple[int, bytes]]]:
-    """Stream the archive; return {(split, class): {id: (rating, raw bytes)}} after checks."""
-    found: dict[tuple[str, str], dict[int, tuple[int, bytes]]] = {
-        (s, c): {} for s, classes in SPLITS.items() for c in classes
-    }
-    try:
-        # gzip.GzipFile rather than tarfile's "r|gz": tarfile treats a cut-off gzip
-        # stream as a normal end of archive, GzipFile raises EOFError instead.
-        with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw) as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
-            for member in tar:
-                name = _safe_name(archive, member)
-                m = _MEMBER.match(name)
-                if not m or not member.isreg() or (m[1], m[2]) not in found:
-                    continue  # README, vocab, bag-of-words features, url lists ...
-                r = _REVIEW.match(m[3])
-                if not r:
-                    if m[3].endswith(".txt"):
-                        raise InputError(f"{archive}: review file name not <id>_<rating>.txt: {name!r}")
-                    continue
-                rid, rating = int(r[1]), int(r[2])
-                bucket = found[(m[1], m[2])]
-                if rid in bucket:
-                    raise InputError(f"{archive}: duplicate review id {rid} in {m[1]}/{m[2]}")
-                f = tar.extractfile(member)
-                assert f is not None  # regular file
-                bucket[rid] = (rating, f.read())
-            while gz.read(1 << 20):  # reach the gzip trailer so truncation and CRC errors surface
-                pass
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise InputError(f"{archive}: corrupt or truncated archive ({exc})") from None
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError) or not archive.is_file():
-            raise FileNotFoundError(f"{archive}: archive not found") from None
-        raise InputError(f"{archive}: corrupt or truncated archive ({exc})") from None
-    for (split, cls), bucket in found.items():
-        if not bucket:
-            raise InputError(f"{archive}: missing or empty split aclImdb/{split}/{cls}")
-    return found
 
 
 def _subset(ids: list[int], n: int | None) -> list[int]:
@@ -171,23 +99,28 @@ def build_frames(
     return frames, decode_errors
 
 
-def run(cfg: dict, root: Path, local_archive: str | None = None) -> dict:
+def run(cfg: dict, root: Path, local_archive: str | None = None, source: dict | None = None) -> dict:
     """Produce data/raw/*.parquet and data/raw/source.json (where the data came from: the archive,
-    its hashes, the counts) under `root`; return what source.json holds."""
+    its hashes, the counts) under `root`; return what source.json holds.
+
+    source: data/source.json's content (the check stage's); when given, the archive must be the one
+    it names."""
     if local_archive:
         archive = Path(local_archive)
         if not archive.is_file():
             raise FileNotFoundError(f"IMDB_ARCHIVE={local_archive}: no such file")
-        source = str(archive)
+        origin = str(archive)
     else:
         archive = fetch(
-            cfg["url"], root / "data/download/aclImdb_v1.tar.gz", cfg["md5"], cfg["retries"], cfg["timeout"]
+            cfg["url"], root / DOWNLOADED, cfg["md5"], cfg["retries"], cfg["timeout"]
         )
-        source = cfg["url"]
+        origin = cfg["url"]
     t0 = time.perf_counter()
+    md5, sha256 = file_hashes(archive)
+    if source is not None and (why := source_mismatch(source, local_archive, sha256)):
+        raise InputError(f"{why}: the archive changed after the check stage ran; run `dvc repro` again")
     found = read_archive(archive)
     frames, decode_errors = build_frames(found, cfg["limit"])
-    md5, sha256 = file_hashes(archive)
     print(f"read {archive} in {time.perf_counter() - t0:.1f}s")
 
     counts = {}
@@ -196,7 +129,7 @@ def run(cfg: dict, root: Path, local_archive: str | None = None) -> dict:
         keys = {1: "pos", 0: "neg", -1: "unsup"}
         counts[name] = {"total": len(df), **{keys[k]: int(v) for k, v in sorted(by_label.items())}}
     metrics = {
-        "source": source,
+        "source": origin,
         "md5": md5,
         "sha256": sha256,
         "limit": cfg["limit"],
@@ -211,10 +144,30 @@ def run(cfg: dict, root: Path, local_archive: str | None = None) -> dict:
     return metrics
 
 
+def read_source(root: Path) -> dict:
+    """data/source.json (what the check stage saw): {"archive": {sha256, size}} or {"url", "md5"}."""
+    path = root / SOURCE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run the check stage first: python -m stages.check)")
+    try:
+        source = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(source, dict) or not (isinstance(source.get("archive"), dict) or "url" in source):
+        raise InputError(f"{path}: names neither an archive nor a url; run the check stage again")
+    return source
+
+
 def main() -> None:
     root = project_root()
     cfg = settings.load(root / "params.yaml")["data"]
-    metrics = run(cfg, root, os.environ.get("IMDB_ARCHIVE") or None)
+    source = read_source(root)
+    local = os.environ.get("IMDB_ARCHIVE") or None
+    if why := source_mismatch(source, local):
+        raise InputError(f"{why}; run `dvc repro` (or python -m stages.check) again")
+    if "url" in source:                  # the download the check stage validated
+        cfg = {**cfg, "url": source["url"], "md5": source["md5"]}
+    metrics = run(cfg, root, local, source)
     print(f"counts: {metrics['counts']}, decode_errors: {metrics['decode_errors']}")
 
 

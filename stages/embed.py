@@ -22,7 +22,7 @@ from rnn.errors import InputError
 from rnn.text import PAD, UNK, TextEncoder, tokenize
 from stages import settings
 from stages.common import Outputs, project_root, run_stage
-from stages.outputs import load_vocab
+from stages.outputs import VECTORS, describe_vectors, load_vocab, read_json
 
 
 def read_pretrained(path: Path, vocab_index: dict[str, int], dim: int) -> dict[int, np.ndarray]:
@@ -130,7 +130,20 @@ def run(cfg: dict, dim: int, root: Path) -> dict:
 def main() -> None:
     root = project_root()
     params = settings.load(root / "params.yaml")
+    check_vectors(root, params["embed"])
     print(run(params["embed"], params["train"]["embed_dim"], root))
+
+
+def check_vectors(root: Path, cfg: dict) -> None:
+    """The pretrained vectors must be those the check stage described in data/vectors.json (the
+    dependency that reruns this stage when they change)."""
+    described = read_json(root / VECTORS, "check")
+    path = root / cfg["path"] if cfg["method"] == "pretrained" and cfg["path"] else None
+    if path is not None and not path.is_file():
+        return                                   # build_embeddings names the missing file
+    if described != describe_vectors(path):
+        raise InputError(f"{root / VECTORS} does not describe embed.path's file as it is now; "
+                         "run `dvc repro` (or python -m stages.check) again")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def run(cell: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dict:
     """Evaluate models/<cell> on the test split (on `workers` processes; the scores do not depend
     on how many), write the outputs, log them; returns eval metrics."""
     t0 = time.perf_counter()
-    model, _, _ = read_model(root / "models" / cell)
+    model, encoder, _ = read_model(root / "models" / cell)
+    outputs.check_model_fits_data(root / "models" / cell, encoder, root / "data/prepared/vocab.json")
     test = outputs.load_split(root / "data/prepared/test.npz")
     labels = test["labels"].astype(np.int64)
     probs = model.predict_proba(test["ids"], test["lengths"], cfg["batch_size"], workers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ QUEUED_EXP_DIR = "/.dvc/tmp/exps/"
 # Marks the experiment as model training: MLflow 3's UI then opens it on its runs, charts and models
 # (without it, a fresh browser shows the GenAI view of traces). A kind chosen in the UI is kept.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+FIX = "fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml"
 
 
 class TrackingUnavailable(ConnectionError):
@@ -82,6 +84,41 @@ def tracking_location(root: Path, environ: Mapping[str, str] | None = None) -> t
     return f"sqlite:///{db.as_posix()}" + (f"?{query}" if query else ""), (db.parent / DEFAULT_ARTIFACTS).as_uri()
 
 
+def check_store() -> str:
+    """Check, cheaply and without importing MLflow, that the store `connect` would use is usable: a
+    server answers, an SQLite file is a readable database in a writable folder. Returns its URI; a
+    TrackingUnavailable in one line otherwise. What the check stage runs before any output is touched."""
+    uri, _ = tracking_location(resolve_root())
+    if uri.startswith(("http://", "https://")):
+        _probe_http(uri)
+    elif uri.startswith("sqlite:///"):
+        _check_sqlite(uri)
+    return uri
+
+
+def _check_sqlite(uri: str) -> Path:
+    """The database file of a sqlite:/// URI, after checking it is a readable SQLite database (when it
+    exists) in a folder this process may write to (SQLite writes a journal beside it)."""
+    db = Path(uri[len("sqlite:///"):].partition("?")[0])
+    folder = next(p for p in (db.parent, *db.parent.parents) if p.exists())
+    if not folder.is_dir():
+        raise TrackingUnavailable(f"MLflow store {uri}: {folder} is not a folder; {FIX}")
+    if db.exists():
+        if not db.is_file():
+            raise TrackingUnavailable(f"MLflow store {uri}: {db} is not a file; {FIX}")
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)) as con:
+                tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if "experiments" in tables:
+                    con.execute("SELECT count(*) FROM experiments").fetchone()
+        except sqlite3.Error as exc:
+            raise TrackingUnavailable(f"MLflow store {uri}: {db} is not a usable SQLite database "
+                                      f"({one_line(exc)}); move it away, {FIX}") from None
+    if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        raise TrackingUnavailable(f"MLflow store {uri}: {db if db.exists() else folder} is not writable; {FIX}")
+    return db
+
+
 def _probe_http(uri: str) -> None:
     """Fail fast when nothing answers at an http(s) tracking URI (any HTTP status is an answer)."""
     url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=probe"
@@ -93,8 +130,7 @@ def _probe_http(uri: str) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is unreachable ({one_line(reason)}); start it, "
-            "fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml") from None
+            f"MLflow tracking server {uri} is unreachable ({one_line(reason)}); start it, {FIX}") from None
 
 
 @contextlib.contextmanager
@@ -114,7 +150,12 @@ def connect(experiment: str) -> tuple[Any, str, str]:
     root = resolve_root()
     uri, artifact_location = tracking_location(root)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):].partition("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+        db = _check_sqlite(uri)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingUnavailable(f"MLflow store {uri}: cannot create {db.parent} ({one_line(exc)}); {FIX}") \
+                from None
     if uri.startswith(("http://", "https://")):
         _probe_http(uri)
         # Once a run is going, a dead server must not stall training for minutes per request

@@ -131,3 +131,33 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# data/vectors.json: the pretrained vectors file (embed.path) by content, written by the check stage
+# on every `dvc repro` and a dependency of the embed stage, so that new vectors in the same file
+# rerun it: {"pretrained": {"sha256", "size"}}, or {"pretrained": null} for the other methods.
+VECTORS = "data/vectors.json"
+
+
+def describe_vectors(path: Path | None) -> dict:
+    return {"pretrained": None if path is None else {"sha256": file_digest(path), "size": path.stat().st_size}}
+
+
+def check_model_fits_data(model_folder: Path, encoder: dict | None, vocab_path: Path) -> None:
+    """A model and prepared data pair up only if the model's encoder.json is the vocab.json the data
+    was encoded with: token ids from another vocabulary give a wrong accuracy, or an IndexError."""
+    vocab = load_vocab(vocab_path)
+    mine = model_folder / "encoder.json"
+    if encoder is None:
+        raise InputError(f"{mine}: missing, so the model cannot be matched with {vocab_path}; retrain it")
+    if encoder == vocab:
+        return
+    a, b = encoder.get("tokens") or [], vocab["tokens"]
+    if a != b:
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        why = f"vocabularies of {len(a)} and {len(b)} tokens, first different at id {first}"
+    else:
+        why = ", ".join(f"{k} {encoder.get(k)!r} vs {vocab.get(k)!r}" for k in sorted(set(encoder) | set(vocab))
+                        if encoder.get(k) != vocab.get(k))
+    raise InputError(f"{mine} and {vocab_path} differ ({why}): the model was trained on other prepared "
+                     "data; retrain it (dvc repro)")

@@ -35,6 +35,13 @@ CLIP_MODES = ("none", "value", "norm")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PROBE_VARIANTS = ("signal", "order")
 TRUNCATE_MODES = ("head", "tail", "both")
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}      # gate blocks per cell: parameter and activation sizes
+MAX_LEN = 10_000                # tokens per review, = rnn.text.MAX_LEN (IMDB's longest: ~2,500)
+# What one process may build: a typo such as hidden_size: 1000000 is refused in one line instead of
+# a MemoryError after DVC removed the outputs. Training holds ~16 bytes per parameter (weights,
+# gradient, two Adam moments) and ~4 bytes per cached activation value.
+MAX_PARAMETERS = 100_000_000    # the pipeline's default models have 2.1 M (the embedding: 2.0 M)
+MAX_ACTIVATIONS = 500_000_000   # values cached per training step; defaults: 20 M (lstm)
 
 
 class ParamsError(InputError):
@@ -98,15 +105,23 @@ def _workers(v: int | str) -> str | None:
     return "must be an integer >= 1 or auto"
 
 
+def _url(v: str) -> str | None:
+    return None if re.match(r"^(https?|ftp|file)://\S+$", v) else "must be an http(s), ftp or file URL"
+
+
+def _md5(v: str) -> str | None:
+    return None if re.fullmatch(r"[0-9a-fA-F]{32}", v) else "must be 32 hexadecimal digits"
+
+
 DATA = {
-    "url": Field(str, "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"),
-    "md5": Field(str, "7c2ac02c03563afcf9b574c7e56c153a"),
+    "url": Field(str, "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz", check=_url),
+    "md5": Field(str, "7c2ac02c03563afcf9b574c7e56c153a", check=_md5),
     "limit": Field(int, None, min=1),
     "retries": Field(int, 3, min=0),
     "timeout": Field(float, 60.0, min=0, min_exclusive=True),
 }
 PREPARE = {
-    "max_len": Field(int, 400, min=1),
+    "max_len": Field(int, 400, min=1, max=MAX_LEN),
     "truncate": Field(str, "both", choices=TRUNCATE_MODES),
     "vocab_size": Field(int, 20000, min=2),
     "min_freq": Field(int, 2, min=1),
@@ -223,12 +238,51 @@ def _cross_checks(params: dict, source: str) -> None:
     if probe["trace_steps"] > probe["steps"]:
         raise ParamsError(f"{source}: probe.trace_steps = {probe['trace_steps']}: must be <= probe.steps")
     probe["distances"] = sorted(probe["distances"])
-    for cell in params["train"]["cells"]:
+    train = params["train"]
+    for cell, over in train["overrides"].items():
+        if over and cell not in train["cells"]:
+            raise ParamsError(f"{source}: train.overrides.{cell} is set but {cell} is not in train.cells "
+                              f"{train['cells']}: it would never be used (add the cell or remove the override)")
+        if over.get("embed_dim", train["embed_dim"]) != train["embed_dim"]:
+            raise ParamsError(f"{source}: train.overrides.{cell}.embed_dim = {over['embed_dim']}: must equal "
+                              f"train.embed_dim = {train['embed_dim']}, the width of the embed stage's vectors")
+    for cell in train["cells"]:
         cfg = cell_settings(params, cell)
         if cfg["init"] == "lm" and cfg["bidirectional"]:
-            where = "train.overrides." + cell if "bidirectional" in params["train"]["overrides"].get(cell, {}) else "train"
+            where = f"train.overrides.{cell}" if "bidirectional" in train["overrides"].get(cell, {}) else "train"
             raise ParamsError(f"{source}: {where}.bidirectional = true: needs train.init = embeddings "
                               "(the pretrained language model reads left to right only)")
+        _check_size(source, f"train ({cell})", cell, params["prepare"]["vocab_size"], cfg["embed_dim"],
+                    cfg["hidden_size"], cfg["num_layers"], cfg["bidirectional"], cfg["batch_size"],
+                    params["prepare"]["max_len"], "prepare.vocab_size", "prepare.max_len")
+    for cell in probe["cells"]:
+        _check_size(source, f"probe ({cell})", cell, probe["vocab_size"], probe["embed_dim"], probe["hidden_size"],
+                    1, False, probe["batch_size"], probe["distances"][-1] + 1 + probe["lead"],
+                    "probe.vocab_size", "the longest probe sequence")
+
+
+def model_size(cell: str, vocab_size: int, embed_dim: int, hidden_size: int, num_layers: int,
+               bidirectional: bool) -> int:
+    """Parameters of rnn.SentimentModel with these sizes (GRU's reset_after adds H per layer: not counted)."""
+    G, H, dirs = GATES[cell], hidden_size, 2 if bidirectional else 1
+    recurrent = sum(dirs * G * H * ((embed_dim if k == 0 else dirs * H) + H + 1) for k in range(num_layers))
+    return vocab_size * embed_dim + recurrent + dirs * H + 1
+
+
+def _check_size(source: str, where: str, cell: str, vocab_size: int, embed_dim: int, hidden_size: int,
+                num_layers: int, bidirectional: bool, batch_size: int, length: int, vocab_key: str,
+                length_key: str) -> None:
+    n = model_size(cell, vocab_size, embed_dim, hidden_size, num_layers, bidirectional)
+    sizes = (f"{vocab_key} {vocab_size}, embed_dim {embed_dim}, hidden_size {hidden_size}, "
+             f"num_layers {num_layers}")
+    if n > MAX_PARAMETERS:
+        raise ParamsError(f"{source}: {where}: {sizes}: the model would have {n:.3g} parameters, more than "
+                          f"the {MAX_PARAMETERS:.0e} one process may train")
+    cached = batch_size * length * (GATES[cell] + 2) * hidden_size * num_layers * (2 if bidirectional else 1)
+    if cached > MAX_ACTIVATIONS:
+        raise ParamsError(f"{source}: {where}: batch_size {batch_size} x {length_key} {length} x hidden_size "
+                          f"{hidden_size} x num_layers {num_layers}: a training step would cache {cached:.3g} "
+                          f"values, more than {MAX_ACTIVATIONS:.0e}")
 
 
 # ------------------------------------------------------------------------------------ loading

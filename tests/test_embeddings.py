@@ -206,7 +206,7 @@ def test_embed_script_svd_on_synthetic_archive(tmp_path, make_imdb_archive):
     )
     env = ({k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
            | {"IMDB_ARCHIVE": str(make_imdb_archive()), "PYTHONPATH": str(ROOT)})
-    for name in ("download", "prepare", "embed"):
+    for name in ("check", "download", "prepare", "embed"):
         proc = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr

@@ -173,3 +173,24 @@ def test_library_defaults_equal_the_pipelines_but_the_documented_ones():
                 same = field.default == pipeline[field.name]
                 assert same != (field.name in LIBRARY_OWN), f"{cls.__name__}.{field.name}"
     assert compared >= 14
+
+
+def test_size_limits_are_rnns_own():
+    """settings bounds the model it lets a stage build with rnn's own arithmetic (written out there so
+    that the settings module loads no model code)."""
+    import numpy as np
+
+    from rnn import ModelConfig, SentimentModel
+    from rnn.cells import CELLS as CELL_KINDS
+    from rnn.text import MAX_LEN
+
+    assert settings.MAX_LEN == MAX_LEN == settings.PREPARE["max_len"].max
+    assert settings.GATES == {cell: CELL_KINDS[cell].gates for cell in settings.CELLS}
+    for cell in settings.CELLS:
+        for layers, bidirectional in ((1, False), (2, True)):
+            config = ModelConfig(vocab_size=17, cell=cell, embed_dim=5, hidden_size=3, num_layers=layers,
+                                 bidirectional=bidirectional)
+            model = SentimentModel.create(config, np.random.default_rng(0))
+            assert settings.model_size(cell, 17, 5, 3, layers, bidirectional) == model.num_parameters()
+    # The pipeline's default LSTM (2.1 M parameters) is far from the bound.
+    assert settings.model_size("lstm", 20000, 100, 128, 1, False) < settings.MAX_PARAMETERS / 40

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -259,7 +260,7 @@ def run_script(name: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 def test_scripts_run_in_project_dir(tmp_path, make_imdb_archive):
     archive = make_imdb_archive(n_per_class=10)
     (tmp_path / "params.yaml").write_text(PARAMS)
-    for name in ("download", "prepare", "embed"):
+    for name in ("check", "download", "prepare", "embed"):
         proc = run_script(name, tmp_path, IMDB_ARCHIVE=str(archive))
         assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "data/raw/source.json").read_text())["counts"]["train"]["total"] == 16
@@ -274,8 +275,72 @@ def test_script_errors_are_one_line_exit_2(tmp_path, make_imdb_archive):
     assert proc.stderr == "error: params.yaml: unknown key data.limitt (did you mean data.limit?)\n"
 
     archive = make_imdb_archive(n_per_class=2, extra_members=[("../x.txt", b"x")])
-    (tmp_path / "params.yaml").write_text("data: {}\n")
-    proc = run_script("download", tmp_path, IMDB_ARCHIVE=str(archive))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: ") and "unsafe member path '../x.txt'" in proc.stderr
-    assert raw_outputs(tmp_path) == []
+    (tmp_path / "params.yaml").write_text("data: {}\nmlflow: {enabled: false}\n")
+    for stage in ("check", "download"):          # the check reads the archive as download would
+        proc = run_script(stage, tmp_path, IMDB_ARCHIVE=str(archive))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert proc.stderr.startswith("error: ")
+        assert "unsafe member path '../x.txt'" in proc.stderr or "source.json: not found" in proc.stderr
+    assert raw_outputs(tmp_path) == [] and not (tmp_path / "data/source.json").exists()
+
+
+# --- the network path (issue 17 item 13): a file:// URL stands in for the server ----------------
+
+def test_fetch_downloads_through_a_part_file_and_keeps_the_copy(tmp_path, make_imdb_archive):
+    source = make_imdb_archive(n_per_class=3)
+    md5 = download.file_hashes(source)[0]
+    dest = tmp_path / "data/download/aclImdb_v1.tar.gz"
+    assert download.fetch(source.as_uri(), dest, md5, retries=0, timeout=5) == dest
+    assert dest.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name], "the .part file was left behind"
+
+
+def test_fetch_retries_after_network_errors_then_gives_up(tmp_path, make_imdb_archive, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    source = make_imdb_archive(n_per_class=3)
+    md5 = download.file_hashes(source)[0]
+    real_urlopen, failures = urllib.request.urlopen, []
+
+    def flaky(url, timeout):
+        if len(failures) < 2:
+            failures.append(url)
+            raise urllib.error.URLError("connection reset by peer")
+        return real_urlopen(url, timeout=timeout)
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", flaky)
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    dest = tmp_path / "a.tar.gz"
+    assert download.fetch(source.as_uri(), dest, md5, retries=2, timeout=5) == dest
+    err = capsys.readouterr().err
+    assert "retry 1/2 after: <urlopen error connection reset by peer>" in err and "retry 2/2" in err
+    assert dest.read_bytes() == source.read_bytes()
+
+    failures.clear()
+    with pytest.raises(OSError, match=r"download failed after 2 attempts: .*connection reset by peer"):
+        download.fetch(source.as_uri(), tmp_path / "b.tar.gz", md5, retries=1, timeout=5)
+    assert not list(tmp_path.glob("b.tar.gz*"))
+
+
+def test_check_and_download_stages_fetch_from_the_url(tmp_path, make_imdb_archive):
+    source = make_imdb_archive(n_per_class=10)
+    md5 = download.file_hashes(source)[0]
+    (tmp_path / "params.yaml").write_text(
+        f"data: {{url: '{source.as_uri()}', md5: '{md5}', limit: 16, retries: 0}}\nmlflow: {{enabled: false}}\n")
+    for name in ("check", "download"):
+        proc = run_script(name, tmp_path, IMDB_ARCHIVE="")
+        assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "data/source.json").read_text()) == {"url": source.as_uri(), "md5": md5}
+    metrics = json.loads((tmp_path / "data/raw/source.json").read_text())
+    assert metrics["source"] == source.as_uri() and metrics["md5"] == md5
+    assert (tmp_path / "data/download/aclImdb_v1.tar.gz").read_bytes() == source.read_bytes()
+    assert len(pd.read_parquet(tmp_path / "data/raw/train.parquet")) == 16
+    # A wrong md5 is refused and nothing is kept: not the .part file, not the outputs.
+    (tmp_path / "params.yaml").write_text(
+        f"data: {{url: '{source.as_uri()}', md5: '{'0' * 32}', retries: 0}}\nmlflow: {{enabled: false}}\n")
+    shutil.rmtree(tmp_path / "data")
+    for name in ("check", "download"):
+        proc = run_script(name, tmp_path, IMDB_ARCHIVE="")
+    assert proc.returncode == 2 and "md5 mismatch" in proc.stderr
+    assert not list((tmp_path / "data/download").iterdir()) and not (tmp_path / "data/raw").exists()

@@ -193,7 +193,11 @@ def test_embed_dim_must_match_the_embeddings(project, monkeypatch):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["overrides"] = {"lstm": {"embed_dim": E + 1}}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match=rf"train.overrides.lstm.embed_dim = {E + 1}: must equal the width {E}"):
+    with pytest.raises(ParamsError, match=rf"train.overrides.lstm.embed_dim = {E + 1}: must equal train.embed_dim = {E}"):
+        _main(train, "lstm", monkeypatch=monkeypatch)
+    params["train"].update(overrides={}, embed_dim=E + 1)       # embeddings older than the setting
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=rf"train.embed_dim = {E + 1}: must equal the width {E}"):
         _main(train, "lstm", monkeypatch=monkeypatch)
 
 
@@ -226,3 +230,50 @@ def test_pretrain_then_train_from_the_language_model(project, monkeypatch, capsy
     trained = np.load(project / "models/gru/weights.npz")
     assert trained["rnn.l0.W_h"].shape == lm["rnn.l0.W_h"].shape
     assert not np.array_equal(trained["rnn.l0.W_h"], lm["rnn.l0.W_h"]) and "lm.W" not in trained
+
+
+# ------------------------------------------------- evaluate: labels it must get right (issue 17)
+def _token_two_detector(vocab_size: int) -> "SentimentModel":
+    """An RNN that answers "positive" exactly when token 2 occurs (the label of `_split`'s reviews):
+    embedding 5 for token 2 and 0 otherwise, a = tanh(x), max pooling, logit 10 * max_t a_t - 5."""
+    from rnn import ModelConfig, SentimentModel
+    config = ModelConfig(vocab_size=vocab_size, cell="rnn", embed_dim=1, hidden_size=1, pooling="max")
+    params = {"embedding.weight": np.zeros((vocab_size, 1), np.float32), "rnn.l0.W_x": np.ones((1, 1), np.float32),
+              "rnn.l0.W_h": np.zeros((1, 1), np.float32), "rnn.l0.b": np.zeros(1, np.float32),
+              "fc.W": np.full((1, 1), 10, np.float32), "fc.b": np.full(1, -5, np.float32)}
+    params["embedding.weight"][2] = 5
+    return SentimentModel(config, params)
+
+
+def test_evaluate_scores_a_model_that_is_always_right_as_always_right(project, monkeypatch):
+    from rnn.io import save_model
+    vocab = outputs.load_vocab(project / "data/prepared/vocab.json")
+    save_model(project / "models/rnn", _token_two_detector(V), encoder=vocab)
+    _main(evaluate, "rnn", monkeypatch=monkeypatch)
+    labels = np.load(project / "data/prepared/test.npz")["labels"]
+    ev = json.loads((project / "metrics/rnn/eval.json").read_text())
+    assert ev["accuracy"] == 1.0 and ev["roc_auc"] == 1.0 and ev["f1"] == 1.0
+    assert ev["confusion"] == {"tn": int((labels == 0).sum()), "fp": 0, "fn": 0, "tp": int(labels.sum())}
+    rows = list(csv.DictReader(open(project / "plots/rnn/confusion.csv")))
+    assert [int(r["actual"]) for r in rows] == labels.tolist() == [int(r["predicted"]) for r in rows]
+    roc = list(csv.DictReader(open(project / "plots/rnn/roc.csv")))
+    assert any(float(r["fpr"]) == 0 and float(r["tpr"]) == 1 for r in roc)   # the perfect corner
+
+
+@pytest.mark.parametrize("vocabulary", ["smaller", "same size, other words", "other max_len"])
+def test_evaluate_refuses_a_model_trained_on_another_vocabulary(project, monkeypatch, vocabulary):
+    """Issue 17 item 2: after prepare.vocab_size changes, `dvc repro -s evaluate@<cell>` scored token
+    ids from another vocabulary (or crashed with an IndexError)."""
+    from rnn.errors import InputError
+    from rnn.io import save_model
+    vocab = outputs.load_vocab(project / "data/prepared/vocab.json")
+    tokens = vocab["tokens"]
+    other = {"smaller": {**vocab, "tokens": tokens[:-5]},
+             "same size, other words": {**vocab, "tokens": tokens[:2] + tokens[:1:-1]},
+             "other max_len": {**vocab, "max_len": vocab["max_len"] + 1}}[vocabulary]
+    save_model(project / "models/rnn", _token_two_detector(len(other["tokens"])), encoder=other)
+    with pytest.raises(InputError) as info:
+        _main(evaluate, "rnn", monkeypatch=monkeypatch)
+    message = str(info.value)
+    assert "models/rnn/encoder.json and " in message and "data/prepared/vocab.json differ" in message
+    assert "retrain" in message and not (project / "metrics/rnn/eval.json").exists()

@@ -654,7 +654,7 @@ def stage_project(project, monkeypatch):
     (root / "data/prepared/vocab.json").write_text(json.dumps({"tokens": tokens, "max_len": T, "truncate": "head"}))
     np.save(root / "data/embeddings.npy", rng.normal(0, 0.3, (V, 4)).astype(np.float32))
     params = {"train": {"cells": ["rnn"], "epochs": 2, "batch_size": 16, "hidden_size": 3, "embed_dim": 4,
-                        "workers": 1},
+                        "workers": 1, "init": "embeddings"},
               "mlflow": {"system_metrics_every": 0}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.delenv("DVC_EXP_NAME")

@@ -1,0 +1,115 @@
+"""Stage `check`: what can go wrong, checked cheaply before DVC touches any output.
+
+    python -m stages.check
+
+DVC removes a stage's outputs just before running it, so a stage that fails on a typo has already
+lost its old outputs (a trained model). This stage runs first on every `dvc repro` (always_changed;
+every other stage depends on one of its outputs) and stops the run, in one line, on:
+- any section of params.yaml (settings.load: keys, types, ranges, the model's size);
+- the archive: IMDB_ARCHIVE names a gzip file whose content passes the download stage's checks
+  (the full check runs once per archive content, ~3 s on the real one; then a 0.1 s hash), or,
+  without IMDB_ARCHIVE and before the first download, data.url answers;
+- embed.path names a file, when embed.method is pretrained;
+- the MLflow store, when mlflow.enabled: a server that answers, an SQLite file that is a database.
+
+Writes data/source.json (the archive by content, or the URL and md5: what the download stage reads),
+data/vectors.json (embed.path's file by content: the embed stage's), and data/checked (constant:
+the stages that read no data depend on it so that DVC orders them after this one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from rnn.errors import InputError
+from stages import archive, settings
+from stages.common import Outputs, project_root, run_stage
+from stages.outputs import VECTORS, describe_vectors
+
+CHECKED = "data/checked"
+PROBE_TIMEOUT_S = 10.0
+# Archives (by sha256 and the limits they passed) already read in full: not the stage's output, a cache.
+MEMO = "data/download/checked_archives.json"
+
+
+def main() -> None:
+    root = project_root()
+    params = settings.load(root / "params.yaml")
+    if (root / "dvc.yaml").is_file():
+        check_dvc_params(settings.read_yaml(root / "params.yaml"), params["train"]["cells"])
+    data = params["data"]
+    local = os.environ.get("IMDB_ARCHIVE") or None
+    source = archive.describe_source(data["url"], data["md5"], local)
+    if local:
+        check_archive_content(root, Path(local), source["archive"]["sha256"])
+    elif not (root / archive.DOWNLOADED).is_file():
+        check_reachable(data["url"], min(data["timeout"], PROBE_TIMEOUT_S))
+    vectors = describe_vectors(pretrained_vectors(root, params["embed"]))
+    if params["mlflow"]["enabled"]:
+        from stages.mlstore import check_store     # not a dependency: see dvc.yaml
+
+        check_store()
+    with Outputs(root) as out:
+        out.write_json(archive.SOURCE, source)
+        out.write_json(VECTORS, vectors)
+        out.write_text(CHECKED, "params.yaml and the environment passed stages/check.py\n")
+    print(f"check: params.yaml valid; source {json.dumps(source)}")
+
+
+def check_dvc_params(raw: dict, cells: list[str]) -> None:
+    """dvc.yaml's train@<cell> reads the key train.overrides.<cell>: DVC refuses to run it when the key
+    is missing (the schema's default does not count), but only once the stages before it have run."""
+    overrides = (raw.get("train") or {}).get("overrides") or {}
+    for cell in cells:
+        if cell not in overrides:
+            raise InputError(f"params.yaml: train.overrides.{cell} is missing: dvc.yaml's train@{cell} "
+                             f"reads it (write `{cell}: {{}}` under train.overrides)")
+
+
+def pretrained_vectors(root: Path, embed: dict) -> Path | None:
+    """The file embed.path names when embed.method is pretrained (relative to the root), else None."""
+    if embed["method"] != "pretrained":
+        return None
+    if not embed["path"]:
+        raise InputError("params.yaml: embed.path = null: required when embed.method is pretrained")
+    path = root / embed["path"]
+    if not path.is_file():
+        raise FileNotFoundError(f"params.yaml: embed.path = {embed['path']!r}: {path}: no such file")
+    return path
+
+
+def check_reachable(url: str, timeout: float) -> None:
+    """Something answers at `url` (a HEAD request): the download stage is going to need it."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise InputError(f"params.yaml: data.url = {url!r}: HTTP {exc.code} {exc.reason}") from None
+    except OSError as exc:                       # URLError, refused, timed out
+        raise InputError(f"params.yaml: data.url = {url!r} is unreachable ({getattr(exc, 'reason', exc)}) and "
+                         f"{archive.DOWNLOADED} does not exist: go online, or name a local copy of the "
+                         "archive with IMDB_ARCHIVE (make pipeline does when ../shared/data has one)") from None
+
+
+def check_archive_content(root: Path, path: Path, sha256: str) -> None:
+    """Read the archive as the download stage will (no text kept), unless this content already passed."""
+    key = f"{sha256}:{archive.MAX_REVIEW_BYTES}:{archive.MAX_UNPACKED_BYTES}"
+    memo = root / MEMO
+    try:
+        seen = json.loads(memo.read_text(encoding="utf-8")) if memo.is_file() else []
+    except ValueError:
+        seen = []                          # a damaged cache is only a cache
+    if key in seen:
+        return
+    archive.read_archive(path, keep=False)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps([*seen, key][-20:]), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    run_stage(main)
