@@ -56,9 +56,9 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
 
 
-def evaluate(model: SentimentModel, data: Dataset, batch_size: int = 256, workers: int = 1
+def evaluate(model: SentimentModel, data: Dataset, batch_size: int = 256, workers: int | str = 1
              ) -> dict[str, float]:
-    """Loss and accuracy on a dataset (no dropout), on `workers` processes."""
+    """Loss and accuracy on a dataset (no dropout), on `workers` processes (see predict_logits)."""
     return _scores(model.predict_logits(data.ids, data.lengths, batch_size, workers), data.labels)
 
 
