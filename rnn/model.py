@@ -31,6 +31,7 @@ from .cells import CELLS, cell_kind
 from .layers import (SparseRows, dense_backward, dense_forward, embedding_backward, embedding_forward,
                      row_dropout_mask, row_generators)
 from .losses import bce_with_logits, sigmoid
+from .parallel import resolve_workers
 from .recurrent import sequence_backward, sequence_forward
 
 POOLINGS = ("last", "mean", "max", "concat")       # concat: [last, mean, max] side by side
@@ -265,14 +266,14 @@ class SentimentModel:
         return loss, grads, {"logits": logits, "trace": traces}
 
     def predict_logits(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256,
-                       workers: int = 1) -> np.ndarray:
+                       workers: int | str = 1) -> np.ndarray:
         """Logits (N,) for many sequences, in batches of similar length (inference, no dropout).
 
-        With workers > 1 the batches are spread over up to that many worker processes (no more
-        than there are batches) started for this call; see rnn.parallel, whose WorkerPool serves
-        many calls from one set of workers."""
+        With workers > 1 (or "auto": all cores) the batches are spread over up to that many worker
+        processes (no more than there are batches), started for this call in about a second; see
+        rnn.parallel, whose WorkerPool serves many calls from one set of workers."""
         lengths = np.asarray(lengths)
-        workers = min(workers, -(-len(lengths) // batch_size))
+        workers = min(resolve_workers(workers), -(-len(lengths) // batch_size))
         if workers > 1:
             from .parallel import WorkerPool
             with WorkerPool(self, workers) as pool:
@@ -285,7 +286,7 @@ class SentimentModel:
         return out
 
     def predict_proba(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256,
-                      workers: int = 1) -> np.ndarray:
+                      workers: int | str = 1) -> np.ndarray:
         """P(positive) (N,)."""
         return sigmoid(self.predict_logits(ids, lengths, batch_size, workers))
 

@@ -58,12 +58,13 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: a checkpoint was saved and the run can be resumed."""
 
 
-def evaluate(model, data: Dataset, batch_size: int = 256, workers: int = 1, runner=None
+def evaluate(model, data: Dataset, batch_size: int = 256, workers: int | str = 1, runner=None
              ) -> dict[str, float]:
     """Scores on a dataset (no dropout), on `workers` processes or an open runner's: loss and
     accuracy of a classifier; loss (mean negative log-likelihood per prediction, full softmax) and
     perplexity of a language model."""
     if model.config.task == "language_model":
+        workers = resolve_workers(workers)
         if runner is None and workers > 1:
             with WorkerPool(model, workers) as pool:
                 return evaluate(model, data, batch_size, runner=pool)

@@ -140,7 +140,7 @@ def test_model_and_evaluate_take_workers():
     data = Dataset(**make_data(30, 2))
     expected = model.predict_logits(data.ids, data.lengths)
     assert rel_err(model.predict_logits(data.ids, data.lengths, 8, workers=2), expected) < 1e-12
-    one, two = evaluate(model, data), evaluate(model, data, workers=2)
+    one, two = evaluate(model, data), evaluate(model, data, batch_size=10, workers="auto")
     assert two["accuracy"] == one["accuracy"] and two["loss"] == pytest.approx(one["loss"], rel=1e-12)
 
 
