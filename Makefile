@@ -11,7 +11,7 @@ ifneq ($(IMDB_ARCHIVE),)
 export IMDB_ARCHIVE
 endif
 
-.PHONY: pipeline test bench venv
+.PHONY: pipeline test bench venv team-services
 
 venv: $(PY)
 
@@ -35,3 +35,9 @@ test: $(VENV)/install-dev.stamp
 
 bench: $(VENV)/install.stamp
 	$(PY) benchmarks/speed.py
+
+# The services of "Working as a team" (README) on loopback, to try the team flow on one machine:
+# PostgreSQL in a temporary folder, moto as the S3 endpoint, an MLflow server using both.
+# Prints the settings to use; Ctrl-C stops all three and throws their data away.
+team-services: $(VENV)/install-dev.stamp
+	$(PY) tests/team_services.py

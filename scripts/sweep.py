@@ -70,7 +70,8 @@ def parse_grid(specs: list[str]) -> tuple[list[Axis], list[str]]:
         values = sorted(parsed.sweep_string_iterator(), key=_value_order)
         for a, b in zip(values, values[1:]):
             if _value_order(a) == _value_order(b):
-                raise SweepError(f"-S {spec!r}: the value {b} is given twice")
+                same = f"the value {a} is given twice" if a == b else f"{a} and {b} are the same value"
+                raise SweepError(f"-S {spec!r}: {same}")
         if not values:
             raise SweepError(f"-S {spec!r}: no values")
         axes.append(Axis(key, tuple(values)))
