@@ -22,7 +22,10 @@ $(VENV)/install.stamp: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
+# A current pip first: the one a new venv brings (23.x) backtracks for minutes between boto3 and
+# aiobotocore's pin on botocore (moto and dvc-s3 in the dev extra); pip 26 settles it in about one.
 $(VENV)/install-dev.stamp: pyproject.toml | $(PY)
+	$(PIP) install --upgrade pip
 	$(PIP) install -e '.[dev]'
 	touch $@
 
