@@ -120,8 +120,8 @@ def parse_share(text: str) -> tuple[int, int]:
 
 
 def share_of(count: int, i: int, n: int) -> list[int]:
-    """1-based indices of the points share i/n runs: i, i+n, i+2n, ... (round robin, so shares differ
-    in size by at most one and each mixes the grid's values)."""
+    """1-based indices of the points share i/n runs: i, i+n, i+2n, ... (shares differ in size by at
+    most one)."""
     return list(range(i, count + 1, n))
 
 
