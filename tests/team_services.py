@@ -1,7 +1,8 @@
 """The team set-up's services on loopback: PostgreSQL, an S3 endpoint (moto) and an MLflow server.
 
     python tests/team_services.py [DIR]   # start all three on 127.0.0.1, print the settings to
-                                          # use, stop them all on Ctrl-C (`make team-services`)
+                                          # use, stop them all on Ctrl-C (`make team-services`);
+                                          # their logs go to DIR, kept (default: a temporary folder)
 
 tests/test_team.py runs the whole team flow against them. Real components, throw-away state:
 PostgreSQL from the system's package, `initdb` into a temporary folder and listening on 127.0.0.1
@@ -241,7 +242,8 @@ def main() -> None:
     reason = missing()
     if reason:
         sys.exit(f"error: {reason}")
-    log_dir = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="rnn-team-"))
+    keep_logs = len(sys.argv) > 1
+    log_dir = Path(sys.argv[1] if keep_logs else tempfile.mkdtemp(prefix="rnn-team-"))
     stop = []
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.append(1))
@@ -264,6 +266,8 @@ Ctrl-C stops all three (their data goes with them).""", flush=True)
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
+    if not keep_logs:
+        shutil.rmtree(log_dir, ignore_errors=True)
     print("stopped", flush=True)
 
 
