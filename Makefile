@@ -11,7 +11,7 @@ ifneq ($(IMDB_ARCHIVE),)
 export IMDB_ARCHIVE
 endif
 
-.PHONY: pipeline test bench venv ui screenshots
+.PHONY: pipeline test bench venv ui screenshots team-services
 
 venv: $(PY)
 
@@ -22,7 +22,10 @@ $(VENV)/install.stamp: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
+# A current pip first: the one a new venv brings (23.x) backtracks for minutes between boto3 and
+# aiobotocore's pin on botocore (moto and dvc-s3 in the dev extra); pip 26 settles it in about one.
 $(VENV)/install-dev.stamp: pyproject.toml | $(PY)
+	$(PIP) install --upgrade pip
 	$(PIP) install -e '.[dev]'
 	touch $@
 
@@ -43,3 +46,9 @@ ui: $(VENV)/install.stamp
 # Retake the README's MLflow screenshots (docs/) from the current store: needs chromium and node.
 screenshots: $(VENV)/install.stamp
 	$(PY) docs/screenshots.py
+
+# The services of "Working as a team" (README) on loopback, to try the team flow on one machine:
+# PostgreSQL in a temporary folder, moto as the S3 endpoint, an MLflow server using both.
+# Prints the settings to use; Ctrl-C stops all three and throws their data away.
+team-services: $(VENV)/install-dev.stamp
+	$(PY) tests/team_services.py

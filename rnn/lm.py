@@ -43,9 +43,15 @@ class LanguageModel:
         self.params = {name: params[name] for name in expected}
 
     @classmethod
-    def create(cls, config: ModelConfig, rng: np.random.Generator,
-               embeddings: np.ndarray | None = None) -> "LanguageModel":
-        return cls(config, init_params(config, rng, embeddings))
+    def create(cls, config: ModelConfig, rng: np.random.Generator, embeddings: np.ndarray | None = None,
+               token_counts: np.ndarray | None = None) -> "LanguageModel":
+        """A new model; with `token_counts` (V,) the output bias starts at each word's log
+        frequency, what the model would learn first anyway: with a zero bias the sampled softmax
+        spends its first thousand steps on word frequencies, one small step per row per draw."""
+        params = init_params(config, rng, embeddings)
+        if token_counts is not None:
+            params["lm.b"][...] = unigram_log_probs(token_counts)
+        return cls(config, params)
 
     def num_parameters(self) -> int:
         return int(sum(p.size for p in self.params.values()))
@@ -134,6 +140,19 @@ class LanguageModel:
             out.append(token)
             tokens = np.array([[token]])
         return np.array(out, dtype=np.int64)
+
+
+def unigram_log_probs(token_counts: np.ndarray) -> np.ndarray:
+    """log P(word) from counts (V,), add-one smoothed; PAD, never predicted, gets the smallest value."""
+    counts = np.asarray(token_counts, dtype=np.float64) + 1.0
+    counts[PAD] = 1.0
+    return np.log(counts / counts.sum())
+
+
+def token_counts(ids: np.ndarray, lengths: np.ndarray, vocab_size: int) -> np.ndarray:
+    """How often each id occurs in the real (unpadded) tokens of ids (N, T) with lengths (N,)."""
+    real = np.arange(ids.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    return np.bincount(ids[real], minlength=vocab_size)
 
 
 def _shift(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
