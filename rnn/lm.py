@@ -18,8 +18,8 @@ import numpy as np
 from .layers import row_dropout_mask
 from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_softmax_loss,
                      softmax_cross_entropy)
-from .model import (ModelConfig, encode, encode_backward, encoder_names, init_params, layer_names,
-                    parameter_shapes, sort_batch)
+from .model import (ModelConfig, checked_params, encode, encode_backward, encoder_names, init_params,
+                    layer_names, sort_batch)
 from .recurrent import sequence_forward
 
 CANDIDATES_KEY = 2**32        # keys the step's candidate draw apart from the rows' dropout draws
@@ -32,15 +32,8 @@ class LanguageModel:
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
         if config.task != "language_model":
             raise ValueError(f"LanguageModel needs a config with task 'language_model', got {config.task!r}")
-        expected = parameter_shapes(config)
-        missing = set(expected) - set(params)
-        if missing:
-            raise ValueError(f"missing parameters: {', '.join(sorted(missing))}")
-        for name, shape in expected.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, expected {shape}")
         self.config = config
-        self.params = {name: params[name] for name in expected}
+        self.params = checked_params(config, params)
 
     @classmethod
     def create(cls, config: ModelConfig, rng: np.random.Generator, embeddings: np.ndarray | None = None,

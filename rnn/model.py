@@ -49,7 +49,9 @@ class ModelConfig:
     bidirectional: bool = False
     dropout: float = 0.0              # between layers and before the dense layer; the library's own
                                       # default is none, the pipeline's 0.5 (params.yaml) was measured
-    pooling: str = "last"             # last | mean | max | concat (sentiment only)
+    pooling: str = "last"             # last | mean | max | concat (sentiment only); the library's own
+                                      # default is the article's last state, the pipeline's concat
+                                      # (params.yaml) was measured
     reset_after: bool = False         # GRU only: False = the article's form, True = PyTorch's
     forget_bias: float = 1.0          # LSTM only: initial forget-gate bias
     freeze_embedding: bool = False
@@ -152,7 +154,7 @@ def init_params(config: ModelConfig, rng: np.random.Generator,
             w = rng.uniform(-limit, limit, shape)
         else:
             w = np.zeros(shape)
-            if config.cell == "lstm" and name.endswith(".b"):
+            if config.cell == "lstm" and name.startswith("rnn.") and name.endswith(".b"):
                 w[H:2 * H] = config.forget_bias      # gate order i, f, o, g
         params[name] = np.ascontiguousarray(w, dtype=dtype)
     return params
@@ -163,20 +165,27 @@ def _orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
+def checked_params(config: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The parameters `config` needs, taken from `params`; ValueError naming a missing one or a
+    wrong shape."""
+    expected = parameter_shapes(config)
+    missing = set(expected) - set(params)
+    if missing:
+        raise ValueError(f"missing parameters: {', '.join(sorted(missing))}")
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, expected {shape}")
+    return {name: params[name] for name in expected}
+
+
 class SentimentModel:
     """The model: a config and a flat dict of parameters, with forward, backward and prediction."""
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
-        expected = parameter_shapes(config)
-        missing = set(expected) - set(params)
-        if missing:
-            raise ValueError(f"missing parameters: {', '.join(sorted(missing))}")
-        for name, shape in expected.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, "
-                                 f"expected {shape}")
+        if config.task != "sentiment":
+            raise ValueError(f"SentimentModel needs a config with task 'sentiment', got {config.task!r}")
         self.config = config
-        self.params = {name: params[name] for name in expected}
+        self.params = checked_params(config, params)
 
     @classmethod
     def create(cls, config: ModelConfig, rng: np.random.Generator,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rnn.errors import InputError
 from rnn.io import read_model
 from rnn.metrics import binary_metrics, roc_curve
 from rnn.parallel import resolve_workers
@@ -24,9 +23,7 @@ from stages.plots import confusion_figure, roc_figure
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise InputError(f"usage: python -m stages.evaluate <cell>  (cell: {' | '.join(settings.CELLS)})")
-    cell = settings.check_cell(sys.argv[1])
+    cell = settings.cell_argument(sys.argv)
     root = project_root()
     params = settings.load(root / "params.yaml")
 

@@ -1,5 +1,5 @@
 """What the train and pretrain stages share: checkpoint folders, the code digest in their keys,
-and the progress display."""
+how a training's end is reported, and the progress display."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from rnn.train import TrainingDiverged, TrainingInterrupted
 from stages import outputs
+
+# What the MLflow logging loads: it changes what is logged, not the weights (nor a DVC dependency).
+LOGGING_ONLY = {"tracking.py", "mlstore.py", "pyfunc_model.py"}
 
 
 def checkpoint_folder(root: Path, cell: str, key: str) -> tuple[Path, bool]:
@@ -32,10 +38,31 @@ def code_digest(stage_file: str) -> str:
     rather than resume weights the old code produced."""
     project = Path(__file__).resolve().parents[1]
     files = sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
-                    if getattr(m, "__file__", None)
+                    if getattr(m, "__file__", None) and Path(m.__file__).name not in LOGGING_ONLY
                     and Path(m.__file__).resolve().parent in (project / "rnn", project / "stages")}
                    | {Path(stage_file).resolve()})
     return hashlib.sha256("".join(outputs.file_digest(f) for f in files).encode()).hexdigest()[:12]
+
+
+@contextmanager
+def finishing(tracker, what: str, advice: str) -> Iterator[None]:
+    """Close the MLflow run with the training's outcome. A diverged training exits 2 and an
+    interrupted one (checkpoint saved) 130, each with one line; `what` names the model, `advice`
+    says what to change when it diverges."""
+    try:
+        yield
+    except TrainingDiverged as exc:
+        tracker.end(status="FAILED")
+        print(f"error: {what} diverged: {exc}; no model saved ({advice})", file=sys.stderr)
+        sys.exit(2)
+    except TrainingInterrupted as exc:
+        tracker.end(status="KILLED")
+        print(f"error: {exc}; rerun the stage to resume", file=sys.stderr)
+        sys.exit(130)
+    except BaseException:
+        tracker.end(status="FAILED")
+        raise
+    tracker.end()
 
 
 class Progress:

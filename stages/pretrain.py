@@ -22,15 +22,15 @@ import pandas as pd
 
 from rnn.errors import InputError
 from rnn.io import save_model
-from rnn.lm import LanguageModel
+from rnn.lm import LanguageModel, token_counts
 from rnn.model import ModelConfig
 from rnn.optim import make_optimizer
 from rnn.parallel import resolve_workers
 from rnn.text import TextEncoder, pad_sequences, tokenize
-from rnn.train import Dataset, TrainConfig, TrainingDiverged, TrainingInterrupted, fit
+from rnn.train import Dataset, TrainConfig, fit
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.fitting import Progress, checkpoint_folder, code_digest
+from stages.fitting import Progress, checkpoint_folder, code_digest, finishing
 
 INPUTS = ("data/prepared/train.npz", "data/prepared/val.npz", "data/prepared/vocab.json",
           "data/raw/unsup.parquet", "data/embeddings.npy")
@@ -40,9 +40,7 @@ HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_perplexity", "s
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise InputError(f"usage: python -m stages.pretrain <cell>  (cell: {' | '.join(settings.CELLS)})")
-    cell = settings.check_cell(sys.argv[1])
+    cell = settings.cell_argument(sys.argv)
     root = project_root()
     params = settings.load(root / "params.yaml")
     cfg = settings.pretrain_settings(params, cell)
@@ -62,24 +60,11 @@ def main() -> None:
     from stages.tracking import Tracker
 
     tracker = Tracker.start(params, cell, f"pretrain@{cell}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
-    try:
+    with finishing(tracker, f"{cell} language model", "try a lower pretrain.lr"):
         tracker.log_params({f"pretrain.{k}": v for k, v in flat(cfg).items()})
         model, result, seconds = pretrain(cell, cfg, corpus, checkpoint_dir, workers, tracker)
         result["resumed"] = resumed
         write_outputs(root, cell, cfg, run_hash, model, result, seconds, corpus, tracker)
-    except TrainingDiverged as exc:
-        tracker.end(status="FAILED")
-        print(f"error: {cell} language model diverged: {exc}; no model saved (try a lower pretrain.lr)",
-              file=sys.stderr)
-        sys.exit(2)
-    except TrainingInterrupted as exc:
-        tracker.end(status="KILLED")
-        print(f"error: {exc}; rerun the stage to resume", file=sys.stderr)
-        sys.exit(130)
-    except BaseException:
-        tracker.end(status="FAILED")
-        raise
-    tracker.end()
     best = min(r["val_perplexity"] for r in result["history"])
     print(f"{cell} language model: validation perplexity {best:.1f}, {seconds:.0f}s")
 
@@ -141,9 +126,10 @@ def pretrain(cell: str, cfg: dict, corpus: dict, checkpoint_dir: Path, workers: 
     if corpus["embeddings"].shape != (config.vocab_size, config.embed_dim):
         raise InputError(f"data/embeddings.npy: shape {corpus['embeddings'].shape} does not fit "
                          f"{config.vocab_size} words x embed_dim {config.embed_dim}; rerun the embed stage")
-    model = LanguageModel.create(config, np.random.default_rng(cfg["seed"]), corpus["embeddings"])
-    optimizer = make_optimizer(cfg["optimizer"], cfg["lr"])
     train = corpus["train"]
+    model = LanguageModel.create(config, np.random.default_rng(cfg["seed"]), corpus["embeddings"],
+                                 token_counts(train.ids, train.lengths, config.vocab_size))
+    optimizer = make_optimizer(cfg["optimizer"], cfg["lr"])
     tracker.log_params({"data.lm_reviews": len(train.lengths), "data.lm_tokens": int(train.lengths.sum()),
                         "model.num_parameters": model.num_parameters()})
     progress = Progress(f"{cell} lm", cfg["epochs"])

@@ -128,9 +128,7 @@ def run(cell: str, cfg: dict, root: Path, tracker=None) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise InputError(f"usage: python -m stages.probe <{'|'.join(settings.CELLS)}>")
-    cell = settings.check_cell(sys.argv[1])
+    cell = settings.cell_argument(sys.argv)
     root = project_root()
     params = settings.load(root / "params.yaml")
     cfg = params["probe"]

@@ -151,7 +151,7 @@ CELL_KNOBS = {
     "bidirectional": Field(bool, False),
     "dropout": Field(float, 0.5, min=0, max=0.95),
     "embed_dropout": Field(float, 0.0, min=0, max=0.95),
-    "pooling": Field(str, "last", choices=POOLINGS),
+    "pooling": Field(str, "concat", choices=POOLINGS),
     "reset_after": Field(bool, False),
     "forget_bias": Field(float, 1.0),
     "freeze_embedding": Field(bool, False),
@@ -174,8 +174,8 @@ TRAIN = {
 }
 PRETRAIN = {
     "epochs": Field(int, 1, min=1),
-    "batch_size": Field(int, 64, min=1),
-    "lr": Field(float, 0.002, min=0, min_exclusive=True),
+    "batch_size": Field(int, 32, min=1),
+    "lr": Field(float, 0.005, min=0, min_exclusive=True),
     "lr_decay": Field(float, 0.5, min=0, max=1, min_exclusive=True),
     "optimizer": Field(str, "adam", choices=OPTIMIZERS),
     "num_sampled": Field(int, 1024, min=1),
@@ -183,7 +183,7 @@ PRETRAIN = {
     "embed_dropout": Field(float, 0.0, min=0, max=0.95),
     "clip": {
         "mode": Field(str, "norm", choices=CLIP_MODES),
-        "threshold": Field(float, 1.0, min=0, min_exclusive=True),
+        "threshold": Field(float, 5.0, min=0, min_exclusive=True),
     },
     "tokens_per_epoch": Field(int, None, min=1),
     "val_reviews": Field(int, 500, min=1),
@@ -421,6 +421,14 @@ def _check(value: object, field: Field, key: str, source: str) -> object:
 
 
 # ---------------------------------------------------------------------------- cells and hashes
+def cell_argument(argv: list[str]) -> str:
+    """The cell a per-cell stage was started for (`python -m stages.<name> <cell>`), checked."""
+    if len(argv) != 2:
+        name = Path(argv[0]).stem if argv else "<stage>"
+        raise ParamsError(f"usage: python -m stages.{name} <cell>  (cell: {' | '.join(CELLS)})")
+    return check_cell(argv[1])
+
+
 def check_cell(cell: str, cells: tuple | list = CELLS) -> str:
     """`cell` if it is one of `cells`, else a one-line ParamsError with a suggestion."""
     if cell not in cells:

@@ -23,17 +23,15 @@ from rnn.lm import load_encoder
 from rnn.model import ModelConfig, SentimentModel, encoder_names
 from rnn.optim import make_optimizer
 from rnn.parallel import resolve_workers
-from rnn.train import Dataset, TrainConfig, TrainingDiverged, TrainingInterrupted, fit
+from rnn.train import Dataset, TrainConfig, fit
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.fitting import Progress, checkpoint_folder, code_digest
+from stages.fitting import Progress, checkpoint_folder, code_digest, finishing
 from stages.plots import grad_trace_figure
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise InputError(f"usage: python -m stages.train <cell>  (cell: {' | '.join(settings.CELLS)})")
-    cell = settings.check_cell(sys.argv[1])
+    cell = settings.cell_argument(sys.argv)
     root = project_root()
     params = settings.load(root / "params.yaml")
     cfg = settings.cell_settings(params, cell)
@@ -48,22 +46,9 @@ def main() -> None:
 
     # The run's id is kept beside the checkpoint: a resumed training continues the same run.
     tracker = Tracker.start(params, cell, f"train@{cell}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
-    try:
+    with finishing(tracker, f"{cell} training", "try a lower train.lr or train.clip"):
         model, result, seconds = train(cell, cfg, inputs, root, checkpoint_dir, resumed, workers, tracker)
         write_outputs(root, cell, cfg, run_hash, model, result, seconds, inputs["encoder"], tracker)
-    except TrainingDiverged as exc:
-        tracker.end(status="FAILED")
-        print(f"error: {cell} training diverged: {exc}; no model saved (try a lower train.lr or "
-              f"train.clip)", file=sys.stderr)
-        sys.exit(2)
-    except TrainingInterrupted as exc:
-        tracker.end(status="KILLED")
-        print(f"error: {exc}; rerun the stage to resume", file=sys.stderr)
-        sys.exit(130)
-    except BaseException:
-        tracker.end(status="FAILED")
-        raise
-    tracker.end()
     print(f"{cell}: best val accuracy {result['best_val_accuracy']:.4f} at epoch {result['best_epoch']}, "
           f"{seconds:.1f}s, {model.num_parameters()} parameters")
 

@@ -213,3 +213,18 @@ def test_a_classifier_started_from_the_language_model_reads_with_its_encoder():
                                   np.random.default_rng(0))
     with pytest.raises(ValueError, match="hidden_size = 4, the classifier 5"):
         load_encoder(wider, lm)
+
+
+def test_the_output_bias_can_start_at_the_words_log_frequencies():
+    from rnn.lm import token_counts, unigram_log_probs
+
+    ids = np.array([[2, 3, 3, 0], [3, 5, 0, 0]])
+    counts = token_counts(ids, np.array([3, 2]), V)
+    assert counts[[0, 2, 3, 5]].tolist() == [0, 1, 3, 1] and counts.sum() == 5
+    config = ModelConfig(vocab_size=V, embed_dim=E, hidden_size=H, task="language_model")
+    model = LanguageModel.create(config, np.random.default_rng(0), token_counts=counts)
+    bias = model.params["lm.b"]
+    assert bias.dtype == np.float32 and np.allclose(np.exp(unigram_log_probs(counts)).sum(), 1.0)
+    assert bias[3] > bias[2] == bias[5] > bias[4]                 # seen 3 times > once > never
+    np.testing.assert_allclose(bias, unigram_log_probs(counts), rtol=1e-6)
+    assert np.all(LanguageModel.create(config, np.random.default_rng(0)).params["lm.b"] == 0)

@@ -27,6 +27,7 @@ import yaml
 
 import team_services
 from helpers import build_imdb_archive
+from rnn.parallel import resolve_workers
 from stages import settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,7 @@ def _project(root: Path) -> None:
     params["data"]["limit"] = 200
     params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)
     params["train"].update(cells=CELLS, epochs=1, hidden_size=16, embed_dim=16, batch_size=32, workers=1)
+    params["pretrain"].update(num_sampled=64, val_reviews=20)
     params["probe"].update(cells=["rnn"], distances=[1, 3], lead=3, steps=4, trace_steps=2, test_size=16,
                            batch_size=8, hidden_size=4)
     params["mlflow"]["enabled"] = True
@@ -282,16 +284,19 @@ def _flow(tmp_path: Path, svc, env: dict, machines: list[Path], boto3, MlflowCli
         loaded = settings.load(tmp_path / "point.yaml")
         for cell in CELLS:
             matching = [r for r in runs if r.data.tags["cell"] == cell
-                        and r.data.tags.get("params_hash") == settings.run_hash(loaded, cell)]
+                        and r.data.tags.get("params_hash")
+                        == settings.run_hash(loaded, cell, "train", resolve_workers(loaded["train"]["workers"]))]
             assert matching, f"no MLflow run of {cell} for {name}"
             for run in matching:
                 assert run.info.status == "FINISHED"
                 assert float(run.data.params["train.lr"]) == lrs[name][cell]
-                assert "test_accuracy" in run.data.metrics          # evaluate found the train run
-                listed = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-                assert "model/weights.npz" in listed, listed
+                assert "accuracy/test" in run.data.metrics          # evaluate found the train run
+                [output] = run.outputs.model_outputs                # the logged MLflow model
+                assert client.get_logged_model(output.model_id).source_run_id == run.info.run_id
+                assert any(output.model_id in k and k.endswith("/weights.npz") for k in keys), \
+                    f"the weights of model {output.model_id} are not in the bucket"
                 prefix = f"mlartifacts/{experiment.experiment_id}/{run.info.run_id}/artifacts/"
-                for path in ("model/weights.npz", "evaluation/eval.json", "grad_trace/grad_trace.png"):
+                for path in ("evaluation/eval.json", "grad_trace/grad_trace.png"):
                     assert prefix + path in keys, f"{prefix + path} not in the bucket"
 
     # Models come back with `dvc pull`: the baseline's, and a point's after `dvc exp apply`.
