@@ -1,10 +1,11 @@
 // Two screenshots of MLflow's UI for the README, taken by docs/screenshots.py (which starts the UI):
-//   node docs/screenshots.cjs <charts link printed by `rnn ui`> <output folder>
+//   node docs/screenshots.cjs <charts link> <gradient link> <output folder>
+// (links printed by `rnn ui`, each with a searchFilter choosing its runs)
 // playwright-core drives the system's Chromium (CHROMIUM, default /usr/bin/chromium).
 const { chromium } = require(process.env.PLAYWRIGHT_CORE || 'playwright-core');
 const path = require('path');
 
-async function main([link, outDir]) {
+async function main([link, gradientLink, outDir]) {
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
     args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
@@ -22,6 +23,10 @@ async function main([link, outDir]) {
 
     // One chart, full screen: the three cells' gradient by distance from the last token.
     const key = 'gradient/log10_dL_da_last_epoch';
+    if (gradientLink !== link) {
+      await page.goto(gradientLink);
+      await page.getByText('accuracy/val', { exact: true }).first().waitFor({ timeout: 60000 });
+    }
     await page.getByPlaceholder('Search metric charts').fill(key);
     await page.getByText(key, { exact: true }).first().waitFor({ timeout: 60000 });
     await page.waitForTimeout(1000);

@@ -2,15 +2,20 @@
 from the project's MLflow store, e.g. after `make pipeline`:
 
     python docs/screenshots.py          # or: make screenshots
+    python docs/screenshots.py --gradient-exp pooling-last
 
 Starts `rnn ui` on a free port, lets docs/screenshots.cjs drive headless Chromium through it (Debian's
 `chromium` package; playwright-core from npm, installed into .cache/playwright on first use), then
 stops the UI. The charts show the runs that trained the models now in models/<cell>/ (found by the
-folders' digests, as evaluate finds them), whatever else the store holds.
+folders' digests, as evaluate finds them), whatever else the store holds. `--gradient-exp NAME` takes
+the gradient picture from the runs of the DVC experiment NAME instead (tag `dvc.exp_name`): with the
+default concat pooling every step also receives gradient straight from the mean and max pools, so the
+vanishing along the recurrent path shows best in an experiment with `train.pooling=last`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -55,7 +60,18 @@ def current_runs_filter() -> str:
     return "attributes.run_id IN (" + ", ".join(f"'{i}'" for i in ids) + ")"
 
 
+def experiment_runs_filter(name: str) -> str:
+    """A search filter for the runs that `dvc exp run` logged under the experiment name `name`."""
+    if "'" in name:
+        raise SystemExit(f"error: --gradient-exp {name!r}: a DVC experiment name has no quotes")
+    return f"tags.`dvc.exp_name` = '{name}'"
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gradient-exp", metavar="NAME",
+                        help="take the gradient picture from the runs of this DVC experiment")
+    args = parser.parse_args()
     if not (PLAYWRIGHT / "node_modules" / "playwright-core").is_dir():
         subprocess.run(["npm", "install", "--no-save", "--prefix", str(PLAYWRIGHT), "playwright-core"], check=True)
     runs = current_runs_filter()
@@ -69,9 +85,11 @@ def main() -> int:
                 print("error: rnn ui printed no link (see above)", file=sys.stderr)
                 return 1
             link = line.strip() if "#/experiments/" in line else None
-        link += "&searchFilter=" + urllib.parse.quote(runs)
+        charts = link + "&searchFilter=" + urllib.parse.quote(runs)
+        gradient_runs = experiment_runs_filter(args.gradient_exp) if args.gradient_exp else runs
+        gradient = link + "&searchFilter=" + urllib.parse.quote(gradient_runs)
         env = {**os.environ, "PLAYWRIGHT_CORE": str(PLAYWRIGHT / "node_modules" / "playwright-core")}
-        subprocess.run(["node", str(ROOT / "docs" / "screenshots.cjs"), link, str(ROOT / "docs")], env=env,
+        subprocess.run(["node", str(ROOT / "docs" / "screenshots.cjs"), charts, gradient, str(ROOT / "docs")], env=env,
                        check=True, timeout=300)
         print("wrote docs/mlflow-charts.png and docs/mlflow-vanishing-gradient.png")
         return 0
