@@ -62,6 +62,17 @@ def assert_grad_close(num: np.ndarray, ana: np.ndarray, name: str, tol: float = 
                               f"numeric {num[worst]!r} vs analytic {ana[worst]!r}")
 
 
+def assert_sequence_grads_close(loss: Callable[[], float], params: dict, grads: dict, X: np.ndarray,
+                                dX: np.ndarray, state0: tuple, d_state0: tuple, kind: str) -> None:
+    """Check a sequence layer's analytic gradients (every parameter, the input X and each initial
+    state: a0, and c0 for the LSTM) against central differences of `loss`."""
+    assert set(grads) == set(params)
+    for name, p in params.items():
+        assert_grad_close(numeric_grad(loss, p), grads[name], f"{kind} d{name}")
+    assert_grad_close(numeric_grad(loss, X), dX, f"{kind} dX")
+    for k, s in enumerate(state0):
+        assert_grad_close(numeric_grad(loss, s), d_state0[k], f"{kind} d{'ac'[k]}0")
+
 def sample_index(size: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """Up to k distinct flat positions out of `size`, always including the first and the last."""
     if size <= k:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 import time
 from collections.abc import Iterable
@@ -84,6 +85,17 @@ def build_imdb_archive(
             else:
                 _add(tar, extra[0], extra[1])
     return path
+
+
+def copy_project(names: Iterable[str], source: Path, root: Path) -> None:
+    """Copy the project's files and folders `names` from `source` into `root` (no __pycache__)."""
+    for name in names:
+        src, dst = source / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
 
 
 def write_params(root: Path, text: str) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers import build_imdb_archive
+from helpers import build_imdb_archive, copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["rnn", "stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml",
@@ -42,13 +42,7 @@ def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 def _project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
-    for name in COPY:
-        src, dst = REPO / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(COPY, REPO, root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["limit"] = N_TEST
     params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest
 import yaml
 
 import team_services
-from helpers import build_imdb_archive
+from helpers import build_imdb_archive, copy_project
 from rnn.parallel import resolve_workers
 from stages import settings
 
@@ -71,13 +70,7 @@ def _run(args: list[str], cwd: Path, env: dict, timeout: float = COMMAND_TIMEOUT
 
 def _project(root: Path) -> None:
     """The project's files with tiny settings (as in test_pipeline_e2e) and one data worker."""
-    for name in COPY:
-        src, dst = REPO / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(COPY, REPO, root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["limit"] = 200
     params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)
