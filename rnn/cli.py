@@ -314,6 +314,7 @@ def _generate(args) -> int:
 # --------------------------------------------------------------------------------------- runs
 def _store(args) -> tuple[Path, str, str]:
     """(project root, tracking URI, experiment name) of `runs` and `ui`."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")   # why: stages/mlstore.py
     root = _project_root()
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     experiment = args.experiment or _params_experiment(root) or DEFAULT_EXPERIMENT

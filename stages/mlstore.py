@@ -29,6 +29,13 @@ QUEUED_EXP_DIR = "/.dvc/tmp/exps/"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 FIX = "fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml"
 
+# MLflow's usage telemetry sets and removes an environment variable from a thread of its own while
+# the HTTP client reads the environment for proxy settings; with a server under load a stage lost
+# its params to "log-batch failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'" (seen in a sweep
+# on two machines). The runs here never need it, and machines without internet cannot send it.
+# Set before MLflow is first imported: every stage imports this module first.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 class TrackingUnavailable(ConnectionError):
     """The tracking store cannot be reached or used when a run should start."""
