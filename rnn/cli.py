@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_file
-from .losses import sigmoid
 from .metrics import binary_metrics
 from .parallel import resolve_workers
 from .predict import LABELS, load_language_model, load_model
@@ -132,8 +131,7 @@ def _predict(args) -> int:
 def _probabilities(predictor, texts: list[str], model: str, workers: int = 1):
     """P(positive) (N,), on `workers` processes; an error rather than NaN if the model's arithmetic
     overflows."""
-    ids, lengths = predictor.encoder.encode(texts)
-    probs = sigmoid(predictor.model.predict_logits(ids, lengths, workers=workers))
+    probs = predictor.predict_proba(texts, workers=workers)
     bad = int(len(probs) - np.count_nonzero(np.isfinite(probs)))
     if bad:
         raise ValueError(f"{model}: the model gives no finite probability for {bad} of {len(probs)} reviews "

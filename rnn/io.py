@@ -75,8 +75,6 @@ def load_arrays(path: str | Path, max_bytes: int | None = None) -> dict[str, np.
             raise ValueError(f"its arrays unpack to {unpacked:,} bytes, more than the {max_bytes:,} expected")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable .npz file ({e})") from None
 

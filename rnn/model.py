@@ -31,7 +31,7 @@ from .cells import CELLS, cell_kind
 from .layers import (SparseRows, dense_backward, dense_forward, embedding_backward, embedding_forward,
                      row_dropout_mask, row_generators)
 from .losses import bce_with_logits, sigmoid
-from .parallel import resolve_workers
+from .parallel import WorkerPool, resolve_workers
 from .recurrent import sequence_backward, sequence_forward
 
 POOLINGS = ("last", "mean", "max", "concat")       # concat: [last, mean, max] side by side
@@ -284,7 +284,6 @@ class SentimentModel:
         lengths = np.asarray(lengths)
         workers = min(resolve_workers(workers), -(-len(lengths) // batch_size))
         if workers > 1:
-            from .parallel import WorkerPool
             with WorkerPool(self, workers) as pool:
                 return pool.predict_logits(ids, lengths, batch_size)
         out = np.empty(len(lengths), dtype=np.float64)

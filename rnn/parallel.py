@@ -10,14 +10,15 @@ between NumPy's many short calls (README, "Speed"), so the other cores are used 
 
 One step: the main process deals the batch's rows into one share per worker, with about equal
 numbers of tokens, and sends each worker its share's indices; each worker runs `model.share_loss`
-on its rows (loss and gradients summed over them, divided by the batch size) and writes the
+on its rows (loss and gradients summed over them, divided by `model.loss_denominator` of the whole
+batch: its reviews for the classifier, its predicted tokens for the language model) and writes the
 gradients into its own slot of shared memory; the main process adds the slots up (the sparse
 embedding gradients row by row) and steps the optimizer. The rest lives in shared memory too: the
 training data, and the parameters, which `model.params` points into while the pool is open, so an
 optimizer step updates them in place for every process. Pipes carry only indices and small results.
 
 Determinism: the split depends only on the batch, a share's gradient only on its rows and the
-step's seed (dropout masks are keyed on batch positions, see SentimentModel.forward), and the main
+step's seed (dropout masks are keyed on batch positions, see rnn.model.sort_batch), and the main
 process adds the slots in worker order; every worker uses one BLAS thread. So for a given number of
 workers the numbers never depend on timing, and across numbers of workers they agree to rounding.
 

@@ -80,16 +80,17 @@ class Predictor:
     def __init__(self, model: SentimentModel, encoder: TextEncoder, metadata: dict | None = None):
         self.model, self.encoder, self.metadata = model, encoder, metadata or {}
 
-    def logits(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Logits (N,) float64 of raw texts, encoded (tokenized, truncated) as in training."""
+    def logits(self, texts: Sequence[str], batch_size: int = 256, workers: int | str = 1) -> np.ndarray:
+        """Logits (N,) float64 of raw texts, encoded (tokenized, truncated) as in training; `workers`
+        processes share the batches (an integer, or "auto" for the cores this process may use)."""
         if isinstance(texts, str):
             raise TypeError("expected a list of texts, got a single string")
         ids, lengths = self.encoder.encode(texts)
-        return self.model.predict_logits(ids, lengths, batch_size)
+        return self.model.predict_logits(ids, lengths, batch_size, workers=workers)
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+    def predict_proba(self, texts: Sequence[str], workers: int | str = 1) -> np.ndarray:
         """P(positive) (N,) float64."""
-        return sigmoid(self.logits(texts))
+        return sigmoid(self.logits(texts, workers=workers))
 
     def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         """(label, probability of that label) per text; 'positive' when P(positive) >= 0.5."""

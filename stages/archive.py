@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import posixpath
 import re
 import tarfile
@@ -147,6 +148,20 @@ def _read_member(archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, f
 # wherever it lies.
 SOURCE = "data/source.json"
 DOWNLOADED = "data/download/aclImdb_v1.tar.gz"   # the download stage's copy, kept once its md5 matched
+
+
+def read_source(root: Path) -> dict:
+    """data/source.json (what the check stage saw): {"archive": {sha256, size}} or {"url", "md5"}."""
+    path = root / SOURCE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run the check stage first: python -m stages.check)")
+    try:
+        source = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(source, dict) or not (isinstance(source.get("archive"), dict) or "url" in source):
+        raise InputError(f"{path}: names neither an archive nor a url; run the check stage again")
+    return source
 
 
 def describe_source(url: str, md5: str, local_archive: str | None) -> dict:

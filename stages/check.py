@@ -96,10 +96,9 @@ def pretrained_vectors(root: Path, embed: dict) -> Path | None:
 def kept_source(root: Path) -> dict | None:
     """data/source.json as committed (None when absent or unreadable)."""
     try:
-        source = json.loads((root / archive.SOURCE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return archive.read_source(root)
+    except (OSError, InputError):
         return None
-    return source if isinstance(source, dict) and ("archive" in source or "url" in source) else None
 
 
 def check_reachable(url: str, timeout: float) -> None:

@@ -11,7 +11,6 @@ until every split has been read and checked.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import pandas as pd
 
 from rnn.errors import InputError
 from stages import settings
-from stages.archive import DOWNLOADED, LABELS, SOURCE, file_hashes, read_archive, source_mismatch
+from stages.archive import DOWNLOADED, LABELS, file_hashes, read_archive, read_source, source_mismatch
 from stages.common import Outputs, project_root, run_stage
 
 
@@ -142,20 +141,6 @@ def run(cfg: dict, root: Path, local_archive: str | None = None, source: dict | 
         # Provenance, not a metric: kept out of `dvc exp show`'s columns, versioned with the data.
         out.write_json("data/raw/source.json", metrics)
     return metrics
-
-
-def read_source(root: Path) -> dict:
-    """data/source.json (what the check stage saw): {"archive": {sha256, size}} or {"url", "md5"}."""
-    path = root / SOURCE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run the check stage first: python -m stages.check)")
-    try:
-        source = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(source, dict) or not (isinstance(source.get("archive"), dict) or "url" in source):
-        raise InputError(f"{path}: names neither an archive nor a url; run the check stage again")
-    return source
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from rnn.lm import LanguageModel, token_counts
 from rnn.model import ModelConfig
 from rnn.optim import make_optimizer
 from rnn.parallel import resolve_workers
-from rnn.text import TextEncoder, pad_sequences, tokenize
+from rnn.text import TextEncoder
 from rnn.train import Dataset, TrainConfig, fit
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
@@ -57,11 +57,11 @@ def main() -> None:
         return
     corpus = load_corpus(root, cfg)
 
-    from stages.tracking import Tracker
+    from stages.tracking import Tracker, flatten
 
     tracker = Tracker.start(params, cell, f"pretrain@{cell}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
     with finishing(tracker, f"{cell} language model", "try a lower pretrain.lr"):
-        tracker.log_params({f"pretrain.{k}": v for k, v in flat(cfg).items()})
+        tracker.log_params(flatten(cfg, "pretrain"))
         model, result, seconds = pretrain(cell, cfg, corpus, checkpoint_dir, workers, tracker)
         result["resumed"] = resumed
         write_outputs(root, cell, cfg, run_hash, model, result, seconds, corpus, tracker)
@@ -80,11 +80,6 @@ def reuse(root: Path, cell: str, finished: Path) -> None:
     print(f"{cell} language model: unchanged settings, inputs and code; reused {finished.relative_to(root)}")
 
 
-def flat(cfg: dict) -> dict:
-    return {f"{k}.{j}" if isinstance(v, dict) else k: (w if isinstance(v, dict) else v)
-            for k, v in cfg.items() for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
-
-
 def load_corpus(root: Path, cfg: dict) -> dict:
     """The language model's text: training part + unlabelled reviews (encoded as prepare encodes),
     at most `tokens_per_epoch` tokens of them, and the validation reviews it is measured on."""
@@ -92,12 +87,7 @@ def load_corpus(root: Path, cfg: dict) -> dict:
     text = TextEncoder.from_dict(encoder)
     train = outputs.load_split(root / "data/prepared/train.npz")
     val = outputs.load_split(root / "data/prepared/val.npz")
-    embeddings_path, unsup_path = root / "data/embeddings.npy", root / "data/raw/unsup.parquet"
-    for path, stage in ((unsup_path, "download"), (embeddings_path, "embed")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (run the {stage} stage first)")
-    unsup = [text.vocab.encode(tokenize(t)) for t in pd.read_parquet(unsup_path, columns=["text"])["text"]]
-    unsup_ids, unsup_lengths = pad_sequences(unsup, text.max_len, text.truncate)
+    unsup_ids, unsup_lengths = text.encode(pd.read_parquet(root / "data/raw/unsup.parquet", columns=["text"])["text"])
     width = max(train["ids"].shape[1], unsup_ids.shape[1])
     ids = np.zeros((len(train["lengths"]) + len(unsup_lengths), width), np.int32)
     ids[:len(train["lengths"]), :train["ids"].shape[1]] = train["ids"]
@@ -109,7 +99,7 @@ def load_corpus(root: Path, cfg: dict) -> dict:
         chosen = order[np.cumsum(lengths[order]) <= cfg["tokens_per_epoch"]]
         keep &= np.isin(np.arange(len(lengths)), chosen)
     n_val = min(cfg["val_reviews"], len(val["lengths"]))
-    embeddings = np.load(embeddings_path, allow_pickle=False)
+    embeddings = np.load(root / "data/embeddings.npy", allow_pickle=False)
     return {"train": Dataset(ids[keep], lengths[keep], np.zeros(int(keep.sum()), np.int8)),
             "val": Dataset(val["ids"][:n_val], val["lengths"][:n_val], val["labels"][:n_val]),
             "encoder": encoder, "embeddings": embeddings}

@@ -40,7 +40,7 @@ MAX_LEN = 10_000                # tokens per review, = rnn.text.MAX_LEN (IMDB's 
 # What one process may build: a typo such as hidden_size: 1000000 is refused in one line instead of
 # a MemoryError after DVC removed the outputs. Training holds ~16 bytes per parameter (weights,
 # gradient, two Adam moments) and ~4 bytes per cached activation value.
-MAX_PARAMETERS = 100_000_000    # the pipeline's default models have 2.1 M (the embedding: 2.0 M)
+MAX_PARAMETERS = 100_000_000    # default classifiers: 2.1 M (the embedding 2.0 M); language models 4.7 M
 MAX_ACTIVATIONS = 500_000_000   # values cached per training step; defaults: 20 M (lstm)
 
 
@@ -263,7 +263,9 @@ def _cross_checks(params: dict, source: str) -> None:
 
 def model_size(cell: str, vocab_size: int, embed_dim: int, hidden_size: int, num_layers: int,
                bidirectional: bool) -> int:
-    """Parameters of rnn.SentimentModel with these sizes (GRU's reset_after adds H per layer: not counted)."""
+    """Parameters of the encoder (embedding and recurrent layers) with a one-logit head: the order of
+    magnitude the limit needs. Not counted: concat pooling's wider head (3x), GRU's reset_after (H per
+    layer) and a language model's output layer (vocab_size x (H + 1))."""
     G, H, dirs = GATES[cell], hidden_size, 2 if bidirectional else 1
     recurrent = sum(dirs * G * H * ((embed_dim if k == 0 else dirs * H) + H + 1) for k in range(num_layers))
     return vocab_size * embed_dim + recurrent + dirs * H + 1

@@ -1,4 +1,4 @@
-"""What an MLflow run logs, for the train, evaluate and probe stages (where runs go: stages/mlstore.py).
+"""What an MLflow run logs, for the train, evaluate, pretrain and probe stages (where runs go: stages/mlstore.py).
 
 One MLflow run per `train@<cell>`: its settings, the datasets it read (with their DVC hashes), per-epoch
 and per-step metrics, CPU and memory, the gradient trace (as metric series and as table and figure)
@@ -38,7 +38,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rnn.errors import InputError
 from stages import outputs, settings
 from stages.mlstore import TrackingUnavailable, connect, one_line
 from stages.plots import grad_trace_figure
@@ -333,7 +332,7 @@ class Tracker(NullTracker):
         except Exception as exc:
             raise TrackingUnavailable(f"MLflow store {uri}: cannot create a run: {one_line(exc)}") from None
         tracker = cls(client, run.info.run_id, experiment_id, uri, cell, params["mlflow"]["log_every_steps"])
-        if train_run:     # other stages (the probe) log their own settings
+        if train_run:     # other stages (probe, pretrain) log their own settings
             # Effective values, so runs of different cells compare key by key; what this cell
             # overrides is kept as one param to show why its values differ.
             flat = flatten(settings.cell_settings(params, cell), "train")
