@@ -458,19 +458,25 @@ def mlflow_server(fast_tmp):
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120      # ~10 s idle; much more on a loaded 2-core machine
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.3)
+        wait_until_answers(f"{base}/health", proc, tmp_path / "server.log", "mlflow server")
         yield base, proc
     finally:
         stop_group(proc)
         log.close()
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen, log: Path, what: str, seconds: float = 120) -> None:
+    """Poll url until it answers; fail with the end of `log` if proc exits or `seconds` pass
+    (~10 s idle, much more on a loaded 2-core machine)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{what} did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -750,15 +756,7 @@ def test_logged_model_answers_invocations_on_loopback(project, tmp_path):
                             cwd=away, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow models serve did not start: {(away / 'serve.log').read_text()[-2000:]}")
-                time.sleep(0.3)
+        wait_until_answers(f"{base}/ping", proc, away / "serve.log", "mlflow models serve")
         body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
         request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
