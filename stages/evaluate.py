@@ -1,9 +1,12 @@
 """Stage `evaluate@<cell>`: score the trained model on the held-out test split.
 
-    python -m stages.evaluate <cell>
+    python -m stages.evaluate <cell> <seed>
 
-Writes metrics/<cell>/eval.json and plots/<cell>/{roc.csv, length_buckets.csv, confusion.csv,
-roc.png, confusion.png}, and logs them to the MLflow run the train stage opened.
+Scores the replicate models/<cell>/seed<seed>/. Writes metrics/<cell>/seed<seed>/eval.json,
+plots/<cell>/seed<seed>/{roc.csv, length_buckets.csv, confusion.csv, roc.png, confusion.png} and
+data/predictions/<cell>/seed<seed>.npz (every test review's label and P(positive), in the order of
+data/prepared/test.npz: compare pairs replicates review by review), and logs them to the MLflow
+run the train stage opened.
 """
 
 from __future__ import annotations
@@ -23,29 +26,31 @@ from stages.plots import confusion_figure, roc_figure
 
 
 def main() -> None:
-    cell = settings.cell_argument(sys.argv)
     root = project_root()
     params = settings.load(root / "params.yaml")
+    cell, seed = settings.replicate_argument(sys.argv, params)
+    replicate = settings.replicate_name(cell, seed)
 
     from stages.tracking import Tracker
 
-    tracker = Tracker.for_model(params, root / "models" / cell, f"evaluate@{cell}")   # the run that trained it
+    tracker = Tracker.for_model(params, root / "models" / replicate, f"evaluate@{cell}-{seed}")   # the run that trained it
     try:
-        metrics = run(cell, params["evaluate"], root, tracker, resolve_workers(params["train"]["workers"]))
+        metrics = run(replicate, params["evaluate"], root, tracker, resolve_workers(params["train"]["workers"]))
     except BaseException:
         tracker.end(status="FAILED")
         raise
     tracker.end()
-    print(f"{cell}: test accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f}, "
+    print(f"{cell} seed {seed}: test accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f}, "
           f"AUC {metrics['roc_auc']}, {metrics['seconds']:.1f}s")
 
 
-def run(cell: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dict:
-    """Evaluate models/<cell> on the test split (on `workers` processes; the scores do not depend
-    on how many), write the outputs, log them; returns eval metrics."""
+def run(replicate: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dict:
+    """Evaluate models/<replicate> (`<cell>/seed<seed>`) on the test split (on `workers` processes;
+    the scores do not depend on how many), write the outputs, log them; returns eval metrics."""
     t0 = time.perf_counter()
-    model, encoder, _ = read_model(root / "models" / cell)
-    outputs.check_model_fits_data(root / "models" / cell, encoder, root / "data/prepared/vocab.json")
+    cell = replicate.split("/")[0]
+    model, encoder, _ = read_model(root / "models" / replicate)
+    outputs.check_model_fits_data(root / "models" / replicate, encoder, root / "data/prepared/vocab.json")
     test = outputs.load_split(root / "data/prepared/test.npz")
     labels = test["labels"].astype(np.int64)
     probs = model.predict_proba(test["ids"], test["lengths"], cfg["batch_size"], workers)
@@ -63,9 +68,11 @@ def run(cell: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dict:
     fpr, tpr, thresholds = roc_curve(labels, probs, cfg["roc_points"])
     auc = scores["roc_auc"] if scores["roc_auc"] is not None else float("nan")
 
-    plots = f"plots/{cell}"
+    plots = f"plots/{replicate}"
     with Outputs(root) as out:
-        out.write_json(f"metrics/{cell}/eval.json", metrics)
+        out.write_json(f"metrics/{replicate}/eval.json", metrics)
+        out.save_npz(f"data/predictions/{replicate}.npz", labels=labels.astype(np.int8),
+                         probabilities=probs.astype(np.float32))
         out.write_text(f"{plots}/roc.csv", outputs.csv_text(["fpr", "tpr", "threshold"], zip(fpr, tpr, thresholds)))
         out.write_text(f"{plots}/length_buckets.csv", outputs.csv_text(
             ["bucket", "min_length", "max_length", "count", "accuracy"],
@@ -73,14 +80,14 @@ def run(cell: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dict:
               r["accuracy"]] for r in buckets)))
         # One row per review: the layout DVC's confusion template counts.
         out.write_text(f"{plots}/confusion.csv", outputs.csv_text(["actual", "predicted"], zip(labels, predicted)))
-        out.save_figure(f"{plots}/confusion.png", confusion_figure([[tn, fp], [fn, tp]], f"{cell}: test confusion matrix"))
-        out.save_figure(f"{plots}/roc.png", roc_figure(fpr, tpr, auc, f"{cell}: test ROC"))
+        out.save_figure(f"{plots}/confusion.png", confusion_figure([[tn, fp], [fn, tp]], f"{replicate}: test confusion matrix"))
+        out.save_figure(f"{plots}/roc.png", roc_figure(fpr, tpr, auc, f"{replicate}: test ROC"))
 
     tracker.log_datasets(root, {"test": len(labels)})
     tracker.log_test_metrics(scores, buckets)
     for name in ("roc.csv", "length_buckets.csv", "roc.png", "confusion.png"):
         tracker.log_artifact(root / plots / name, "evaluation")
-    tracker.log_artifact(root / "metrics" / cell / "eval.json", "evaluation")
+    tracker.log_artifact(root / "metrics" / replicate / "eval.json", "evaluation")
     return metrics
 
 

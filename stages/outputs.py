@@ -99,18 +99,25 @@ def read_csv(path: Path, stage: str, columns: Iterable[str] = ()) -> list[dict]:
         return list(reader)
 
 
-def load_split(path: Path) -> dict[str, np.ndarray]:
-    """A prepared split (data/prepared/<split>.npz): ids (N, T), lengths (N,), labels (N,), ..."""
+def load_arrays(path: Path, stage: str, required: Iterable[str]) -> dict[str, np.ndarray]:
+    """The arrays of a stage's .npz output, with one-line errors for a missing, unreadable or
+    incomplete file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run the prepare stage first)")
+        raise FileNotFoundError(f"{path}: not found (run the {stage} stage first)")
     try:
         with np.load(path, allow_pickle=False) as npz:       # never pickle: a file cannot run code
             arrays = {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable .npz file ({exc})") from None
-    missing = {"ids", "lengths", "labels"} - set(arrays)
+    missing = set(required) - set(arrays)
     if missing:
         raise InputError(f"{path}: missing arrays {', '.join(sorted(missing))}")
+    return arrays
+
+
+def load_split(path: Path) -> dict[str, np.ndarray]:
+    """A prepared split (data/prepared/<split>.npz): ids (N, T), lengths (N,), labels (N,), ..."""
+    arrays = load_arrays(path, "prepare", ("ids", "lengths", "labels"))
     if len(arrays["labels"]) == 0:
         raise InputError(f"{path}: no examples")
     return arrays

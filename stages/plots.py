@@ -13,22 +13,27 @@ from matplotlib.figure import Figure
 STATE_LABELS = {"a": "dL/da (hidden state)", "c": "dL/dc (LSTM cell state)"}
 
 
-def grad_trace_figure(series: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+def grad_trace_figure(series: Mapping[str, Mapping[str, tuple[np.ndarray, ...]]],
                       title: str) -> Figure:
     """Gradient norm against distance from the last token, log y.
 
-    series: group label (a cell, or an epoch) -> {state "a" | "c": (distance (K,), norm (K,))}.
-    One colour per group; the hidden state solid, the LSTM cell state dashed. Non-positive norms
-    (flushed to zero) cannot sit on a log axis and are dropped.
+    series: group label (a cell, or an epoch) -> {state "a" | "c": (distance (K,), norm (K,)), or
+    (distance, norm, low, high) to shade the range of replicates}. One colour per group; the hidden
+    state solid, the LSTM cell state dashed. Non-positive norms (flushed to zero) cannot sit on a
+    log axis and are dropped.
     """
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     for i, (label, states) in enumerate(series.items()):
-        for state, (distance, norm) in sorted(states.items()):
+        for state, (distance, norm, *band) in sorted(states.items()):
             distance, norm = np.asarray(distance), np.asarray(norm, dtype=np.float64)
             keep = norm > 0
             ax.plot(distance[keep], norm[keep], color=f"C{i}", linestyle="--" if state == "c" else "-",
                     label=f"{label}: {STATE_LABELS.get(state, state)}")
+            if band:
+                low, high = (np.asarray(b, dtype=np.float64) for b in band)
+                keep &= low > 0
+                ax.fill_between(distance[keep], low[keep], high[keep], color=f"C{i}", alpha=0.2, linewidth=0)
     ax.set_yscale("log")
     ax.set_xlabel("distance from the last token (time steps)")
     ax.set_ylabel("mean gradient norm")
@@ -39,13 +44,16 @@ def grad_trace_figure(series: Mapping[str, Mapping[str, tuple[np.ndarray, np.nda
     return fig
 
 
-def curves_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
+def curves_figure(series: Mapping[str, tuple[Sequence[float], ...]], xlabel: str,
                   ylabel: str, title: str) -> Figure:
-    """One line with markers per label: series label -> (x (K,), y (K,))."""
+    """One line with markers per label: series label -> (x (K,), y (K,)), or (x, y, low, high) to
+    shade the range of replicates."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for label, (x, y) in series.items():
-        ax.plot(x, y, marker="o", label=label)
+    for i, (label, (x, y, *band)) in enumerate(series.items()):
+        ax.plot(x, y, marker="o", label=label, color=f"C{i}")
+        if band:
+            ax.fill_between(x, band[0], band[1], color=f"C{i}", alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

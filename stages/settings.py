@@ -99,6 +99,14 @@ def _cell_list(v: list) -> str | None:
     return "lists a cell twice" if len(set(v)) != len(v) else None
 
 
+def _seed_list(v: list) -> str | None:
+    if not v or len(v) > 100 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
+        return "must be a list of 1 to 100 integers >= 0"
+    if len(set(v)) != len(v):
+        return "must not repeat a seed (a replicate would be trained twice)"
+    return None
+
+
 def _workers(v: int | str) -> str | None:
     if v == "auto" or (isinstance(v, int) and v >= 1):
         return None
@@ -161,14 +169,14 @@ CELL_KNOBS = {
         "mode": Field(str, "norm", choices=CLIP_MODES),
         "threshold": Field(float, 5.0, min=0, min_exclusive=True),
     },
-    "patience": Field(int, 2, min=0),
+    "patience": Field(int, 1, min=0),
     "trace": Field(bool, True),
     "trace_every": Field(int, 1, min=1),
-    "seed": Field(int, 0, min=0),
 }
 TRAIN = {
     "cells": Field(list, list(CELLS), check=_cell_list),
     "workers": Field((int, str), "auto", check=_workers),
+    "seeds": Field(list, [0, 1, 2], check=_seed_list),
     **CELL_KNOBS,
     "overrides": {cell: CELL_KNOBS for cell in CELLS},
 }
@@ -194,6 +202,10 @@ EVALUATE = {
     "threshold": Field(float, 0.5, min=0, max=1),
     "length_edges": Field(list, [100, 200, 400], check=_positive_ints_increasing),
     "roc_points": Field(int, 200, min=2),
+}
+COMPARE = {
+    "resamples": Field(int, 2000, min=100, max=100_000),
+    "seed": Field(int, 0, min=0),
 }
 PROBE = {
     "cells": Field(list, list(CELLS), check=_cell_list),
@@ -225,7 +237,7 @@ MLFLOW = {
     "register": Field(bool, False),
 }
 SECTIONS = {"data": DATA, "prepare": PREPARE, "embed": EMBED, "pretrain": PRETRAIN, "train": TRAIN,
-            "evaluate": EVALUATE, "probe": PROBE, "mlflow": MLFLOW}
+            "evaluate": EVALUATE, "compare": COMPARE, "probe": PROBE, "mlflow": MLFLOW}
 
 
 def _cross_checks(params: dict, source: str) -> None:
@@ -438,11 +450,31 @@ def check_cell(cell: str, cells: tuple | list = CELLS) -> str:
     return cell
 
 
-def cell_settings(params: Params, cell: str) -> dict:
-    """The settings `cell` trains with: the `train` knobs with `train.overrides.<cell>` on top."""
+def replicate_argument(argv: list[str], params: Params) -> tuple[str, int]:
+    """(cell, seed) a replicate's stage was started for (`python -m stages.<name> <cell> <seed>`), checked."""
+    name = Path(argv[0]).stem if argv else "<stage>"
+    if len(argv) != 3 or not argv[2].isdigit():
+        raise ParamsError(f"usage: python -m stages.{name} <cell> <seed>  (cell: {' | '.join(CELLS)}; "
+                          "seed: one of train.seeds)")
+    cell, seed = check_cell(argv[1]), int(argv[2])
+    if seed not in params["train"]["seeds"]:
+        raise ParamsError(f"seed {seed} is not in train.seeds {params['train']['seeds']}")
+    return cell, seed
+
+
+def replicate_name(cell: str, seed: int) -> str:
+    """The folder of a replicate's outputs below models/, metrics/, plots/, data/predictions/."""
+    return f"{cell}/seed{seed}"
+
+
+def cell_settings(params: Params, cell: str, seed: int | None = None) -> dict:
+    """The settings `cell` trains with: the `train` knobs with `train.overrides.<cell>` on top, and
+    the replicate's `seed` (default: the first of train.seeds)."""
     check_cell(cell)
     base = {key: params["train"][key] for key in CELL_KNOBS}
-    return _merge(base, params["train"]["overrides"].get(cell, {}))
+    cfg = _merge(base, params["train"]["overrides"].get(cell, {}))
+    cfg["seed"] = params["train"]["seeds"][0] if seed is None else seed
+    return cfg
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -465,7 +497,8 @@ def pretrain_settings(params: Params, cell: str) -> dict:
     return {**params["pretrain"], **{k: cfg[k] for k in ARCHITECTURE}}
 
 
-def run_hash(params: Params, cell: str, stage: str = "train", workers: int | str | None = None) -> str:
+def run_hash(params: Params, cell: str, stage: str = "train", workers: int | str | None = None,
+             seed: int | None = None) -> str:
     """sha256 of what decides the model `stage` (train or pretrain) trains for `cell`: the data,
     prepare and embed sections, the stage's settings for the cell (for train with init lm, the
     language model's too), and the number of workers (it changes the sums' rounding; default: the
@@ -477,7 +510,7 @@ def run_hash(params: Params, cell: str, stage: str = "train", workers: int | str
     if stage == "pretrain":
         relevant["pretrain"] = pretrain_settings(params, cell)
     else:
-        relevant["train"] = cfg = cell_settings(params, cell)
+        relevant["train"] = cfg = cell_settings(params, cell, seed)
         if cfg["init"] == "lm":
             relevant["pretrain"] = pretrain_settings(params, cell)
     return digest(relevant)

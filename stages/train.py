@@ -1,11 +1,13 @@
 """Stage `train@<cell>`: train one recurrent cell on the prepared IMDB data.
 
-    python -m stages.train <cell>        # cell: rnn | gru | lstm
+    python -m stages.train <cell> <seed>     # cell: rnn | gru | lstm; seed: one of train.seeds
 
-Settings: the `train` section of params.yaml with `train.overrides.<cell>` on top. An interrupted run
-leaves a checkpoint in checkpoints/<cell>/<key>/ (key: the settings, the input files and the code,
-so a checkpoint from anything else is never resumed) and the next run continues from it. Writes
-models/<cell>/, metrics/<cell>/train.json and plots/<cell>/{history.csv, grad_trace.csv, .png}.
+One replicate: the `train` section of params.yaml with `train.overrides.<cell>` on top, and `seed`
+for the new layers' initialisation, the data order and dropout. An interrupted run leaves a
+checkpoint in checkpoints/<cell>/<key>/ (key: the settings, the input files and the code, so a
+checkpoint from anything else is never resumed) and the next run continues from it. Writes
+models/<cell>/seed<seed>/, metrics/<cell>/seed<seed>/train.json and
+plots/<cell>/seed<seed>/{history.csv, grad_trace.csv, grad_trace.png}.
 """
 
 from __future__ import annotations
@@ -31,25 +33,25 @@ from stages.plots import grad_trace_figure
 
 
 def main() -> None:
-    cell = settings.cell_argument(sys.argv)
     root = project_root()
     params = settings.load(root / "params.yaml")
-    cfg = settings.cell_settings(params, cell)
+    cell, seed = settings.replicate_argument(sys.argv, params)
+    cfg = settings.cell_settings(params, cell, seed)
     width_key = (f"train.overrides.{cell}.embed_dim" if "embed_dim" in params["train"]["overrides"].get(cell, {})
                  else "train.embed_dim")
     inputs = load_inputs(root, cfg["embed_dim"], width_key, f"models/lm/{cell}" if cfg["init"] == "lm" else None)
     workers = resolve_workers(params["train"]["workers"])
-    run_hash = settings.run_hash(params, cell, "train", workers)
+    run_hash = settings.run_hash(params, cell, "train", workers, seed)
     checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest(__file__)}")
 
     from stages.tracking import Tracker      # MLflow is imported only when tracking is on
 
     # The run's id is kept beside the checkpoint: a resumed training continues the same run.
-    tracker = Tracker.start(params, cell, f"train@{cell}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
+    tracker = Tracker.start(params, cell, f"train@{cell}-{seed}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
     with finishing(tracker, f"{cell} training", "try a lower train.lr or train.clip"):
         model, result, seconds = train(cell, cfg, inputs, root, checkpoint_dir, resumed, workers, tracker)
-        write_outputs(root, cell, cfg, run_hash, model, result, seconds, inputs["encoder"], tracker)
-    print(f"{cell}: best val accuracy {result['best_val_accuracy']:.4f} at epoch {result['best_epoch']}, "
+        write_outputs(root, cell, seed, cfg, run_hash, model, result, seconds, inputs["encoder"], tracker)
+    print(f"{cell} seed {seed}: best val accuracy {result['best_val_accuracy']:.4f} at epoch {result['best_epoch']}, "
           f"{seconds:.1f}s, {model.num_parameters()} parameters")
 
 
@@ -125,40 +127,42 @@ def train_config(cfg: dict, workers: int = 1) -> TrainConfig:
                        workers=workers)
 
 
-def write_outputs(root: Path, cell: str, cfg: dict, run_hash: str, model: SentimentModel, result: dict,
-                  seconds: float, encoder: dict, tracker) -> None:
-    """models/<cell>/, metrics/<cell>/train.json and plots/<cell>/*, published together; then the
-    same to the MLflow run."""
+def write_outputs(root: Path, cell: str, seed: int, cfg: dict, run_hash: str, model: SentimentModel,
+                  result: dict, seconds: float, encoder: dict, tracker) -> None:
+    """models/<cell>/seed<seed>/, metrics/<cell>/seed<seed>/train.json and plots/<cell>/seed<seed>/*,
+    published together; then the same to the MLflow run."""
+    replicate = settings.replicate_name(cell, seed)
     history, rows = result["history"], outputs.trace_rows(result["traces"])
-    metrics = train_metrics(cell, result, model, seconds)
+    metrics = train_metrics(cell, seed, result, model, seconds)
     epochs = sorted({1, len(history)})
     figure = grad_trace_figure({f"epoch {e}": outputs.trace_series(rows, e) for e in epochs},
-                               f"{cell}: gradient norm vs distance from the last token")
+                               f"{cell} (seed {seed}): gradient norm vs distance from the last token")
     with Outputs(root) as out:
         # Nothing run-specific in the folder (no run id, no time): identical training, identical
         # bytes, one copy in a DVC remote. Its MLflow run carries the folder's digest as a tag.
-        folder = out.path(f"models/{cell}", folder=True)
+        folder = out.path(f"models/{replicate}", folder=True)
         save_model(folder, model, encoder=encoder,
-                   metadata={"cell": cell, "params_hash": run_hash, "best_epoch": result["best_epoch"],
+                   metadata={"cell": cell, "seed": seed, "params_hash": run_hash, "best_epoch": result["best_epoch"],
                              "best_val_accuracy": result["best_val_accuracy"], "train": cfg})
-        out.write_json(f"metrics/{cell}/train.json", metrics)
-        out.write_text(f"plots/{cell}/history.csv", outputs.history_csv(history))
-        out.write_text(f"plots/{cell}/grad_trace.csv", outputs.trace_csv(rows))
-        out.save_figure(f"plots/{cell}/grad_trace.png", figure)
-    tracker.set_model_digest(root / "models" / cell)
-    tracker.log_model(root / "models" / cell)
+        out.write_json(f"metrics/{replicate}/train.json", metrics)
+        out.write_text(f"plots/{replicate}/history.csv", outputs.history_csv(history))
+        out.write_text(f"plots/{replicate}/grad_trace.csv", outputs.trace_csv(rows))
+        out.save_figure(f"plots/{replicate}/grad_trace.png", figure)
+    tracker.set_model_digest(root / "models" / replicate)
+    tracker.log_model(root / "models" / replicate)
     tracker.log_summary(metrics, result["traces"])
-    tracker.log_artifact(root / "plots" / cell / "history.csv", "plots")
+    tracker.log_artifact(root / "plots" / replicate / "history.csv", "plots")
     for name in ("grad_trace.csv", "grad_trace.png"):        # every epoch, also after a resume
-        tracker.log_artifact(root / "plots" / cell / name, "grad_trace")
+        tracker.log_artifact(root / "plots" / replicate / name, "grad_trace")
     shutil.rmtree(result["checkpoint_dir"], ignore_errors=True)
 
 
-def train_metrics(cell: str, result: dict, model: SentimentModel, wall_seconds: float) -> dict:
+def train_metrics(cell: str, seed: int, result: dict, model: SentimentModel, wall_seconds: float) -> dict:
     history = result["history"]
     last = history[-1]
     return {
         "cell": cell,
+        "seed": seed,
         "best_val_accuracy": result["best_val_accuracy"],
         "best_epoch": result["best_epoch"],
         "epochs_run": len(history),
