@@ -10,8 +10,8 @@ import pytest
 from scipy import special, stats as sps
 
 import rnn.stats as rs
-from rnn.stats import (Difference, Interval, binomial_two_sided_p, bootstrap_differences, ensemble, mcnemar, mean_interval,
-                       paired_bootstrap, regularized_beta, student_t_cdf, student_t_quantile)
+from rnn.stats import (Difference, Interval, binomial_two_sided_p, bootstrap_differences, ensemble, mcnemar,
+                       mean_interval, paired_bootstrap, regularized_beta, student_t_cdf, student_t_quantile)
 
 PROBABILITIES = (1e-7, 1e-4, 0.001, 0.01, 0.025, 0.05, 0.1, 0.25, 0.4, 0.499, 0.5, 0.501, 0.6, 0.75,
                  0.9, 0.95, 0.975, 0.99, 0.995, 0.999, 1 - 1e-4, 1 - 1e-7)
@@ -135,7 +135,8 @@ def test_a_model_always_right_against_one_always_wrong():
 def test_difference_is_mean_accuracy_over_seeds():
     a = np.array([[1, 1, 0, 1], [1, 0, 0, 1]])            # seed accuracies 0.75, 0.5
     b = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0]])  # 0.25, 0.25, 0.5
-    assert paired_bootstrap(a, b, np.random.default_rng(0), resamples=10).difference == pytest.approx(0.625 - 1 / 3)
+    result = paired_bootstrap(a, b, np.random.default_rng(0), resamples=10)
+    assert result.difference == pytest.approx(0.625 - 1 / 3)
 
 
 def expected_bootstrap_variance(a: np.ndarray, b: np.ndarray) -> float:
@@ -234,8 +235,10 @@ def test_bootstrap_coverage_for_identical_models(seeds, low, high):
     assert rejected / simulations <= 1 - low + 0.02
 
 
-@pytest.mark.parametrize("a, b", [(np.ones((3, 5)), np.ones((3, 6))), (np.ones(5), np.ones((1, 5))),
-                                  (np.full((2, 4), 0.5), np.ones((2, 4))), (np.ones((0, 4)), np.ones((1, 4)))])
+@pytest.mark.parametrize("a, b", [(np.ones((3, 5)), np.ones((3, 6))),      # different reviews
+                                  (np.ones(5), np.ones((1, 5))),           # no seed axis
+                                  (np.full((2, 4), 0.5), np.ones((2, 4))),  # not 0/1
+                                  (np.ones((0, 4)), np.ones((1, 4)))])      # no seeds
 def test_bootstrap_rejects_bad_input(a, b):
     with pytest.raises(ValueError):
         paired_bootstrap(a, b, np.random.default_rng(0), resamples=10)
@@ -243,7 +246,8 @@ def test_bootstrap_rejects_bad_input(a, b):
 
 # --- McNemar --------------------------------------------------------------------------------------
 
-def predictions_with(only_a: int, only_b: int, both: int = 7, neither: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def predictions_with(only_a: int, only_b: int, both: int = 7, neither: int = 3
+                     ) -> tuple[np.ndarray, np.ndarray]:
     a = np.array([True] * only_a + [False] * only_b + [True] * both + [False] * neither)
     b = np.array([False] * only_a + [True] * only_b + [True] * both + [False] * neither)
     return a, b
@@ -293,3 +297,5 @@ def test_ensemble_is_the_mean_over_seeds():
     np.testing.assert_allclose(averaged, [0.8, 0.3, 0.5], rtol=1e-6)
     with pytest.raises(ValueError):
         ensemble(np.array([0.5, 0.5]))
+    with pytest.raises(ValueError):
+        ensemble(np.array([[2.3, -1.0]]))   # logits, not probabilities
