@@ -267,6 +267,23 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, rng: np.rando
                       p_value=p_value, resamples=resamples, confidence=confidence)
 
 
+def bootstrap_accuracy(correct: np.ndarray, rng: np.random.Generator, resamples: int = 2000,
+                       confidence: float = 0.95) -> Interval:
+    """One model's accuracy with a bootstrap interval over the test reviews (and its seeds).
+
+    correct: (seeds, reviews) 0/1, whether each replicate got each review right. The draws are
+    paired_bootstrap's against a model that is never right, so the two intervals are of one kind;
+    for a deterministic model (one seed) it is the plain bootstrap over reviews. sd: over seeds
+    (nan for one seed)."""
+    correct = _correctness_matrix(correct, "correct")
+    _check_confidence(confidence)
+    draws = bootstrap_differences(correct, np.zeros((1, correct.shape[1]), bool), rng, resamples)
+    low, high = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+    per_seed = correct.mean(axis=1)
+    sd = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else float("nan")
+    return Interval(float(per_seed.mean()), sd, float(low), float(high), len(per_seed), confidence)
+
+
 def binomial_two_sided_p(k: int, n: int) -> float:
     """Exact two-sided p-value of k successes in n fair coin flips: 2 * P(X <= min(k, n - k)),
     capped at 1 (the fair coin's distribution is symmetric). Sums the terms in log space

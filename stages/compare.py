@@ -95,7 +95,7 @@ def summarize(cells: dict[str, dict], baseline: dict, seeds: list[int], cfg: dic
             "lm_val_perplexity": c["pretrain"]["val_perplexity"] if c["pretrain"] else None}
     # The baseline is deterministic: its interval is over the test reviews (a bootstrap), not seeds.
     over_reviews = stats.bootstrap_accuracy(correct["baseline"], rng, cfg["resamples"])
-    out["baseline"] = {"test_accuracy": interval_json(over_reviews, [baseline["eval"].get("seed", 0)]),
+    out["baseline"] = {"test_accuracy": {**interval_json(over_reviews, [baseline["eval"].get("seed", 0)]), "sd": 0.0},
                        "interval_over": "test reviews", "test_f1": baseline["eval"]["f1"],
                        "test_auc": baseline["eval"]["roc_auc"], "train_seconds": baseline["eval"]["train_seconds"]}
     names = list(cells)

@@ -299,3 +299,17 @@ def test_ensemble_is_the_mean_over_seeds():
         ensemble(np.array([0.5, 0.5]))
     with pytest.raises(ValueError):
         ensemble(np.array([[2.3, -1.0]]))   # logits, not probabilities
+
+
+def test_bootstrap_accuracy_is_the_accuracy_with_an_interval_over_reviews():
+    rng = np.random.default_rng(0)
+    correct = rng.random((1, 4000)) < 0.8
+    interval = rs.bootstrap_accuracy(correct, np.random.default_rng(1), resamples=1000)
+    assert interval.mean == pytest.approx(correct.mean()) and interval.n == 1 and np.isnan(interval.sd)
+    # The binomial standard error of an accuracy of 0.8 on 4000 reviews is 0.0063: the 95% interval
+    # is about +-1.96 of it.
+    se = np.sqrt(0.8 * 0.2 / 4000)
+    assert interval.high - interval.low == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert interval.low < interval.mean < interval.high
+    three = rs.bootstrap_accuracy(np.vstack([correct, correct, ~correct]), np.random.default_rng(1), 1000)
+    assert three.mean == pytest.approx(np.mean([correct.mean()] * 2 + [1 - correct.mean()])) and three.sd > 0
