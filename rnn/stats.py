@@ -284,6 +284,23 @@ def bootstrap_accuracy(correct: np.ndarray, rng: np.random.Generator, resamples:
     return Interval(float(per_seed.mean()), sd, float(low), float(high), len(per_seed), confidence)
 
 
+def correct_predictions(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Whether each prediction is right: labels (reviews,) 0/1, probabilities (..., reviews) of the
+    positive class -> (..., reviews) bool, a review called positive at P >= threshold."""
+    return (np.asarray(probabilities) >= threshold) == (np.asarray(labels) == 1)
+
+
+def compare_models(correct: dict[str, np.ndarray], probabilities: dict[str, np.ndarray], labels: np.ndarray,
+                   pairs: Sequence[tuple[str, str]], rng: np.random.Generator, resamples: int = 2000,
+                   threshold: float = 0.5) -> dict[tuple[str, str], tuple[Difference, tuple[int, int, float]]]:
+    """For each pair (a, b): paired_bootstrap of a - b over reviews and seeds, and mcnemar on the
+    two models' seed ensembles. correct: model -> (seeds, reviews) bool; probabilities: model ->
+    (seeds, reviews) P(positive) of the same reviews, whose true labels are `labels` (reviews,)."""
+    ensemble_right = {m: correct_predictions(labels, ensemble(p), threshold) for m, p in probabilities.items()}
+    return {(a, b): (paired_bootstrap(correct[a], correct[b], rng, resamples),
+                     mcnemar(ensemble_right[a], ensemble_right[b])) for a, b in pairs}
+
+
 def binomial_two_sided_p(k: int, n: int) -> float:
     """Exact two-sided p-value of k successes in n fair coin flips: 2 * P(X <= min(k, n - k)),
     capped at 1 (the fair coin's distribution is symmetric). Sums the terms in log space
