@@ -73,6 +73,15 @@ def assert_sequence_grads_close(loss: Callable[[], float], params: dict, grads: 
     for k, s in enumerate(state0):
         assert_grad_close(numeric_grad(loss, s), d_state0[k], f"{kind} d{'ac'[k]}0")
 
+
+def step_as_layer_buffers(cell, prev: tuple, step: tuple) -> tuple:
+    """One forward step's arrays (rnn.cells) laid out as a sequence layer's buffers for T = 1:
+    the state fields a history (2, N, H) of prev and the new state, the others a time axis of one.
+    What `rnn.cells.recurrent_weight_grads` reads to sum the recurrent weight gradients."""
+    return type(step)(*(np.stack([prev[k], v]) if k < cell.states else v[:, None] if name == "gates"
+                        else v[None] for k, (name, v) in enumerate(zip(step._fields, step))))
+
+
 def sample_index(size: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """Up to k distinct flat positions out of `size`, always including the first and the last."""
     if size <= k:
