@@ -173,7 +173,7 @@ def test_divergence_names_epoch_and_step(tmp_path, poisoned, message):
         fit(model, Adam(0.01), TRAIN, VAL, TrainConfig(epochs=3, batch_size=32), np.random.default_rng(0),
             checkpoint_dir=tmp_path, callbacks=[Poison()])
     meta = json.loads(load_arrays(tmp_path / "checkpoint.npz")["meta_json"].tobytes())
-    assert meta["run"]["epoch"] == 1 and meta["optimizer_t"] == 8, "the epoch-1 checkpoint is kept"
+    assert meta["state"]["epoch"] == 1 and meta["optimizer_t"] == 8, "the epoch-1 checkpoint is kept"
 
 
 class CheckedAdam(Adam):
@@ -390,7 +390,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(train_script, uninter
     assert_processes_gone(worker_pids)               # their pipe to the killed process closed
     assert_no_shared_memory(proc.pid)
     meta = checkpoint_meta(ckpt)
-    assert meta["run"]["epoch"] == 1 and meta["run"]["partial"] is None
+    assert meta["state"]["epoch"] == 1 and meta["state"]["sums"] is None
     finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, 2 * 8, workers)
 
 
@@ -414,8 +414,8 @@ def test_signal_mid_epoch_saves_checkpoint_and_resumes_exactly(train_script, uni
     assert_processes_gone(worker_pids)
     assert_no_shared_memory(proc.pid)
     meta = checkpoint_meta(ckpt)
-    assert meta["run"]["epoch"] == 1 and meta["run"]["position"] == 3 and meta["optimizer_t"] == 11
-    assert meta["run"]["partial"] is not None
+    assert meta["state"]["epoch"] == 1 and meta["state"]["position"] == 3 and meta["optimizer_t"] == 11
+    assert meta["state"]["sums"] is not None
     finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, 5 + 8, workers)
 
 
@@ -433,7 +433,7 @@ def test_a_killed_worker_stops_training_with_one_line(train_script, tmp_path):
     assert_processes_gone(worker_pids)
     assert_no_shared_memory(proc.pid)
     meta = checkpoint_meta(ckpt)
-    assert meta["run"]["epoch"] == 1 and meta["run"]["partial"] is None
+    assert meta["state"]["epoch"] == 1 and meta["state"]["sums"] is None
 
 
 def test_lr_decay_schedule_per_epoch():
