@@ -20,6 +20,7 @@ from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_so
                      softmax_cross_entropy)
 from .model import (ModelConfig, checked_params, encode, encode_backward, encoder_names, init_params,
                     layer_names, sort_batch)
+from .parallel import LocalRunner, map_by_length
 from .recurrent import sequence_forward
 
 CANDIDATES_KEY = 2**32        # keys the step's candidate draw apart from the rows' dropout draws
@@ -104,11 +105,8 @@ class LanguageModel:
     def perplexity(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 64, runner=None) -> float:
         """exp(mean negative log-likelihood per prediction) over many sequences, in batches of
         similar length; on a runner's workers when one is given (rnn.parallel)."""
-        order = np.argsort(-np.asarray(lengths), kind="stable")
-        calls = [(ids[c][:, :int(lengths[c].max())], lengths[c])
-                 for c in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
-        results = runner.map("nll", calls) if runner is not None else [self.nll(*c) for c in calls]
-        total, count = map(sum, zip(*results))
+        batches = map_by_length(runner or LocalRunner(self), "nll", ids, lengths, batch_size)
+        total, count = map(sum, zip(*(result for _, result in batches)))
         return float(np.exp(total / max(count, 1)))
 
     # ------------------------------------------------------------------------------ generation
