@@ -84,6 +84,15 @@ def add_blocks(blocks: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+def _interpolate(start: np.ndarray, end: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = start + weight * (end - start) in three passes: a GRU's blend of its old state and its
+    candidate, whichever of the two its update gate weighs."""
+    np.subtract(end, start, out=out)
+    out *= weight
+    out += start
+    return out
+
+
 # ----------------------------------------------------------------------------------------- rnn
 class RNNStep(NamedTuple):
     a: np.ndarray            # (N, H) the new state; tanh's derivative needs only this output
@@ -145,9 +154,7 @@ def gru_step_forward(x_proj, prev, W_h, b_hn=None, out: GRUStep | None = None) -
     np.matmul(r_a, W_h[2], out=n)
     n += x_proj[2]
     np.tanh(n, out=n)
-    np.subtract(n, a_prev, out=a)            # a = a_prev + u * (n - a_prev)
-    a *= u
-    a += a_prev
+    _interpolate(a_prev, n, u, out=a)        # a = u * n + (1 - u) * a_prev
     return GRUStep(a, gates, r_a)
 
 
@@ -207,9 +214,7 @@ def gru_after_step_forward(x_proj, prev, W_h, b_hn, out: GRUAfterStep | None = N
     np.multiply(r, h_n, out=n)
     n += x_proj[2]
     np.tanh(n, out=n)
-    np.subtract(a_prev, n, out=a)            # a = n + z * (a_prev - n)
-    a *= z
-    a += n
+    _interpolate(n, a_prev, z, out=a)        # a = (1 - z) * n + z * a_prev
     return GRUAfterStep(a, gates, h_n)
 
 

@@ -178,27 +178,36 @@ def checked_params(config: ModelConfig, params: dict[str, np.ndarray]) -> dict[s
     return {name: params[name] for name in expected}
 
 
-class SentimentModel:
-    """The model: a config and a flat dict of parameters, with forward, backward and prediction."""
+class Model:
+    """What both models are: a config of their task and a flat dict of parameters."""
+
+    task: str                 # the config's task a model class serves
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
-        if config.task != "sentiment":
-            raise ValueError(f"SentimentModel needs a config with task 'sentiment', got {config.task!r}")
+        if config.task != self.task:
+            raise ValueError(f"{type(self).__name__} needs a config with task {self.task!r}, "
+                             f"got {config.task!r}")
         self.config = config
         self.params = checked_params(config, params)
 
     @classmethod
-    def create(cls, config: ModelConfig, rng: np.random.Generator,
-               embeddings: np.ndarray | None = None) -> "SentimentModel":
+    def create(cls, config: ModelConfig, rng: np.random.Generator, embeddings: np.ndarray | None = None):
+        """A new model, its parameters from `init_params`."""
         return cls(config, init_params(config, rng, embeddings))
 
     def num_parameters(self) -> int:
         return int(sum(p.size for p in self.params.values()))
 
-    def astype(self, dtype) -> "SentimentModel":
+    def astype(self, dtype):
         """A copy with every parameter in `dtype` (float64 for gradient checks)."""
         config = ModelConfig.from_dict({**self.config.to_dict(), "dtype": np.dtype(dtype).name})
-        return SentimentModel(config, {k: v.astype(dtype) for k, v in self.params.items()})
+        return type(self)(config, {k: v.astype(dtype) for k, v in self.params.items()})
+
+
+class SentimentModel(Model):
+    """The classifier: forward, backward and prediction."""
+
+    task = "sentiment"
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, ids: np.ndarray, lengths: np.ndarray, dropout_seed: int | None = None,
