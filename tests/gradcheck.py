@@ -47,6 +47,13 @@ def rel_error(num: np.ndarray, ana: np.ndarray, floor: float = FLOOR) -> np.ndar
     return np.abs(num - ana) / np.maximum(np.abs(num) + np.abs(ana), floor)
 
 
+def rel_err(got: np.ndarray, expected: np.ndarray) -> float:
+    """One number for a whole array: the largest |got - expected| relative to the largest |expected|
+    (for results that must agree to rounding, where `rel_error`'s per-element measure is too strict
+    on elements that cancel to almost nothing)."""
+    return float(np.max(np.abs(got - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
 def assert_grad_close(num: np.ndarray, ana: np.ndarray, name: str, tol: float = TOLERANCE,
                       floor: float = FLOOR) -> None:
     """Fail, naming the worst element, unless every checked (non-NaN) element of `num` agrees

@@ -11,12 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import assert_no_shared_memory, assert_processes_gone
+from helpers import assert_no_shared_memory, assert_processes_gone, make_model
 from rnn.data import batches
 from rnn.io import load_arrays
 from rnn.losses import bce_with_logits
@@ -40,10 +41,7 @@ def toy_data(n: int, seed: int, T: int = 10, V: int = 16, max_len: int = 8) -> D
     return Dataset(ids.astype(np.int32), lengths, labels.astype(np.int8))
 
 
-def toy_model(cell="lstm", reset_after=False, seed=0, **config) -> SentimentModel:
-    cfg = ModelConfig(**{"vocab_size": 16, "cell": cell, "reset_after": reset_after,
-                         "embed_dim": 8, "hidden_size": 8, **config})
-    return SentimentModel.create(cfg, np.random.default_rng(seed))
+toy_model = partial(make_model, vocab_size=16, embed_dim=8, hidden_size=8, dtype="float32")
 
 
 def metrics(result: dict) -> dict:
