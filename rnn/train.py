@@ -23,7 +23,7 @@ from .data import batches
 from .errors import InputError
 from .io import load_arrays, save_arrays
 from .losses import bce_with_logits
-from .model import SentimentModel
+from .model import Model
 from .optim import Optimizer, clip_gradients, group_norms
 from .parallel import WorkerPool, make_runner, resolve_workers
 
@@ -107,6 +107,8 @@ class TrainState:
     sums: EpochSums | None = None                # that epoch's sums so far; None between epochs
 
     def save(self, path: Path, model, optimizer: Optimizer, rng: np.random.Generator) -> None:
+        """Write the checkpoint: this state, every field of it, with the model's parameters, the
+        optimizer's state and the rng's."""
         opt = optimizer.state_dict()
         arrays = {**{f"param/{k}": v for k, v in model.params.items()},
                   **{f"best/{k}": v for k, v in self.best_params.items()},
@@ -153,7 +155,7 @@ class TrainState:
         return state
 
 
-def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: TrainConfig,
+def fit(model: Model, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: TrainConfig,
         rng: np.random.Generator, checkpoint_dir: str | Path | None = None, callbacks=()) -> dict:
     """Train `model` in place and return the run's record.
 
@@ -187,7 +189,7 @@ def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Datase
                     state.save(ckpt, model, optimizer, rng)
                 raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {state.position}"
                                           + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
-            record, trace_means = _finish_epoch(state.sums, epoch, optimizer.t, optimizer.lr, model, runner, val)
+            record, trace_means = _finish_epoch(state.sums, epoch, optimizer, model, runner, val)
             _end_epoch(state, record, trace_means, model, cfg.patience)
             if ckpt is not None:
                 state.save(ckpt, model, optimizer, rng)
@@ -299,15 +301,17 @@ def _accumulate(sums: EpochSums, loss, model, shares, data, idx, norm, clipped, 
             c[:len(counts)] += counts
 
 
-def _finish_epoch(sums: EpochSums, epoch, step, lr, model, runner, val) -> tuple[dict, dict]:
+def _finish_epoch(sums: EpochSums, epoch: int, optimizer: Optimizer, model, runner, val: Dataset
+                  ) -> tuple[dict, dict]:
+    """The epoch's record (its sums and the validation scores) and its gradient trace means."""
     t0 = time.perf_counter()
     scores = {f"val_{k}": v for k, v in evaluate(model, val, runner=runner).items()}
     if model.config.task == "sentiment":
         scores["train_accuracy"] = sums.correct / sums.n
-    record = {"epoch": epoch, "step": step, "train_loss": sums.loss / sums.n, **scores,
+    record = {"epoch": epoch, "step": optimizer.t, "train_loss": sums.loss / sums.n, **scores,
               "seconds": sums.seconds, "val_seconds": time.perf_counter() - t0,
               "tokens_per_s": sums.tokens / max(sums.seconds, 1e-9),
-              "lr": lr, "grad_norm_mean": sums.norm_sum / sums.steps, "grad_norm_max": sums.norm_max,
+              "lr": optimizer.lr, "grad_norm_mean": sums.norm_sum / sums.steps, "grad_norm_max": sums.norm_max,
               "clipped_fraction": sums.clipped / sums.steps}
     means = {name: [float(s / c) if c else None for s, c in zip(*sc)]
              for name, sc in sums.trace.items()}

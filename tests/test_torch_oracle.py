@@ -108,8 +108,8 @@ def test_our_parameters_load_into_torch(cell):
     ours = make_model(cell, cell == "gru", biases=0.5, vocab_size=V, embed_dim=E, hidden_size=H, num_layers=2,
                       bidirectional=True)
     ref = Reference(ours.config).double()
-    ref.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_model_state(ours.config, ours.params).items()},
-                        strict=True)
+    state = to_torch_model_state(ours.config, ours.params)
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     ids, lengths, _ = batch(seed=3)
     with torch.no_grad():
         logits_t = ref(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
