@@ -76,10 +76,11 @@ def layer_buffers(kind: str, T: int, B: int, H: int, dtype, steps: int) -> tuple
 def step_slices(buffers: tuple, states: int, t: int, slot: int, n: int) -> tuple[tuple, tuple]:
     """Views of step t's first n rows within a layer's buffers: (the state before it, its step
     tuple), the per-step fields taken at `slot` (t, or 0 when only one step is kept)."""
-    prev = tuple(buf[t, :n] for buf in buffers[:states])
-    step = type(buffers)(*(buf[t + 1, :n] if k < states else buf[:, slot, :n] if name == "gates"
-                           else buf[slot, :n] for k, (name, buf) in enumerate(zip(buffers._fields, buffers))))
-    return prev, step
+    prev = tuple(history[t, :n] for history in buffers[:states])
+    state = [history[t + 1, :n] for history in buffers[:states]]
+    rest = [buf[:, slot, :n] if name == "gates" else buf[slot, :n]
+            for name, buf in zip(buffers._fields[states:], buffers[states:])]
+    return prev, type(buffers)(*state, *rest)
 
 
 def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str,
