@@ -184,3 +184,18 @@ class TextEncoder:
         if not all(isinstance(t, str) for t in d["tokens"]):
             raise ValueError("tokens must be strings")
         return cls(Vocabulary(d["tokens"]), d.get("max_len"), d.get("truncate"))
+
+
+def encoder_difference(a: dict, b: dict) -> str | None:
+    """How two encoders (`TextEncoder.to_dict` dicts) differ, in a few words; None if they are equal.
+
+    Token ids mean the same thing only under the same encoder: a model scored on ids from another
+    vocabulary gives a wrong accuracy (or an IndexError).
+    """
+    if a == b:
+        return None
+    x, y = a.get("tokens") or [], b.get("tokens") or []
+    if x != y:
+        first = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        return f"vocabularies of {len(x)} and {len(y)} tokens, first different at id {first}"
+    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))

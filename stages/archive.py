@@ -9,8 +9,6 @@ largest is 14 KB) and the whole archive may unpack to at most MAX_UNPACKED_BYTES
 from __future__ import annotations
 
 import gzip
-import hashlib
-import json
 import posixpath
 import re
 import tarfile
@@ -18,6 +16,7 @@ import zlib
 from pathlib import Path
 
 from rnn.errors import InputError
+from stages.outputs import file_digest, read_json
 
 # (split, class dir) pairs that must exist and be non-empty; label per class.
 SPLITS = {"train": ("pos", "neg", "unsup"), "test": ("pos", "neg")}
@@ -31,16 +30,6 @@ _MEMBER = re.compile(r"^aclImdb/(train|test)/(pos|neg|unsup)/([^/]+)$")
 _REVIEW = re.compile(r"^(\d+)_(\d+)\.txt$")
 
 Reviews = dict[tuple[str, str], dict[int, tuple[int, bytes]]]
-
-
-def file_hashes(path: Path) -> tuple[str, str]:
-    """(md5, sha256) hex digests of a file."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            md5.update(chunk)
-            sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
 
 
 def check_gzip_file(path: Path, what: str) -> None:
@@ -152,15 +141,9 @@ DOWNLOADED = "data/download/aclImdb_v1.tar.gz"   # the download stage's copy, ke
 
 def read_source(root: Path) -> dict:
     """data/source.json (what the check stage saw): {"archive": {sha256, size}} or {"url", "md5"}."""
-    path = root / SOURCE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run the check stage first: python -m stages.check)")
-    try:
-        source = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    source = read_json(root / SOURCE, "check")
     if not isinstance(source, dict) or not (isinstance(source.get("archive"), dict) or "url" in source):
-        raise InputError(f"{path}: names neither an archive nor a url; run the check stage again")
+        raise InputError(f"{root / SOURCE}: names neither an archive nor a url; run the check stage again")
     return source
 
 
@@ -171,7 +154,7 @@ def describe_source(url: str, md5: str, local_archive: str | None) -> dict:
         return {"url": url, "md5": md5}
     path = Path(local_archive)
     check_gzip_file(path, f"IMDB_ARCHIVE={local_archive}")
-    return {"archive": {"sha256": file_hashes(path)[1], "size": path.stat().st_size}}
+    return {"archive": {"sha256": file_digest(path), "size": path.stat().st_size}}
 
 
 def source_mismatch(source: dict, local_archive: str | None, sha256: str | None = None) -> str | None:

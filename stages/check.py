@@ -13,8 +13,9 @@ every other stage depends on one of its outputs) and stops the run, in one line,
 - the MLflow store, when mlflow.enabled: a server that answers, an SQLite file that is a database.
 
 Writes data/source.json (the archive by content, or the URL and md5: what the download stage reads),
-data/vectors.json (embed.path's file by content: the embed stage's), and data/checked (constant:
-the stages that read no data depend on it so that DVC orders them after this one).
+data/vectors.json (embed.path's file by content: the embed stage's), data/lm/<cell>.json (the shape
+of each cell's language model: pretrain@<cell>'s), and data/checked (constant: the stages that read
+no data depend on it so that DVC orders them after this one).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from rnn.errors import InputError
 from stages import archive, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.outputs import VECTORS, describe_vectors
+from stages.outputs import LM_SHAPES, VECTORS, describe_vectors, lm_shape, pretrained_vectors
 
 CHECKED = "data/checked"
 PROBE_TIMEOUT_S = 10.0
@@ -67,6 +68,9 @@ def main() -> None:
     with Outputs(root) as out:
         out.write_json(archive.SOURCE, source)
         out.write_json(VECTORS, vectors)
+        folder = out.path(LM_SHAPES, folder=True)
+        for cell in params["train"]["cells"]:
+            (folder / f"{cell}.json").write_text(json.dumps(lm_shape(params, cell), indent=2) + "\n", encoding="utf-8")
         out.write_text(CHECKED, "params.yaml and the environment passed stages/check.py\n")
     print(f"check: params.yaml valid; source {json.dumps(source)}")
 
@@ -79,18 +83,6 @@ def check_dvc_params(raw: dict, cells: list[str]) -> None:
         if cell not in overrides:
             raise InputError(f"params.yaml: train.overrides.{cell} is missing: dvc.yaml's train@{cell} "
                              f"reads it (write `{cell}: {{}}` under train.overrides)")
-
-
-def pretrained_vectors(root: Path, embed: dict) -> Path | None:
-    """The file embed.path names when embed.method is pretrained (relative to the root), else None."""
-    if embed["method"] != "pretrained":
-        return None
-    if not embed["path"]:
-        raise InputError("params.yaml: embed.path = null: required when embed.method is pretrained")
-    path = root / embed["path"]
-    if not path.is_file():
-        raise FileNotFoundError(f"params.yaml: embed.path = {embed['path']!r}: {path}: no such file")
-    return path
 
 
 def kept_source(root: Path) -> dict | None:

@@ -22,13 +22,14 @@ import pandas as pd
 
 from rnn.errors import InputError
 from stages import settings
-from stages.archive import DOWNLOADED, LABELS, file_hashes, read_archive, read_source, source_mismatch
+from stages.archive import DOWNLOADED, LABELS, read_archive, read_source, source_mismatch
 from stages.common import Outputs, project_root, run_stage
+from stages.outputs import file_digest
 
 
 def fetch(url: str, dest: Path, md5: str, retries: int, timeout: float) -> Path:
     """Download `url` to `dest` (via `dest.part`) unless a copy with the right md5 is cached."""
-    if dest.is_file() and file_hashes(dest)[0] == md5:
+    if dest.is_file() and file_digest(dest, "md5") == md5:
         print(f"using cached {dest}")
         return dest
     from tqdm import tqdm  # only needed when actually downloading
@@ -115,7 +116,7 @@ def run(cfg: dict, root: Path, local_archive: str | None = None, source: dict | 
         )
         origin = cfg["url"]
     t0 = time.perf_counter()
-    md5, sha256 = file_hashes(archive)
+    md5, sha256 = file_digest(archive, "md5"), file_digest(archive)
     if source is not None and (why := source_mismatch(source, local_archive, sha256)):
         raise InputError(f"{why}: the archive changed after the check stage ran; run `dvc repro` again")
     found = read_archive(archive)

@@ -14,24 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rnn.data import stratified_split
 from rnn.errors import InputError
 from rnn.text import UNK, TextEncoder, Vocabulary, pad_sequences, tokenize
 from stages import settings
 from stages.common import Outputs, project_root, run_stage
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train_idx, val_idx): `fraction` of each label class goes to validation."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        n_val = int(round(len(idx) * fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)  # keep every class in both parts
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def _read_raw(path: Path) -> pd.DataFrame:
@@ -52,7 +39,8 @@ def run(cfg: dict, root: Path) -> dict:
     if len(train_df) < 2:
         raise InputError(f"{root / 'data/raw/train.parquet'}: need at least 2 reviews, got {len(train_df)}")
 
-    tr_idx, va_idx = stratified_split(train_df["label"].to_numpy(), cfg["val_fraction"], cfg["seed"])
+    tr_idx, va_idx = stratified_split(train_df["label"].to_numpy(), cfg["val_fraction"],
+                                      np.random.default_rng(cfg["seed"]))
     parts = {
         "train": train_df.iloc[tr_idx],
         "val": train_df.iloc[va_idx],

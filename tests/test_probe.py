@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import write_params
-from rnn.probe import A, B, FIRST_FILLER, NEG, POS, make_probe_data
+from rnn.probe import A, B, FIRST_FILLER, NEG, POS, grad_ratio, make_probe_data
 from stages import settings as pipeline_settings
-from stages.probe import grad_ratio, main, probe_distance, run
+from stages.probe import main, probe_distance, run
 from stages.probe_report import report
 from stages.settings import ParamsError
 

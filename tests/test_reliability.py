@@ -42,6 +42,7 @@ from rnn.predict import load_model
 from rnn.train import Dataset, TrainConfig, fit
 from rnn.optim import make_optimizer
 from stages import archive, check, download, prepare, train
+from stages.outputs import file_digest
 from test_stages_model import _main, project  # noqa: F401  (the fixture: synthetic prepared data)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_a_good_project_passes_the_check_and_its_source_is_the_archive_content(c
     shutil.copy(good_archive, moved)
     checked_project({"train": {"overrides": OVERRIDES}}, moved)
     assert (tmp_path / "data/source.json").read_bytes() == first, "the same archive elsewhere changed the source"
-    assert json.loads(first)["archive"]["sha256"] == archive.file_hashes(good_archive)[1]
+    assert json.loads(first)["archive"]["sha256"] == file_digest(good_archive)
     assert json.loads((tmp_path / "data/vectors.json").read_text()) == {"pretrained": None}
 
 
