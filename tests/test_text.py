@@ -14,6 +14,7 @@ from rnn.text import (
     Vocabulary,
     clean,
     encode_texts,
+    encoder_difference,
     tokenize,
     truncate,
 )
@@ -71,6 +72,16 @@ def test_truncate_modes(mode, expected):
     assert truncate(list(range(10)), 5, mode) == expected
     assert truncate(np.arange(10), 5, mode).tolist() == expected
     assert truncate([1, 2], 5, mode) == [1, 2]
+
+
+def test_encoder_difference_names_what_differs():
+    enc = {"tokens": ["<pad>", "<unk>", "a", "b"], "max_len": 10, "truncate": "head"}
+    assert encoder_difference(enc, dict(enc)) is None
+    assert encoder_difference(enc, {**enc, "tokens": ["<pad>", "<unk>", "b"]}) == \
+        "vocabularies of 4 and 3 tokens, first different at id 2"
+    assert encoder_difference(enc, {**enc, "tokens": enc["tokens"][:3]}) == \
+        "vocabularies of 4 and 3 tokens, first different at id 3"
+    assert encoder_difference(enc, {**enc, "max_len": 12}) == "max_len 10 vs 12"
 
 
 def test_truncate_rejects_bad_mode():
