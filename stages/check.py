@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from rnn import imdb
 from rnn.errors import InputError
 from stages import archive, settings
 from stages.common import Outputs, project_root, run_stage
@@ -109,7 +110,7 @@ def check_reachable(url: str, timeout: float) -> None:
 
 def check_archive_content(root: Path, path: Path, sha256: str) -> None:
     """Read the archive as the download stage will (no text kept), unless this content already passed."""
-    key = f"{sha256}:{archive.MAX_REVIEW_BYTES}:{archive.MAX_UNPACKED_BYTES}"
+    key = f"{sha256}:{imdb.MAX_REVIEW_BYTES}:{imdb.MAX_UNPACKED_BYTES}"
     memo = root / MEMO
     try:
         seen = json.loads(memo.read_text(encoding="utf-8")) if memo.is_file() else []
@@ -117,7 +118,7 @@ def check_archive_content(root: Path, path: Path, sha256: str) -> None:
         seen = []                          # a damaged cache is only a cache
     if key in seen:
         return
-    archive.read_archive(path, keep=False)
+    imdb.read_archive(path, keep=False)
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(json.dumps([*seen, key][-20:]), encoding="utf-8")
 

@@ -22,20 +22,17 @@ from rnn.errors import InputError
 from rnn.text import TextEncoder, tokenize
 from stages import settings
 from stages.common import Outputs, project_root, run_stage
-from stages.outputs import VECTORS, describe_vectors, load_vocab, pretrained_vectors, read_json
+from stages.outputs import VECTORS, describe_vectors, load_split, load_vocab, pretrained_vectors, read_json
 
 
 def corpus(encoder: TextEncoder, root: Path) -> list[np.ndarray]:
     """Id sequences of the training part (never validation or test) and of the
     unlabelled reviews, the latter encoded whole: no truncation."""
-    train_path, unsup_path = root / "data/prepared/train.npz", root / "data/raw/unsup.parquet"
-    for path in (train_path, unsup_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (needed by embed.method svd)")
-    with np.load(train_path, allow_pickle=False) as train:
-        seqs = [row[:n] for row, n in zip(train["ids"], train["lengths"])]
+    train, unsup_path = load_split(root / "data/prepared/train.npz"), root / "data/raw/unsup.parquet"
+    if not unsup_path.is_file():
+        raise FileNotFoundError(f"{unsup_path}: not found (needed by embed.method svd)")
     texts = pd.read_parquet(unsup_path, columns=["text"])["text"]
-    return seqs + [encoder.vocab.encode(tokenize(t)) for t in texts]
+    return [row[:n] for row, n in zip(train["ids"], train["lengths"])] + [encoder.vocab.encode(tokenize(t)) for t in texts]
 
 
 def run(cfg: dict, dim: int, root: Path) -> dict:
