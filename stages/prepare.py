@@ -16,7 +16,7 @@ import pandas as pd
 
 from rnn.data import stratified_split
 from rnn.errors import InputError
-from rnn.text import UNK, TextEncoder, Vocabulary, pad_sequences, tokenize
+from rnn.text import TextEncoder, Vocabulary, encode_tokenized, tokenize
 from stages import settings
 from stages.common import Outputs, project_root, run_stage
 
@@ -54,25 +54,15 @@ def run(cfg: dict, root: Path) -> dict:
     metrics: dict = {"vocab_size": len(vocab), "splits": {}, "oov_rate": {}, "truncated_fraction": {}}
     arrays = {}
     for name, df in parts.items():
-        seqs = [vocab.encode(t) for t in tokens[name]]
-        raw_len = np.array([len(s) for s in seqs], dtype=np.int64)
-        n_tokens = int(raw_len.sum())
-        n_unk = int(sum(int((s == UNK).sum()) for s in seqs))
-        ids, lengths = pad_sequences(seqs, encoder.max_len, encoder.truncate)
-        arrays[name] = dict(
-            ids=ids,
-            lengths=lengths,
-            labels=df["label"].to_numpy(dtype=np.int8),
-            review_ids=df["id"].to_numpy(dtype=np.int64),
-            raw_lengths=raw_len.astype(np.int32),     # before truncation: accuracy by review length
-        )
+        encoded, stats = encode_tokenized(tokens[name], encoder)
+        # raw_lengths (before truncation) serve evaluate's accuracy by review length.
+        arrays[name] = {"ids": encoded["ids"], "lengths": encoded["lengths"], "labels": df["label"].to_numpy(dtype=np.int8),
+                        "review_ids": df["id"].to_numpy(dtype=np.int64), "raw_lengths": encoded["raw_lengths"]}
         metrics["splits"][name] = len(df)
-        metrics["oov_rate"][name] = n_unk / n_tokens if n_tokens else 0.0
-        metrics["truncated_fraction"][name] = float((raw_len > encoder.max_len).mean()) if len(df) else 0.0
+        metrics["oov_rate"][name] = stats["oov_rate"]
+        metrics["truncated_fraction"][name] = stats["truncated_fraction"]
         if name == "train":
-            pct = np.percentile(raw_len, [50, 90, 95, 99]) if len(raw_len) else [0] * 4
-            metrics["length_percentiles"] = {f"p{p}": float(v) for p, v in zip((50, 90, 95, 99), pct)}
-
+            metrics["length_percentiles"] = stats["length_percentiles"]
     with Outputs(root) as out:
         for name, arrs in arrays.items():
             out.save_npz(f"data/prepared/{name}.npz", **arrs)
