@@ -1,5 +1,6 @@
 """The files the stages hand to each other: prepared splits and vocabulary, per-epoch history and
-the gradient trace.
+the gradient trace, and what the check stage describes for other stages (data/vectors.json,
+data/lm/<cell>.json); files by digest.
 
 The two tables have one schema each, used by every writer and reader (train, MLflow logging, compare):
 
