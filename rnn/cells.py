@@ -15,13 +15,17 @@ runs over contiguous memory (NumPy spends about four times as long per call on a
 an (N, G*H) array: measured). `a_prev @ W_h` is one batched product for all gates. The model
 stores W_h as (H, G*H), the blocks side by side; `gate_blocks` gives the (G, H, H) view.
 
-Every step function takes the state of the previous step as a tuple (`(a,)`, or `(a, c)` for the
-LSTM) and may write its results into preallocated arrays passed as `out`: the forward steps then
-allocate nothing. Every backward step takes `W_h_T`, the blocks of W_h transposed (G, H, H), which
-the sequence layer makes contiguous once per sequence (a transposed view slows the product), and
-returns `dx_proj`, the gradient of the gate pre-activations, which is also the gradient of
-`x_proj`; the weight gradients are sums over timesteps of outer products with it, done after the
-loop as one large product per gate (see `recurrent_weight_grads`).
+A forward step takes the state of the previous step as a tuple (`(a,)`, or `(a, c)` for the LSTM)
+and returns what it computed as its cell's named tuple (`RNNStep`, `GRUStep`, `GRUAfterStep`,
+`LSTMStep`): the new state first, then what the backward step needs besides the previous state.
+Given a tuple of preallocated arrays as `out`, it writes into them and allocates nothing; the
+sequence layer holds the same tuple with a time axis on every array (its buffers) and hands each
+step its slice. A backward step takes the previous state, the forward step's tuple and `W_h_T`, the
+blocks of W_h transposed (G, H, H), which the sequence layer makes contiguous once per sequence (a
+transposed view slows the product), and returns `dx_proj`, the gradient of the gate
+pre-activations, which is also the gradient of `x_proj`; the weight gradients are sums over
+timesteps of outer products with it, done after the loop as one large product per gate (see
+`recurrent_weight_grads`).
 
 Gate blocks, in order:
     rnn:  [candidate]
@@ -56,12 +60,18 @@ def from_gate_blocks(blocks: np.ndarray) -> np.ndarray:
     return blocks.transpose(1, 0, 2).reshape(rows, G * H)
 
 
-def _new(out, i, like, blocks=None):
-    """`out[i]` (`out` itself if i is None) when given, else a new array shaped like `like`
-    (N, H) or, with `blocks`, (blocks, N, H)."""
+def _or_new(out, step_type: type, G: int, like: np.ndarray):
+    """`out` when given, else a new `step_type` of empty arrays shaped like `like` (N, H), but
+    `gates`, (G, N, H)."""
     if out is not None:
-        return out if i is None else out[i]
-    return np.empty(like.shape if blocks is None else (blocks, *like.shape), dtype=like.dtype)
+        return out
+    return step_type(*(np.empty((G, *like.shape) if name == "gates" else like.shape, like.dtype)
+                       for name in step_type._fields))
+
+
+def _or_new_blocks(out, G: int, like: np.ndarray) -> np.ndarray:
+    """`out` when given, else a new (G, N, H) array shaped and typed like `like` (N, H)."""
+    return out if out is not None else np.empty((G, *like.shape), like.dtype)
 
 
 def add_blocks(blocks: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -74,29 +84,42 @@ def add_blocks(blocks: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+def _interpolate(start: np.ndarray, end: np.ndarray, weight: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = start + weight * (end - start) in three passes: a GRU's blend of its old state and its
+    candidate, whichever of the two its update gate weighs."""
+    np.subtract(end, start, out=out)
+    out *= weight
+    out += start
+    return out
+
+
 # ----------------------------------------------------------------------------------------- rnn
-def rnn_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
+class RNNStep(NamedTuple):
+    a: np.ndarray            # (N, H) the new state; tanh's derivative needs only this output
+
+
+def rnn_step_forward(x_proj, prev, W_h, b_hn=None, out: RNNStep | None = None) -> RNNStep:
     """a<t> = tanh(x_proj + a<t-1> W_h).
 
-    x_proj: (1, N, H); prev: (a_prev (N, H),); W_h: (1, H, H); out: optional (a (N, H),).
-    Returns ((a,), cache) with cache = (a,): tanh's derivative needs only its output.
+    x_proj: (1, N, H); prev: (a_prev (N, H),); W_h: (1, H, H); out: optional RNNStep to write into.
     """
     (a_prev,) = prev
-    a = np.matmul(a_prev, W_h[0], out=_new(out, 0, a_prev))
+    (a,) = _or_new(out, RNNStep, 1, a_prev)
+    np.matmul(a_prev, W_h[0], out=a)
     a += x_proj[0]
     np.tanh(a, out=a)
-    return (a,), (a,)
+    return RNNStep(a)
 
 
-def rnn_step_backward(dstate, cache, W_h_T, out=None):
-    """dstate: (da (N, H),), the total gradient reaching a<t>; cache from the forward step;
-    W_h_T: (1, H, H).
+def rnn_step_backward(dstate, prev, step: RNNStep, W_h_T, out=None):
+    """dstate: (da (N, H),), the total gradient reaching a<t>; prev and step: the forward step's
+    input state and result; W_h_T: (1, H, H).
 
     Returns dx_proj (1, N, H) (written into `out` when given) and (da_prev (N, H),). Like every
     backward step, it overwrites the arrays of dstate with the previous step's gradients.
     """
-    (da,), (a,) = dstate, cache
-    dx = _new(out, None, a, 1)
+    (da,), a = dstate, step.a
+    dx = _or_new_blocks(out, 1, a)
     dz = dx[0]
     np.multiply(a, a, out=dz)
     np.subtract(1, dz, out=dz)
@@ -105,19 +128,23 @@ def rnn_step_backward(dstate, cache, W_h_T, out=None):
 
 
 # ----------------------------------------------------------------------------------------- gru
-def gru_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
+class GRUStep(NamedTuple):
+    a: np.ndarray            # (N, H) the new state
+    gates: np.ndarray        # (3, N, H) reset r, update u, candidate n, after their nonlinearities
+    r_a: np.ndarray          # (N, H) r * a_prev, the candidate's recurrent input
+
+
+def gru_step_forward(x_proj, prev, W_h, b_hn=None, out: GRUStep | None = None) -> GRUStep:
     """The GRU of the original article (reset before the product, `reset_after=False`).
 
         r = sigmoid(x_r + a_prev W_hr)         u = sigmoid(x_u + a_prev W_hu)
         n = tanh(x_n + (r * a_prev) W_hn)
         a = u * n + (1 - u) * a_prev            # the update gate u weighs the NEW candidate
 
-    x_proj: (3, N, H); prev: (a_prev (N, H),); W_h: (3, H, H); out: optional (a (N, H),
-    gates (3, N, H), r_a (N, H)). Returns ((a,), cache) with cache = (gates r|u|n after their
-    nonlinearities, a_prev, r * a_prev).
+    x_proj: (3, N, H); prev: (a_prev (N, H),); W_h: (3, H, H); out: optional GRUStep to write into.
     """
     (a_prev,) = prev
-    a, gates, r_a = _new(out, 0, a_prev), _new(out, 1, a_prev, 3), _new(out, 2, a_prev)
+    a, gates, r_a = _or_new(out, GRUStep, 3, a_prev)
     ru = gates[:2]
     np.matmul(a_prev, W_h[:2], out=ru)
     ru += x_proj[:2]
@@ -127,21 +154,19 @@ def gru_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
     np.matmul(r_a, W_h[2], out=n)
     n += x_proj[2]
     np.tanh(n, out=n)
-    np.subtract(n, a_prev, out=a)            # a = a_prev + u * (n - a_prev)
-    a *= u
-    a += a_prev
-    return (a,), (gates, a_prev, r_a)
+    _interpolate(a_prev, n, u, out=a)        # a = u * n + (1 - u) * a_prev
+    return GRUStep(a, gates, r_a)
 
 
-def gru_step_backward(dstate, cache, W_h_T, out=None):
+def gru_step_backward(dstate, prev, step: GRUStep, W_h_T, out=None):
     """Backward of `gru_step_forward`. dstate: (da (N, H),); W_h_T: (3, H, H).
 
     Returns dx_proj (3, N, H), the gradient of the pre-activations [r, u, n] (the gradient of
-    W_hn's input is r * a_prev, kept in the cache), and (da_prev (N, H),).
+    W_hn's input is r * a_prev, step.r_a), and (da_prev (N, H),).
     """
-    (da,), (gates, a_prev, _) = dstate, cache
+    (da,), (a_prev,), gates = dstate, prev, step.gates
     r, u, n = gates
-    dx = _new(out, None, a_prev, 3)
+    dx = _or_new_blocks(out, 3, a_prev)
     dr, du, dn = dx
     np.multiply(n, n, out=dn)                # dn = da * u * (1 - n^2)
     np.subtract(1, dn, out=dn)
@@ -163,7 +188,13 @@ def gru_step_backward(dstate, cache, W_h_T, out=None):
     return dx, (da,)
 
 
-def gru_after_step_forward(x_proj, prev, W_h, b_hn, out=None):
+class GRUAfterStep(NamedTuple):
+    a: np.ndarray            # (N, H) the new state
+    gates: np.ndarray        # (3, N, H) reset r, update z, candidate n, after their nonlinearities
+    h_n: np.ndarray          # (N, H) a_prev W_hn + b_hn, the product the reset gate scales
+
+
+def gru_after_step_forward(x_proj, prev, W_h, b_hn, out: GRUAfterStep | None = None) -> GRUAfterStep:
     """The cuDNN / PyTorch / Keras GRU (reset after the product, `reset_after=True`).
 
         r = sigmoid(x_r + a_prev W_hr)         z = sigmoid(x_z + a_prev W_hz)
@@ -171,11 +202,10 @@ def gru_after_step_forward(x_proj, prev, W_h, b_hn, out=None):
         a = (1 - z) * n + z * a_prev            # here the update gate z weighs the OLD state
 
     x_proj: (3, N, H); prev: (a_prev (N, H),); W_h: (3, H, H); b_hn: (H,); out: optional
-    (a (N, H), gates (3, N, H), h_n (N, H)). Returns ((a,), cache) with cache = (gates r|z|n
-    after their nonlinearities, a_prev, h_n = a_prev W_hn + b_hn).
+    GRUAfterStep to write into.
     """
     (a_prev,) = prev
-    a, gates, h_n = _new(out, 0, a_prev), _new(out, 1, a_prev, 3), _new(out, 2, a_prev)
+    a, gates, h_n = _or_new(out, GRUAfterStep, 3, a_prev)
     np.matmul(a_prev, W_h, out=gates)
     np.add(gates[2], b_hn, out=h_n)
     gates[:2] += x_proj[:2]
@@ -184,22 +214,20 @@ def gru_after_step_forward(x_proj, prev, W_h, b_hn, out=None):
     np.multiply(r, h_n, out=n)
     n += x_proj[2]
     np.tanh(n, out=n)
-    np.subtract(a_prev, n, out=a)            # a = n + z * (a_prev - n)
-    a *= z
-    a += n
-    return (a,), (gates, a_prev, h_n)
+    _interpolate(n, a_prev, z, out=a)        # a = (1 - z) * n + z * a_prev
+    return GRUAfterStep(a, gates, h_n)
 
 
-def gru_after_step_backward(dstate, cache, W_h_T, out=None):
+def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None):
     """Backward of `gru_after_step_forward`. dstate: (da (N, H),); W_h_T: (3, H, H).
 
     Returns dx_proj (3, N, H), the gradient of the pre-activations [r, z, n], and (da_prev (N, H),).
     The recurrent product's gradient differs from dx_proj only in the n block, which is scaled by
     r: `recurrent_weight_grads` applies that.
     """
-    (da,), (gates, a_prev, h_n) = dstate, cache
+    (da,), (a_prev,), (_, gates, h_n) = dstate, prev, step
     r, z, n = gates
-    dx = _new(out, None, a_prev, 3)
+    dx = _or_new_blocks(out, 3, a_prev)
     dr, dz, dn = dx
     dh = np.empty_like(dx)                   # gradient of the recurrent product a_prev W_h
     np.multiply(n, n, out=dn)                # dn = da * (1 - z) * (1 - n^2)
@@ -222,19 +250,25 @@ def gru_after_step_backward(dstate, cache, W_h_T, out=None):
 
 
 # ---------------------------------------------------------------------------------------- lstm
-def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
+class LSTMStep(NamedTuple):
+    a: np.ndarray            # (N, H) the new hidden state
+    c: np.ndarray            # (N, H) the new cell state
+    gates: np.ndarray        # (4, N, H) input i, forget f, output o, candidate g, after their
+                             # nonlinearities
+    tanh_c: np.ndarray       # (N, H) tanh(c)
+
+
+def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None) -> LSTMStep:
     """The LSTM of the article, all gates in one batched product.
 
         i, f, o = sigmoid(x_ifo + a_prev W_h,ifo)     g = tanh(x_g + a_prev W_h,g)
         c = i * g + f * c_prev                          a = o * tanh(c)
 
     x_proj: (4, N, H); prev: (a_prev, c_prev), each (N, H); W_h: (4, H, H); out: optional
-    (a (N, H), c (N, H), gates (4, N, H), tanh_c (N, H)). Returns ((a, c), cache) with
-    cache = (gates i|f|o|g after their nonlinearities, c_prev, tanh_c).
+    LSTMStep to write into.
     """
     a_prev, c_prev = prev
-    a, c = _new(out, 0, a_prev), _new(out, 1, a_prev)
-    gates, tanh_c = _new(out, 2, a_prev, 4), _new(out, 3, a_prev)
+    a, c, gates, tanh_c = _or_new(out, LSTMStep, 4, a_prev)
     np.matmul(a_prev, W_h, out=gates)
     gates += x_proj
     sigmoid_(gates[:3])
@@ -245,19 +279,19 @@ def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out=None):
     c += tanh_c
     np.tanh(c, out=tanh_c)
     np.multiply(o, tanh_c, out=a)
-    return (a, c), (gates, c_prev, tanh_c)
+    return LSTMStep(a, c, gates, tanh_c)
 
 
-def lstm_step_backward(dstate, cache, W_h_T, out=None):
+def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None):
     """Backward of `lstm_step_forward`. dstate: (da, dc), each (N, H): the total gradients reaching
     a<t> and c<t>; they are overwritten with da_prev and dc_prev. W_h_T: (4, H, H).
 
     Returns dx_proj (4, N, H), the gradient of the pre-activations [i, f, o, g], and
     (da_prev, dc_prev), each (N, H).
     """
-    (da, dc), (gates, c_prev, tanh_c) = dstate, cache
+    (da, dc), (_, c_prev), (_, _, gates, tanh_c) = dstate, prev, step
     i, f, o, g = gates
-    dx = _new(out, None, c_prev, 4)
+    dx = _or_new_blocks(out, 4, c_prev)
     di, df, do, dg = dx
     np.multiply(tanh_c, tanh_c, out=dg)      # dc += da * o * (1 - tanh(c)^2)
     np.subtract(1, dg, out=dg)
@@ -283,17 +317,17 @@ def lstm_step_backward(dstate, cache, W_h_T, out=None):
 class Cell(NamedTuple):
     """What the sequence layer needs to know about a cell."""
     gates: int                   # G: gate blocks in x_proj
-    states: int                  # 1 for (a,), 2 for (a, c)
-    buffers: tuple[int, ...]     # each per-step `out` array: 1 = (N, H), G = (G, N, H)
+    states: int                  # 1 for (a,), 2 for (a, c): the first fields of `step`
+    step: type                   # the named tuple of a forward step's arrays
     step_forward: Callable
     step_backward: Callable
 
 
 CELLS = {
-    "rnn": Cell(1, 1, (1,), rnn_step_forward, rnn_step_backward),
-    "gru": Cell(3, 1, (1, 3, 1), gru_step_forward, gru_step_backward),
-    "gru_after": Cell(3, 1, (1, 3, 1), gru_after_step_forward, gru_after_step_backward),
-    "lstm": Cell(4, 2, (1, 1, 4, 1), lstm_step_forward, lstm_step_backward),
+    "rnn": Cell(1, 1, RNNStep, rnn_step_forward, rnn_step_backward),
+    "gru": Cell(3, 1, GRUStep, gru_step_forward, gru_step_backward),
+    "gru_after": Cell(3, 1, GRUAfterStep, gru_after_step_forward, gru_after_step_backward),
+    "lstm": Cell(4, 2, LSTMStep, lstm_step_forward, lstm_step_backward),
 }
 
 
@@ -304,23 +338,22 @@ def cell_kind(cell: str, reset_after: bool = False) -> str:
     return "gru_after" if cell == "gru" and reset_after else cell
 
 
-def recurrent_weight_grads(kind: str, buffers: list[np.ndarray], dX: np.ndarray
-                           ) -> dict[str, np.ndarray]:
+def recurrent_weight_grads(kind: str, buffers: tuple, dX: np.ndarray) -> dict[str, np.ndarray]:
     """Sum over timesteps of the recurrent weight gradients, as one large product per gate block.
 
-    buffers: the layer's per-step arrays as filled by the forward steps, (T, B, H) or, for gate
-    values, (G, T, B, H); buffers[0] is the history a<0..T> (T+1, B, H), so that a<t-1> for every
-    step is buffers[0][:-1]. dX: (G, T*B, H) gradients of the pre-activations, zero on padded
-    steps. Returns {"W_h": (H, G*H)} and, for gru_after, {"b_hn": (H,)}.
+    buffers: the layer's arrays as filled by the forward steps, the cell's step tuple with a time
+    axis: the state fields hold the history a<0..T> (T+1, B, H), so that a<t-1> for every step is
+    buffers.a[:-1]; the others hold every step, (T, B, H) or, for gates, (G, T, B, H). dX:
+    (G, T*B, H) gradients of the pre-activations, zero on padded steps. Returns {"W_h": (H, G*H)}
+    and, for gru_after, {"b_hn": (H,)}.
     """
-    a_hist = buffers[0]
-    H = a_hist.shape[-1]
-    A_T = a_hist[:-1].reshape(-1, H).T       # (H, T*B)
+    H = buffers.a.shape[-1]
+    A_T = buffers.a[:-1].reshape(-1, H).T    # (H, T*B)
     if kind == "gru":                        # the candidate's recurrent input is r * a_prev
-        r_a = buffers[2].reshape(-1, H)
+        r_a = buffers.r_a.reshape(-1, H)
         return {"W_h": from_gate_blocks(np.stack([A_T @ dX[0], A_T @ dX[1], r_a.T @ dX[2]]))}
     if kind == "gru_after":                  # the candidate's product is scaled by r
-        dh_n = dX[2] * buffers[1][0].reshape(-1, H)
+        dh_n = dX[2] * buffers.gates[0].reshape(-1, H)
         return {"W_h": from_gate_blocks(np.stack([A_T @ dX[0], A_T @ dX[1], A_T @ dh_n])),
                 "b_hn": dh_n.sum(0)}
     return {"W_h": from_gate_blocks(np.matmul(A_T, dX))}

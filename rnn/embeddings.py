@@ -1,4 +1,5 @@
-"""Word vectors without labels: windowed co-occurrence counts -> PPMI -> truncated SVD.
+"""Initial word vectors: random, read from a pretrained GloVe / word2vec text file, or learned
+without labels (windowed co-occurrence counts -> PPMI -> truncated SVD).
 
 Levy & Goldberg (2014) style: positive PMI with context-distribution smoothing,
 factorised by a randomized SVD (Halko et al. 2011), rows U * sqrt(S). Ids are
@@ -9,9 +10,11 @@ words are simply ids < C.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
+from rnn.errors import InputError
 from rnn.text import PAD, UNK
 
 FIRST_WORD = max(PAD, UNK) + 1  # ids below this are never rows or contexts
@@ -123,3 +126,59 @@ def svd_embeddings(
     vecs[~seen] = rng.normal(0.0, scale, size=(int((~seen).sum()), dim))
     vecs[PAD] = 0.0
     return vecs, seen
+
+
+def read_vectors(path: Path, vocab_index: dict[str, int], dim: int) -> dict[int, np.ndarray]:
+    """{vocab id: vector (dim,) float32} for the vocabulary words found in a GloVe or word2vec text
+    file (one word and its values a line; word2vec's "count dim" header line is skipped).
+
+    Exact matches win over lowercased ones, so a cased word2vec file still covers a lowercase
+    vocabulary without a capitalized variant overriding the word itself.
+    """
+    found: dict[int, np.ndarray] = {}
+    exact: set[int] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.rstrip().split(" ")
+                if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                    continue
+                if len(parts) == 1 and not parts[0]:
+                    continue
+                if len(parts) - 1 != dim:
+                    raise InputError(f"{path}:{lineno}: expected {dim} values (train.embed_dim), got {len(parts) - 1}")
+                idx = vocab_index.get(parts[0])
+                is_exact = idx is not None
+                if idx is None:
+                    idx = vocab_index.get(parts[0].lower())
+                if idx is None or idx in exact or (not is_exact and idx in found):
+                    continue
+                try:
+                    found[idx] = np.array(parts[1:], dtype=np.float32)
+                except ValueError:
+                    raise InputError(f"{path}:{lineno}: non-numeric vector value") from None
+                if is_exact:
+                    exact.add(idx)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text embedding file ({exc.reason})") from None
+    return found
+
+
+def build_embeddings(tokens: list[str], dim: int, rng: np.random.Generator, scale: float | None = None,
+                     vectors: Path | None = None) -> tuple[np.ndarray, float | None]:
+    """(embeddings (V, dim) float32, coverage): N(0, scale^2) draws (default scale 1/sqrt(dim)),
+    the rows of the words found in the `vectors` file replaced by their vectors, the PAD row zero.
+
+    coverage: the share of the words (PAD and UNK aside) found in `vectors`; None without a file.
+    """
+    scale = scale if scale is not None else 1.0 / np.sqrt(dim)
+    emb = rng.normal(0.0, scale, size=(len(tokens), dim)).astype(np.float32)
+    coverage = None
+    if vectors is not None:
+        index = {t: i for i, t in enumerate(tokens) if i not in (PAD, UNK)}
+        found = read_vectors(vectors, index, dim)
+        for i, vec in found.items():
+            emb[i] = vec
+        coverage = len(found) / len(index) if index else 0.0
+    emb[PAD] = 0.0
+    return emb, coverage

@@ -18,22 +18,18 @@ import numpy as np
 from .layers import row_dropout_mask
 from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_softmax_loss,
                      softmax_cross_entropy)
-from .model import (ModelConfig, checked_params, encode, encode_backward, encoder_names, init_params,
-                    layer_names, sort_batch)
+from .model import Model, ModelConfig, encode, encode_backward, encoder_names, layer_names, sort_batch
+from .parallel import LocalRunner, map_by_length
 from .recurrent import sequence_forward
 
 CANDIDATES_KEY = 2**32        # keys the step's candidate draw apart from the rows' dropout draws
 
 
-class LanguageModel:
-    """A config (task "language_model") and a flat dict of parameters; `share_loss` trains it
+class LanguageModel(Model):
+    """A config of task "language_model" and a flat dict of parameters; `share_loss` trains it
     (alone or in rnn.parallel's workers), `nll` evaluates it, `generate` writes with it."""
 
-    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
-        if config.task != "language_model":
-            raise ValueError(f"LanguageModel needs a config with task 'language_model', got {config.task!r}")
-        self.config = config
-        self.params = checked_params(config, params)
+    task = "language_model"
 
     @classmethod
     def create(cls, config: ModelConfig, rng: np.random.Generator, embeddings: np.ndarray | None = None,
@@ -41,18 +37,10 @@ class LanguageModel:
         """A new model; with `token_counts` (V,) the output bias starts at each word's log
         frequency, what the model would learn first anyway: with a zero bias the sampled softmax
         spends its first thousand steps on word frequencies, one small step per row per draw."""
-        params = init_params(config, rng, embeddings)
+        model = super().create(config, rng, embeddings)
         if token_counts is not None:
-            params["lm.b"][...] = unigram_log_probs(token_counts)
-        return cls(config, params)
-
-    def num_parameters(self) -> int:
-        return int(sum(p.size for p in self.params.values()))
-
-    def astype(self, dtype) -> "LanguageModel":
-        """A copy with every parameter in `dtype` (float64 for gradient checks)."""
-        config = ModelConfig.from_dict({**self.config.to_dict(), "dtype": np.dtype(dtype).name})
-        return LanguageModel(config, {k: v.astype(dtype) for k, v in self.params.items()})
+            model.params["lm.b"][...] = unigram_log_probs(token_counts)
+        return model
 
     # -------------------------------------------------------------------------------- training
     @staticmethod
@@ -104,11 +92,8 @@ class LanguageModel:
     def perplexity(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 64, runner=None) -> float:
         """exp(mean negative log-likelihood per prediction) over many sequences, in batches of
         similar length; on a runner's workers when one is given (rnn.parallel)."""
-        order = np.argsort(-np.asarray(lengths), kind="stable")
-        calls = [(ids[c][:, :int(lengths[c].max())], lengths[c])
-                 for c in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
-        results = runner.map("nll", calls) if runner is not None else [self.nll(*c) for c in calls]
-        total, count = map(sum, zip(*results))
+        batches = map_by_length(runner or LocalRunner(self), "nll", ids, lengths, batch_size)
+        total, count = map(sum, zip(*(result for _, result in batches)))
         return float(np.exp(total / max(count, 1)))
 
     # ------------------------------------------------------------------------------ generation

@@ -1,5 +1,5 @@
 """Binary classification metrics in NumPy: accuracy, precision, recall, F1, ROC AUC, log loss,
-confusion matrix and the ROC curve. Shared by `rnn evaluate` and the pipeline's evaluate stage."""
+confusion matrix, the ROC curve and accuracy by review length. Shared by `rnn evaluate` and the pipeline's evaluate stage."""
 from __future__ import annotations
 
 import numpy as np
@@ -76,3 +76,20 @@ def roc_curve(labels, probs, max_points: int = 200) -> tuple[np.ndarray, np.ndar
         keep = np.unique(np.linspace(0, tps.size - 1, max_points).round().astype(int))
         tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
     return fps / max(fps[-1], 1), tps / max(tps[-1], 1), thresholds
+
+
+def length_buckets(lengths: np.ndarray, correct: np.ndarray, edges: list[int]) -> list[dict]:
+    """Accuracy by review length: buckets [0, e0), [e0, e1), ..., [e_last, inf); empty ones left out.
+
+    lengths, correct: (N,). Returns rows {bucket, min_length, max_length (exclusive, None = open),
+    count, accuracy}.
+    """
+    bounds = [0, *edges, None]
+    rows = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        inside = (lengths >= lo) & (lengths < hi if hi is not None else True)
+        if inside.any():
+            label = f"<{hi}" if lo == 0 else (f">={lo}" if hi is None else f"{lo}-{hi}")
+            rows.append({"bucket": label, "min_length": lo, "max_length": hi, "count": int(inside.sum()),
+                         "accuracy": float(correct[inside].mean())})
+    return rows

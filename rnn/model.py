@@ -31,7 +31,7 @@ from .cells import CELLS, cell_kind
 from .layers import (SparseRows, dense_backward, dense_forward, embedding_backward, embedding_forward,
                      row_dropout_mask, row_generators)
 from .losses import bce_with_logits, sigmoid
-from .parallel import WorkerPool, resolve_workers
+from .parallel import LocalRunner, WorkerPool, resolve_workers
 from .recurrent import sequence_backward, sequence_forward
 
 POOLINGS = ("last", "mean", "max", "concat")       # concat: [last, mean, max] side by side
@@ -178,27 +178,36 @@ def checked_params(config: ModelConfig, params: dict[str, np.ndarray]) -> dict[s
     return {name: params[name] for name in expected}
 
 
-class SentimentModel:
-    """The model: a config and a flat dict of parameters, with forward, backward and prediction."""
+class Model:
+    """What both models are: a config of their task and a flat dict of parameters."""
+
+    task: str                 # the config's task a model class serves
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
-        if config.task != "sentiment":
-            raise ValueError(f"SentimentModel needs a config with task 'sentiment', got {config.task!r}")
+        if config.task != self.task:
+            raise ValueError(f"{type(self).__name__} needs a config with task {self.task!r}, "
+                             f"got {config.task!r}")
         self.config = config
         self.params = checked_params(config, params)
 
     @classmethod
-    def create(cls, config: ModelConfig, rng: np.random.Generator,
-               embeddings: np.ndarray | None = None) -> "SentimentModel":
+    def create(cls, config: ModelConfig, rng: np.random.Generator, embeddings: np.ndarray | None = None):
+        """A new model, its parameters from `init_params`."""
         return cls(config, init_params(config, rng, embeddings))
 
     def num_parameters(self) -> int:
         return int(sum(p.size for p in self.params.values()))
 
-    def astype(self, dtype) -> "SentimentModel":
+    def astype(self, dtype):
         """A copy with every parameter in `dtype` (float64 for gradient checks)."""
         config = ModelConfig.from_dict({**self.config.to_dict(), "dtype": np.dtype(dtype).name})
-        return SentimentModel(config, {k: v.astype(dtype) for k, v in self.params.items()})
+        return type(self)(config, {k: v.astype(dtype) for k, v in self.params.items()})
+
+
+class SentimentModel(Model):
+    """The classifier: forward, backward and prediction."""
+
+    task = "sentiment"
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, ids: np.ndarray, lengths: np.ndarray, dropout_seed: int | None = None,
@@ -274,6 +283,10 @@ class SentimentModel:
         grads, traces = self.backward(dlogits, cache, trace)
         return loss, grads, {"logits": logits, "trace": traces}
 
+    def logits(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Logits (B,) of one batch, ids (B, T) and lengths (B,): inference, nothing kept."""
+        return self.forward(ids, lengths, keep_cache=False)[0]
+
     def predict_logits(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256,
                        workers: int | str = 1) -> np.ndarray:
         """Logits (N,) for many sequences, in batches of similar length (inference, no dropout).
@@ -281,17 +294,11 @@ class SentimentModel:
         With workers > 1 (or "auto": all cores) the batches are spread over up to that many worker
         processes (no more than there are batches), started for this call in about a second; see
         rnn.parallel, whose WorkerPool serves many calls from one set of workers."""
-        lengths = np.asarray(lengths)
         workers = min(resolve_workers(workers), -(-len(lengths) // batch_size))
         if workers > 1:
             with WorkerPool(self, workers) as pool:
                 return pool.predict_logits(ids, lengths, batch_size)
-        out = np.empty(len(lengths), dtype=np.float64)
-        order = np.argsort(-lengths, kind="stable")
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            out[idx] = self.forward(ids[idx], lengths[idx], keep_cache=False)[0]
-        return out
+        return LocalRunner(self).predict_logits(ids, lengths, batch_size)
 
     def predict_proba(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256,
                       workers: int | str = 1) -> np.ndarray:

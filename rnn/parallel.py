@@ -84,6 +84,27 @@ def split_rows(lengths: np.ndarray, shares: int) -> list[np.ndarray]:
     return [np.sort(order[owner == w]) for w in range(shares)]
 
 
+def map_by_length(runner, method: str, ids: np.ndarray, lengths: np.ndarray, batch_size: int
+                  ) -> list[tuple[np.ndarray, object]]:
+    """Run the runner's model.<method>(ids, lengths) over many sequences in batches of similar
+    length, which waste little on padding: the rows sorted longest first, in batches of at most
+    `batch_size`. ids: (N, T), each batch's cut to its longest sequence; lengths: (N,). A
+    WorkerPool runs each batch on whichever worker is free. Returns [(rows, result)], one a batch."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    calls = ((ids[rows][:, :int(lengths[rows].max())], lengths[rows]) for rows in chunks)
+    return list(zip(chunks, runner.map(method, calls)))
+
+
+def predict_logits(runner, ids: np.ndarray, lengths: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits (N,) in float64 of a classifier (the runner's model) for many sequences."""
+    out = np.empty(len(lengths), np.float64)
+    for rows, logits in map_by_length(runner, "logits", ids, lengths, batch_size):
+        out[rows] = logits
+    return out
+
+
 def sum_sparse_rows(parts: list[SparseRows]) -> SparseRows:
     """Sum of row-sparse gradients of one matrix; each part's rows are distinct and ascending.
 
@@ -115,7 +136,8 @@ class LocalRunner:
         return loss, grads, [(positions, extras)]
 
     def predict_logits(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        return self.model.predict_logits(ids, lengths, batch_size)
+        """See WorkerPool.predict_logits."""
+        return predict_logits(self, ids, lengths, batch_size)
 
     def map(self, method: str, calls: Iterable[tuple]) -> list:
         """See WorkerPool.map."""
@@ -232,15 +254,8 @@ class WorkerPool:
         """Logits (N,) as model.predict_logits, its length-sorted batches spread over the workers.
 
         Batches hold at most ceil(N / workers) sequences, so that one batch also uses every worker."""
-        lengths = np.asarray(lengths)
-        order = np.argsort(-lengths, kind="stable")
-        size = max(1, min(batch_size, -(-len(order) // self.workers)))
-        chunks = [order[i:i + size] for i in range(0, len(order), size)]
-        calls = ((ids[c][:, :int(lengths[c].max())], lengths[c], len(c)) for c in chunks)
-        out = np.empty(len(order), np.float64)
-        for c, logits in zip(chunks, self.map("predict_logits", calls)):
-            out[c] = logits
-        return out
+        size = max(1, min(batch_size, -(-len(lengths) // self.workers)))
+        return predict_logits(self, ids, lengths, size)
 
     def map(self, method: str, calls: Iterable[tuple]) -> list:
         """[model.<method>(*args) for args in calls], each call run by whichever worker is free."""

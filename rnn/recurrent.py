@@ -57,10 +57,30 @@ class LayerCache:
     X: np.ndarray            # (T, B, D) input, in the order the loop saw it
     lengths: np.ndarray      # (B,)
     active: np.ndarray       # (T,)
-    buffers: list            # per-step arrays filled by the forward steps; buffers[0] = a history
-    caches: list             # per-step caches (views into buffers)
+    buffers: tuple           # the cell's step tuple with a time axis (see `layer_buffers`)
     params: dict
     rev: np.ndarray | None   # reverse_index for a reverse direction, else None
+
+
+def layer_buffers(kind: str, T: int, B: int, H: int, dtype, steps: int) -> tuple:
+    """The arrays a layer's forward steps write into: the cell's step tuple (rnn.cells) with a time
+    axis. The state fields (a, and c for the LSTM) hold the history of T + 1 states, a<0> first and
+    zero; the others hold `steps` steps (T, or 1 where no backward pass will read them), each
+    (steps, B, H), but gates, (G, steps, B, H)."""
+    cell = CELLS[kind]
+    return cell.step(*(np.zeros((T + 1, B, H), dtype) if k < cell.states else
+                       np.zeros((cell.gates, steps, B, H) if name == "gates" else (steps, B, H), dtype)
+                       for k, name in enumerate(cell.step._fields)))
+
+
+def step_slices(buffers: tuple, states: int, t: int, slot: int, n: int) -> tuple[tuple, tuple]:
+    """Views of step t's first n rows within a layer's buffers: (the state before it, its step
+    tuple), the per-step fields taken at `slot` (t, or 0 when only one step is kept)."""
+    prev = tuple(history[t, :n] for history in buffers[:states])
+    state = [history[t + 1, :n] for history in buffers[:states]]
+    rest = [buf[:, slot, :n] if name == "gates" else buf[slot, :n]
+            for name, buf in zip(buffers._fields[states:], buffers[states:])]
+    return prev, type(buffers)(*state, *rest)
 
 
 def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str,
@@ -80,15 +100,10 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
     rev = reverse_index(lengths, T) if reverse else None
     if reverse:
         X = X[rev, np.arange(B)]
-    kept = T if keep_cache else 1
-    buffers = [np.zeros((T + 1, B, H), X.dtype) if k < cell.states else
-               np.zeros((kept, B, H) if w == 1 else (w, kept, B, H), X.dtype)
-               for k, w in enumerate(cell.buffers)]
-    for k in range(cell.states):
-        if state0 is not None:
-            buffers[k][0] = state0[k]
+    buffers = layer_buffers(kind, T, B, H, X.dtype, T if keep_cache else 1)
+    for history, initial in zip(buffers[:cell.states], state0 or ()):
+        history[0] = initial
     active = active_rows(lengths, T)
-    caches = []
     W_x, b, b_hn = gate_blocks(params["W_x"], G), params["b"].reshape(G, 1, H), params.get("b_hn")
     W_h = np.ascontiguousarray(gate_blocks(params["W_h"], G))
     # x W_x + b for PROJ_STEPS timesteps at a time: one large product, into a buffer that stays
@@ -100,20 +115,16 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
             proj = x_proj[:, :len(chunk)]
             np.matmul(chunk, W_x, out=proj)
             proj += b
-        n, s = active[t], t if keep_cache else 0
-        prev = tuple(buffers[k][t, :n] for k in range(cell.states))
-        out = tuple(buf[t + 1, :n] if k < cell.states else buf[s, :n] if buf.ndim == 3 else buf[:, s, :n]
-                    for k, buf in enumerate(buffers))
+        n = active[t]
+        prev, out = step_slices(buffers, cell.states, t, t if keep_cache else 0, n)
         row = (t % PROJ_STEPS) * B
-        cache = cell.step_forward(x_proj[:, row:row + n], prev, W_h, b_hn, out=out)[1]
-        if keep_cache:
-            caches.append(cache)
+        cell.step_forward(x_proj[:, row:row + n], prev, W_h, b_hn, out=out)
     rows = np.arange(B)
-    final = tuple(buffers[k][lengths, rows] for k in range(cell.states))
-    outputs = buffers[0][1:]
+    final = tuple(history[lengths, rows] for history in buffers[:cell.states])
+    outputs = buffers.a[1:]
     if reverse:
         outputs = outputs[rev, rows]
-    cache = LayerCache(kind, X, lengths, active, buffers, caches, params, rev) if keep_cache else None
+    cache = LayerCache(kind, X, lengths, active, buffers, params, rev) if keep_cache else None
     return outputs, final, cache
 
 
@@ -156,7 +167,8 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
                 norms[k, t, :n] = np.sqrt(np.einsum("ij,ij->i", dk, dk, dtype=np.float64))
             if tiny:
                 np.copyto(dk, 0, where=np.abs(dk) < tiny)
-        cell.step_backward(tuple(d[:n] for d in d_state), c.caches[t], W_h_T, out=dX_proj[:, t, :n])
+        prev, step = step_slices(c.buffers, cell.states, t, t, n)
+        cell.step_backward(tuple(d[:n] for d in d_state), prev, step, W_h_T, out=dX_proj[:, t, :n])
     dG = dX_proj.reshape(G, T * B, H)
     grads = {"W_x": from_gate_blocks(np.matmul(c.X.reshape(T * B, D).T, dG)),
              "b": dG.sum(1).reshape(G * H), **recurrent_weight_grads(c.kind, c.buffers, dG)}

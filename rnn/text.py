@@ -184,3 +184,36 @@ class TextEncoder:
         if not all(isinstance(t, str) for t in d["tokens"]):
             raise ValueError("tokens must be strings")
         return cls(Vocabulary(d["tokens"]), d.get("max_len"), d.get("truncate"))
+
+
+def encoder_difference(a: dict, b: dict) -> str | None:
+    """How two encoders (`TextEncoder.to_dict` dicts) differ, in a few words; None if they are equal.
+
+    Token ids mean the same thing only under the same encoder: a model scored on ids from another
+    vocabulary gives a wrong accuracy (or an IndexError).
+    """
+    if a == b:
+        return None
+    x, y = a.get("tokens") or [], b.get("tokens") or []
+    if x != y:
+        first = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        return f"vocabularies of {len(x)} and {len(y)} tokens, first different at id {first}"
+    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def encode_tokenized(docs: Sequence[list[str]], encoder: TextEncoder) -> tuple[dict[str, np.ndarray], dict]:
+    """Encode tokenized documents as `encoder` does, and describe what the encoding lost.
+
+    Returns arrays {ids (N, max_len) int32, lengths (N,) int32, raw_lengths (N,) int32: the length
+    before truncation} and stats {oov_rate: share of the tokens that became UNK, truncated_fraction:
+    share of the documents cut, length_percentiles: {p50, p90, p95, p99} of raw_lengths}.
+    """
+    seqs = [encoder.vocab.encode(t) for t in docs]
+    raw = np.array([len(s) for s in seqs], dtype=np.int64)
+    n_tokens, n_unk = int(raw.sum()), int(sum(int((s == UNK).sum()) for s in seqs))
+    ids, lengths = pad_sequences(seqs, encoder.max_len, encoder.truncate)
+    percentiles = np.percentile(raw, [50, 90, 95, 99]) if len(raw) else [0] * 4
+    stats = {"oov_rate": n_unk / n_tokens if n_tokens else 0.0,
+             "truncated_fraction": float((raw > encoder.max_len).mean()) if len(raw) else 0.0,
+             "length_percentiles": {f"p{p}": float(v) for p, v in zip((50, 90, 95, 99), percentiles)}}
+    return {"ids": ids, "lengths": lengths, "raw_lengths": raw.astype(np.int32)}, stats

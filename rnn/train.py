@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +23,7 @@ from .data import batches
 from .errors import InputError
 from .io import load_arrays, save_arrays
 from .losses import bce_with_logits
-from .model import SentimentModel
+from .model import Model
 from .optim import Optimizer, clip_gradients, group_norms
 from .parallel import WorkerPool, make_runner, resolve_workers
 
@@ -76,7 +76,86 @@ def evaluate(model, data: Dataset, batch_size: int = 256, workers: int | str = 1
     return {"loss": loss, "accuracy": float(np.mean((logits > 0) == (data.labels > 0.5)))}
 
 
-def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: TrainConfig,
+@dataclass
+class EpochSums:
+    """The running sums of the epoch in progress, from which its record is made."""
+    loss: float = 0.0            # sum over steps of the batch loss times its denominator
+    n: int = 0                   # ... the denominators: examples, or the language model's predictions
+    correct: int = 0             # a classifier's right answers
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    norm_sum: float = 0.0        # of the gradient norms before clipping
+    norm_max: float = 0.0
+    clipped: int = 0             # steps whose gradient was clipped
+    trace: dict = field(default_factory=dict)    # name -> [sums (T,), counts (T,)] by distance
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: with the model's parameters, the optimizer's state and the rng's, all
+    that fit carries from step to step, and so the checkpoint (`save`, `load`)."""
+    best_params: dict                            # name -> array: the best epoch's parameters
+    epoch: int = 0                               # epochs finished
+    history: list = field(default_factory=list)  # per finished epoch: its record
+    traces: list = field(default_factory=list)   # ... and its gradient trace means
+    best_epoch: int = 0                          # 0: none yet
+    best_score: float = -np.inf                  # the best epoch's validation accuracy, or -perplexity
+    stopped_early: bool = False
+    position: int = 0                            # batches of epoch `epoch + 1` done
+    epoch_rng: dict | None = None                # the rng state that epoch's batch order came from
+    sums: EpochSums | None = None                # that epoch's sums so far; None between epochs
+
+    def save(self, path: Path, model, optimizer: Optimizer, rng: np.random.Generator) -> None:
+        """Write the checkpoint: this state, every field of it, with the model's parameters, the
+        optimizer's state and the rng's."""
+        opt = optimizer.state_dict()
+        arrays = {**{f"param/{k}": v for k, v in model.params.items()},
+                  **{f"best/{k}": v for k, v in self.best_params.items()},
+                  **{f"opt/{k}": v for k, v in opt["arrays"].items()}}
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "best_params"}
+        state["sums"] = asdict(self.sums) if self.sums is not None else None
+        meta = {"state": state, "optimizer_t": opt["t"], "rng": rng.bit_generator.state}
+        text = json.dumps(meta, default=lambda a: a.tolist())     # the partial epoch's trace arrays
+        arrays["meta_json"] = np.frombuffer(text.encode(), dtype=np.uint8)
+        save_arrays(path, arrays)
+
+    @classmethod
+    def load(cls, path: Path, model, optimizer: Optimizer, rng: np.random.Generator) -> "TrainState":
+        """The state saved in `path`, whose parameters, optimizer state and rng state are put into
+        `model`, `optimizer` and `rng`. Everything is checked before anything is assigned: a bad
+        checkpoint raises InputError and leaves them as they were."""
+        try:
+            arrays = load_arrays(path)
+        except InputError as e:
+            raise InputError(f"{e}; delete it to restart") from None
+        try:
+            meta = json.loads(arrays.pop("meta_json").tobytes())
+            for k, p in model.params.items():
+                for kind in ("param", "best"):
+                    if arrays[f"{kind}/{k}"].shape != p.shape:
+                        raise ValueError(f"{kind}/{k} has shape {arrays[f'{kind}/{k}'].shape}, not {p.shape}")
+            opt_arrays = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+            for key, v in opt_arrays.items():
+                if v.shape != model.params[key.rsplit("/", 1)[0]].shape:
+                    raise ValueError(f"optimizer state {key} has shape {v.shape}")
+            state = cls(best_params={k: arrays[f"best/{k}"] for k in model.params}, **meta["state"])
+            if state.sums is not None:
+                state.sums = EpochSums(**state.sums)
+                state.sums.trace = {k: [np.array(s), np.array(c)] for k, (s, c) in state.sums.trace.items()}
+            t = int(meta["optimizer_t"])
+            np.random.default_rng().bit_generator.state = meta["rng"]     # a valid rng state?
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path}: not a usable checkpoint for this model ({e}); delete it to restart") \
+                from None
+        for k in model.params:
+            model.params[k][...] = arrays[f"param/{k}"]
+        optimizer.load_state_dict({"t": t, "arrays": opt_arrays})
+        rng.bit_generator.state = meta["rng"]
+        return state
+
+
+def fit(model: Model, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: TrainConfig,
         rng: np.random.Generator, checkpoint_dir: str | Path | None = None, callbacks=()) -> dict:
     """Train `model` in place and return the run's record.
 
@@ -90,83 +169,96 @@ def fit(model: SentimentModel, optimizer: Optimizer, train: Dataset, val: Datase
     Returns {"history": [per-epoch dicts], "traces": [per-epoch {"a": mean norm by distance, ...}],
     "best_epoch", "best_val_accuracy" (None for a language model), "stopped_early", "steps"}.
     """
-    T = train.ids.shape[1]
     workers = resolve_workers(cfg.workers)
-    run = {"history": [], "traces": [], "best_epoch": 0, "best_score": -np.inf,
-           "stopped_early": False, "epoch": 0, "position": 0, "partial": None}
-    best_params = {k: v.copy() for k, v in model.params.items()}
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     if ckpt is not None and ckpt.exists():
-        run, best_params = _load_checkpoint(ckpt, model, optimizer, rng)
+        state = TrainState.load(ckpt, model, optimizer, rng)
+    else:
+        state = TrainState(best_params={k: v.copy() for k, v in model.params.items()})
 
     base_lr = optimizer.lr           # the schedule follows from the epoch: resuming needs no state
     runner = make_runner(model, train._asdict(), workers)    # starts the worker processes, if any
     stop = {"requested": False}
     handlers = _catch_signals(stop)
     try:
-        while run["epoch"] < cfg.epochs and not run["stopped_early"]:
-            epoch = run["epoch"] + 1
+        while state.epoch < cfg.epochs and not state.stopped_early:
+            epoch = state.epoch + 1
             optimizer.lr = base_lr * cfg.lr_decay ** (epoch - 1)
-            epoch_start_rng = rng.bit_generator.state
-            if run["partial"]:                            # resuming inside an epoch
-                epoch_start_rng = run["partial"]["epoch_start_rng"]
-                rng.bit_generator.state = epoch_start_rng
-            order = batches(train.lengths, cfg.batch_size, rng)
-            acc = run["partial"] or _new_epoch_sums(T, epoch_start_rng)
-            if run["partial"]:
-                rng.bit_generator.state = acc["rng_now"]
-                acc["trace"] = {k: [np.array(s), np.array(c)] for k, (s, c) in acc["trace"].items()}
-            run["partial"] = None
-            for position in range(run["position"], len(order)):
-                t0 = time.perf_counter()
-                idx = order[position]
-                trace = cfg.trace and optimizer.t % cfg.trace_every == 0
-                seed = int(rng.integers(2**63))      # the step's seed: its dropout masks come from it
-                loss, grads, shares = runner.gradients(idx, seed, trace)
-                norms = group_norms(grads)
-                pre = float(np.sqrt(sum(v * v for v in norms.values())))
-                if not (np.isfinite(loss) and np.isfinite(pre)):
-                    worst = max(norms, key=lambda k: norms[k] if np.isfinite(norms[k]) else np.inf)
-                    raise TrainingDiverged(
-                        f"epoch {epoch}, step {optimizer.t + 1}: loss {loss}, gradient norm {pre} "
-                        f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
-                _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
-                optimizer.step(model.params, grads)
-                _accumulate(acc, loss, model, shares, train, idx, pre, clipped, time.perf_counter() - t0)
-                info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
-                        "grad_norm_clipped": post, "clipped": clipped, "group_norms": norms,
-                        "batch": position + 1, "batches": len(order),
-                        "tokens": int(train.lengths[idx].sum())}
-                _call(callbacks, "on_step", info)
-                if stop["requested"]:
-                    run.update(position=position + 1, partial={**acc, "rng_now": rng.bit_generator.state})
-                    if ckpt is not None:
-                        _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
-                    raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {position + 1}"
-                                              + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
-            record, trace_means = _finish_epoch(acc, epoch, optimizer.t, optimizer.lr, model, runner, val)
-            run["history"].append(record)
-            run["traces"].append(trace_means)
-            score = record["val_accuracy"] if "val_accuracy" in record else -record["val_perplexity"]
-            if score > run["best_score"]:
-                run["best_score"], run["best_epoch"] = score, epoch
-                best_params = {k: v.copy() for k, v in model.params.items()}
-            elif cfg.patience and epoch - run["best_epoch"] >= cfg.patience:
-                run["stopped_early"] = True
-            run.update(epoch=epoch, position=0)
+            if not train_epoch(state, model, optimizer, runner, train, cfg, rng, stop, callbacks):
+                if ckpt is not None:
+                    state.save(ckpt, model, optimizer, rng)
+                raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {state.position}"
+                                          + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
+            record, trace_means = _finish_epoch(state.sums, epoch, optimizer, model, runner, val)
+            _end_epoch(state, record, trace_means, model, cfg.patience)
             if ckpt is not None:
-                _save_checkpoint(ckpt, run, model, optimizer, best_params, rng)
+                state.save(ckpt, model, optimizer, rng)
             _call(callbacks, "on_epoch", {**record, "trace": trace_means})
     finally:
         runner.close()
         for sig, h in handlers.items():
             signal.signal(sig, h)
     optimizer.lr = base_lr
-    for k, v in best_params.items():
+    for k, v in state.best_params.items():
         model.params[k][...] = v
-    best = run["history"][run["best_epoch"] - 1] if run["best_epoch"] else {}
-    return {k: run[k] for k in ("history", "traces", "best_epoch", "stopped_early")} | {
-        "best_val_accuracy": best.get("val_accuracy"), "steps": optimizer.t}
+    best = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    return {"history": state.history, "traces": state.traces, "best_epoch": state.best_epoch,
+            "stopped_early": state.stopped_early, "best_val_accuracy": best.get("val_accuracy"),
+            "steps": optimizer.t}
+
+
+def train_epoch(state: TrainState, model, optimizer: Optimizer, runner, train: Dataset, cfg: TrainConfig,
+                rng: np.random.Generator, stop: dict, callbacks=()) -> bool:
+    """Train epoch `state.epoch + 1` from batch `state.position` on, for a classifier or a language
+    model alike, adding each step to `state.sums`. Returns False when a stop was requested (see
+    `_catch_signals`) before the epoch's last batch was done, True at the end of the epoch."""
+    epoch = state.epoch + 1
+    if state.sums is None:                       # a new epoch, not one resumed from a checkpoint
+        state.epoch_rng, state.sums, state.position = rng.bit_generator.state, EpochSums(), 0
+    now = rng.bit_generator.state
+    rng.bit_generator.state = state.epoch_rng    # the batch order is drawn at the epoch's start
+    order = batches(train.lengths, cfg.batch_size, rng)
+    if state.position:
+        rng.bit_generator.state = now
+    for position in range(state.position, len(order)):
+        t0 = time.perf_counter()
+        idx = order[position]
+        trace = cfg.trace and optimizer.t % cfg.trace_every == 0
+        seed = int(rng.integers(2**63))          # the step's seed: its dropout masks come from it
+        loss, grads, shares = runner.gradients(idx, seed, trace)
+        norms = group_norms(grads)
+        pre = float(np.sqrt(sum(v * v for v in norms.values())))
+        if not (np.isfinite(loss) and np.isfinite(pre)):
+            worst = max(norms, key=lambda k: norms[k] if np.isfinite(norms[k]) else np.inf)
+            raise TrainingDiverged(
+                f"epoch {epoch}, step {optimizer.t + 1}: loss {loss}, gradient norm {pre} "
+                f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
+        _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
+        optimizer.step(model.params, grads)
+        _accumulate(state.sums, loss, model, shares, train, idx, pre, clipped, time.perf_counter() - t0)
+        state.position = position + 1
+        info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
+                "grad_norm_clipped": post, "clipped": clipped, "group_norms": norms,
+                "batch": position + 1, "batches": len(order), "tokens": int(train.lengths[idx].sum())}
+        _call(callbacks, "on_step", info)
+        if stop["requested"]:
+            return False
+    return True
+
+
+def _end_epoch(state: TrainState, record: dict, trace_means: dict, model, patience: int) -> None:
+    """Record a finished epoch; keep its parameters if it scored best, stop early if it is
+    `patience` epochs since the best."""
+    epoch = record["epoch"]
+    state.history.append(record)
+    state.traces.append(trace_means)
+    score = (record["val_accuracy"] if model.config.task == "sentiment" else -record["val_perplexity"])
+    if score > state.best_score:
+        state.best_score, state.best_epoch = score, epoch
+        state.best_params = {k: v.copy() for k, v in model.params.items()}
+    elif patience and epoch - state.best_epoch >= patience:
+        state.stopped_early = True
+    state.epoch, state.position, state.epoch_rng, state.sums = epoch, 0, None, None
 
 
 def _call(callbacks, method: str, info: dict) -> None:
@@ -187,84 +279,40 @@ def _catch_signals(stop: dict) -> dict:
         return {}
 
 
-def _new_epoch_sums(T: int, epoch_start_rng: dict) -> dict:
-    return {"loss": 0.0, "correct": 0, "n": 0, "tokens": 0, "seconds": 0.0, "steps": 0,
-            "norm_sum": 0.0, "norm_max": 0.0, "clipped": 0, "epoch_start_rng": epoch_start_rng,
-            "trace": {}}
-
-
-def _accumulate(acc, loss, model, shares, data, idx, norm, clipped, seconds) -> None:
+def _accumulate(sums: EpochSums, loss, model, shares, data, idx, norm, clipped, seconds) -> None:
     """Add one step to the epoch's sums; shares: the runner's [(positions in the batch, extras)]."""
     n = model.loss_denominator(data.lengths[idx])     # the loss is a mean over n examples or predictions
-    acc["loss"] += loss * n
-    acc["n"] += n
-    acc["tokens"] += int(data.lengths[idx].sum())
-    acc["seconds"] += seconds
-    acc["steps"] += 1
-    acc["norm_sum"] += norm
-    acc["norm_max"] = max(acc["norm_max"], norm)
-    acc["clipped"] += int(clipped)
+    sums.loss += loss * n
+    sums.n += n
+    sums.tokens += int(data.lengths[idx].sum())
+    sums.seconds += seconds
+    sums.steps += 1
+    sums.norm_sum += norm
+    sums.norm_max = max(sums.norm_max, norm)
+    sums.clipped += int(clipped)
+    T = data.ids.shape[1]
     for positions, extras in shares:
-        if "logits" in extras:                         # a classifier: count its right answers
+        if model.config.task == "sentiment":           # a classifier: count its right answers
             labels = data.labels[idx[positions]]
-            acc["correct"] += int(np.sum((extras["logits"] > 0) == (labels > 0.5)))
-        for name, (sums, counts) in (extras["trace"] or {}).items():
-            T = data.ids.shape[1]
-            s, c = acc["trace"].setdefault(name, [np.zeros(T), np.zeros(T, np.int64)])
-            s[:len(sums)] += sums
+            sums.correct += int(np.sum((extras["logits"] > 0) == (labels > 0.5)))
+        for name, (step_sums, counts) in (extras["trace"] or {}).items():
+            s, c = sums.trace.setdefault(name, [np.zeros(T), np.zeros(T, np.int64)])
+            s[:len(step_sums)] += step_sums
             c[:len(counts)] += counts
 
 
-def _finish_epoch(acc, epoch, step, lr, model, runner, val) -> tuple[dict, dict]:
+def _finish_epoch(sums: EpochSums, epoch: int, optimizer: Optimizer, model, runner, val: Dataset
+                  ) -> tuple[dict, dict]:
+    """The epoch's record (its sums and the validation scores) and its gradient trace means."""
     t0 = time.perf_counter()
     scores = {f"val_{k}": v for k, v in evaluate(model, val, runner=runner).items()}
-    if "val_accuracy" in scores:
-        scores["train_accuracy"] = acc["correct"] / acc["n"]
-    record = {"epoch": epoch, "step": step, "train_loss": acc["loss"] / acc["n"], **scores,
-              "seconds": acc["seconds"], "val_seconds": time.perf_counter() - t0,
-              "tokens_per_s": acc["tokens"] / max(acc["seconds"], 1e-9),
-              "lr": lr, "grad_norm_mean": acc["norm_sum"] / acc["steps"], "grad_norm_max": acc["norm_max"],
-              "clipped_fraction": acc["clipped"] / acc["steps"]}
+    if model.config.task == "sentiment":
+        scores["train_accuracy"] = sums.correct / sums.n
+    record = {"epoch": epoch, "step": optimizer.t, "train_loss": sums.loss / sums.n, **scores,
+              "seconds": sums.seconds, "val_seconds": time.perf_counter() - t0,
+              "tokens_per_s": sums.tokens / max(sums.seconds, 1e-9),
+              "lr": optimizer.lr, "grad_norm_mean": sums.norm_sum / sums.steps, "grad_norm_max": sums.norm_max,
+              "clipped_fraction": sums.clipped / sums.steps}
     means = {name: [float(s / c) if c else None for s, c in zip(*sc)]
-             for name, sc in acc["trace"].items()}
+             for name, sc in sums.trace.items()}
     return record, means
-
-
-def _save_checkpoint(path: Path, run: dict, model, optimizer, best_params, rng) -> None:
-    opt = optimizer.state_dict()
-    arrays = {**{f"param/{k}": v for k, v in model.params.items()},
-              **{f"best/{k}": v for k, v in best_params.items()},
-              **{f"opt/{k}": v for k, v in opt["arrays"].items()}}
-    meta = {"run": run, "optimizer_t": opt["t"], "rng": rng.bit_generator.state}
-    text = json.dumps(meta, default=lambda a: a.tolist())     # the partial epoch's trace arrays
-    arrays["meta_json"] = np.frombuffer(text.encode(), dtype=np.uint8)
-    save_arrays(path, arrays)
-
-
-def _load_checkpoint(path: Path, model, optimizer, rng) -> tuple[dict, dict]:
-    """Everything is checked before anything is assigned: a bad checkpoint leaves the model as it was."""
-    try:
-        arrays = load_arrays(path)
-    except InputError as e:
-        raise InputError(f"{e}; delete it to restart") from None
-    try:
-        meta = json.loads(arrays.pop("meta_json").tobytes())
-        for k, p in model.params.items():
-            for kind in ("param", "best"):
-                if arrays[f"{kind}/{k}"].shape != p.shape:
-                    raise ValueError(f"{kind}/{k} has shape {arrays[f'{kind}/{k}'].shape}, not {p.shape}")
-        opt_arrays = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
-        for key, v in opt_arrays.items():
-            if v.shape != model.params[key.rsplit("/", 1)[0]].shape:
-                raise ValueError(f"optimizer state {key} has shape {v.shape}")
-        run, t = meta["run"], int(meta["optimizer_t"])
-        rng_probe = np.random.default_rng()
-        rng_probe.bit_generator.state = meta["rng"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a usable checkpoint for this model ({e}); delete it to restart") \
-            from None
-    for k in model.params:
-        model.params[k][...] = arrays[f"param/{k}"]
-    optimizer.load_state_dict({"t": t, "arrays": opt_arrays})
-    rng.bit_generator.state = meta["rng"]
-    return run, {k: arrays[f"best/{k}"] for k in model.params}

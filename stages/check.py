@@ -13,8 +13,9 @@ every other stage depends on one of its outputs) and stops the run, in one line,
 - the MLflow store, when mlflow.enabled: a server that answers, an SQLite file that is a database.
 
 Writes data/source.json (the archive by content, or the URL and md5: what the download stage reads),
-data/vectors.json (embed.path's file by content: the embed stage's), and data/checked (constant:
-the stages that read no data depend on it so that DVC orders them after this one).
+data/vectors.json (embed.path's file by content: the embed stage's), data/lm/<cell>.json (the shape
+of each cell's language model: pretrain@<cell>'s), and data/checked (constant: the stages that read
+no data depend on it so that DVC orders them after this one).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from rnn import imdb
 from rnn.errors import InputError
 from stages import archive, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.outputs import VECTORS, describe_vectors
+from stages.outputs import LM_SHAPES, VECTORS, describe_vectors, lm_shape, pretrained_vectors
 
 CHECKED = "data/checked"
 PROBE_TIMEOUT_S = 10.0
@@ -67,6 +69,9 @@ def main() -> None:
     with Outputs(root) as out:
         out.write_json(archive.SOURCE, source)
         out.write_json(VECTORS, vectors)
+        folder = out.path(LM_SHAPES, folder=True)
+        for cell in params["train"]["cells"]:
+            (folder / f"{cell}.json").write_text(json.dumps(lm_shape(params, cell), indent=2) + "\n", encoding="utf-8")
         out.write_text(CHECKED, "params.yaml and the environment passed stages/check.py\n")
     print(f"check: params.yaml valid; source {json.dumps(source)}")
 
@@ -79,18 +84,6 @@ def check_dvc_params(raw: dict, cells: list[str]) -> None:
         if cell not in overrides:
             raise InputError(f"params.yaml: train.overrides.{cell} is missing: dvc.yaml's train@{cell} "
                              f"reads it (write `{cell}: {{}}` under train.overrides)")
-
-
-def pretrained_vectors(root: Path, embed: dict) -> Path | None:
-    """The file embed.path names when embed.method is pretrained (relative to the root), else None."""
-    if embed["method"] != "pretrained":
-        return None
-    if not embed["path"]:
-        raise InputError("params.yaml: embed.path = null: required when embed.method is pretrained")
-    path = root / embed["path"]
-    if not path.is_file():
-        raise FileNotFoundError(f"params.yaml: embed.path = {embed['path']!r}: {path}: no such file")
-    return path
 
 
 def kept_source(root: Path) -> dict | None:
@@ -117,7 +110,7 @@ def check_reachable(url: str, timeout: float) -> None:
 
 def check_archive_content(root: Path, path: Path, sha256: str) -> None:
     """Read the archive as the download stage will (no text kept), unless this content already passed."""
-    key = f"{sha256}:{archive.MAX_REVIEW_BYTES}:{archive.MAX_UNPACKED_BYTES}"
+    key = f"{sha256}:{imdb.MAX_REVIEW_BYTES}:{imdb.MAX_UNPACKED_BYTES}"
     memo = root / MEMO
     try:
         seen = json.loads(memo.read_text(encoding="utf-8")) if memo.is_file() else []
@@ -125,7 +118,7 @@ def check_archive_content(root: Path, path: Path, sha256: str) -> None:
         seen = []                          # a damaged cache is only a cache
     if key in seen:
         return
-    archive.read_archive(path, keep=False)
+    imdb.read_archive(path, keep=False)
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(json.dumps([*seen, key][-20:]), encoding="utf-8")
 

@@ -4,8 +4,8 @@
 
 Reads the archive data/source.json names (the check stage writes it, see stages/archive.py): the
 local copy named by env var IMDB_ARCHIVE, which must be the one the check stage hashed, or else the
-official download (md5-checked). The archive is streamed, never extracted, and nothing is written
-until every split has been read and checked.
+official download (md5-checked). The archive is streamed, never extracted (rnn/imdb.py), and nothing
+is written until every split has been read and checked.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ import pandas as pd
 
 from rnn.errors import InputError
 from stages import settings
-from stages.archive import DOWNLOADED, LABELS, file_hashes, read_archive, read_source, source_mismatch
+from rnn.imdb import read_archive, reviews
+from stages.archive import DOWNLOADED, read_source, source_mismatch
 from stages.common import Outputs, project_root, run_stage
+from stages.outputs import file_digest
 
 
 def fetch(url: str, dest: Path, md5: str, retries: int, timeout: float) -> Path:
     """Download `url` to `dest` (via `dest.part`) unless a copy with the right md5 is cached."""
-    if dest.is_file() and file_hashes(dest)[0] == md5:
+    if dest.is_file() and file_digest(dest, "md5") == md5:
         print(f"using cached {dest}")
         return dest
     from tqdm import tqdm  # only needed when actually downloading
@@ -61,35 +63,10 @@ def fetch(url: str, dest: Path, md5: str, retries: int, timeout: float) -> Path:
     raise OSError(f"{url}: download failed after {retries + 1} attempts: {last_error}")
 
 
-def _subset(ids: list[int], n: int | None) -> list[int]:
-    ids = sorted(ids)
-    return ids if n is None else ids[:n]
-
-
-def build_frames(
-    found: dict[tuple[str, str], dict[int, tuple[int, bytes]]], limit: int | None
-) -> tuple[dict[str, pd.DataFrame], int]:
-    """Decode texts into one DataFrame per output split; also count lossy decodes."""
-    wanted = {
-        ("train", "pos"): None if limit is None else limit // 2,
-        ("train", "neg"): None if limit is None else limit - limit // 2,
-        ("test", "pos"): None if limit is None else limit // 2,
-        ("test", "neg"): None if limit is None else limit - limit // 2,
-        ("train", "unsup"): limit,
-    }
-    rows: dict[str, list[tuple[int, str, int, int]]] = {"train": [], "test": [], "unsup": []}
-    decode_errors = 0
-    for (split, cls), n in wanted.items():
-        out = "unsup" if cls == "unsup" else split
-        bucket = found[(split, cls)]
-        for rid in _subset(list(bucket), n):
-            rating, raw = bucket[rid]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                decode_errors += 1
-            rows[out].append((rid, text, LABELS[cls], 0 if cls == "unsup" else rating))
+def build_frames(found: dict, limit: int | None) -> tuple[dict[str, pd.DataFrame], int]:
+    """One DataFrame per output split (rnn.imdb.reviews), positives first, then by id; and the count
+    of lossy decodes."""
+    rows, decode_errors = reviews(found, limit)
     frames = {}
     for out, r in rows.items():
         df = pd.DataFrame(r, columns=["id", "text", "label", "rating"])
@@ -115,7 +92,7 @@ def run(cfg: dict, root: Path, local_archive: str | None = None, source: dict | 
         )
         origin = cfg["url"]
     t0 = time.perf_counter()
-    md5, sha256 = file_hashes(archive)
+    md5, sha256 = file_digest(archive, "md5"), file_digest(archive)
     if source is not None and (why := source_mismatch(source, local_archive, sha256)):
         raise InputError(f"{why}: the archive changed after the check stage ran; run `dvc repro` again")
     found = read_archive(archive)

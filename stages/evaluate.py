@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from rnn.io import read_model
-from rnn.metrics import binary_metrics, roc_curve
+from rnn.errors import InputError
+from rnn.metrics import binary_metrics, length_buckets, roc_curve
 from rnn.parallel import resolve_workers
+from rnn.text import encoder_difference
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
 from stages.plots import confusion_figure, roc_figure
@@ -50,7 +52,7 @@ def run(replicate: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dic
     t0 = time.perf_counter()
     cell = replicate.split("/")[0]
     model, encoder, _ = read_model(root / "models" / replicate)
-    outputs.check_model_fits_data(root / "models" / replicate, encoder, root / "data/prepared/vocab.json")
+    check_model_fits_data(root / "models" / replicate, encoder, root / "data/prepared/vocab.json")
     test = outputs.load_split(root / "data/prepared/test.npz")
     labels = test["labels"].astype(np.int64)
     probs = model.predict_proba(test["ids"], test["lengths"], cfg["batch_size"], workers)
@@ -91,21 +93,14 @@ def run(replicate: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dic
     return metrics
 
 
-def length_buckets(lengths: np.ndarray, correct: np.ndarray, edges: list[int]) -> list[dict]:
-    """Accuracy by review length: buckets [0, e0), [e0, e1), ..., [e_last, inf); empty ones left out.
-
-    lengths, correct: (N,). Returns rows {bucket, min_length, max_length (exclusive, None = open),
-    count, accuracy}.
-    """
-    bounds = [0, *edges, None]
-    rows = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        inside = (lengths >= lo) & (lengths < hi if hi is not None else True)
-        if inside.any():
-            label = f"<{hi}" if lo == 0 else (f">={lo}" if hi is None else f"{lo}-{hi}")
-            rows.append({"bucket": label, "min_length": lo, "max_length": hi, "count": int(inside.sum()),
-                         "accuracy": float(correct[inside].mean())})
-    return rows
+def check_model_fits_data(model_folder: Path, encoder: dict | None, vocab_path: Path) -> None:
+    """The model must have been trained on data encoded with the prepared vocab.json."""
+    mine = model_folder / "encoder.json"
+    if encoder is None:
+        raise InputError(f"{mine}: missing, so the model cannot be matched with {vocab_path}; retrain it")
+    if why := encoder_difference(encoder, outputs.load_vocab(vocab_path)):
+        raise InputError(f"{mine} and {vocab_path} differ ({why}): the model was trained on other prepared "
+                         "data; retrain it (dvc repro)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The files the stages hand to each other: prepared splits and vocabulary, per-epoch history and
-the gradient trace.
+the gradient trace, and what the check stage describes for other stages (data/vectors.json,
+data/lm/<cell>.json); files by digest.
 
 The two tables have one schema each, used by every writer and reader (train, MLflow logging, compare):
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rnn.errors import InputError
+from stages import settings
 
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
                    "tokens_per_s", "grad_norm_mean", "grad_norm_max", "clipped_fraction")
@@ -35,9 +37,9 @@ def csv_text(header: Iterable[str], rows: Iterable[Iterable]) -> str:
     return buf.getvalue()
 
 
-def history_csv(history: list[dict]) -> str:
-    """One row per epoch of rnn.train.fit's records, columns HISTORY_COLUMNS."""
-    return csv_text(HISTORY_COLUMNS, ([record[c] for c in HISTORY_COLUMNS] for record in history))
+def history_csv(history: list[dict], columns: Iterable[str] = HISTORY_COLUMNS) -> str:
+    """One row per epoch of rnn.train.fit's records."""
+    return csv_text(columns, ([record[c] for c in columns] for record in history))
 
 
 def trace_rows(traces: list[dict] | dict[int, dict]) -> list[tuple]:
@@ -131,11 +133,11 @@ def load_vocab(path: Path) -> dict:
     return encoder
 
 
-def file_digest(path: Path) -> str:
-    """sha256 hex of a file's bytes."""
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (any hashlib algorithm)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
@@ -146,25 +148,28 @@ def file_digest(path: Path) -> str:
 VECTORS = "data/vectors.json"
 
 
+def pretrained_vectors(root: Path, embed: dict) -> Path | None:
+    """The file embed.path names (relative to the root) when embed.method is pretrained, else None."""
+    if embed["method"] != "pretrained":
+        return None
+    if not embed["path"]:
+        raise InputError("params.yaml: embed.path = null: required when embed.method is pretrained")
+    path = root / embed["path"]
+    if not path.is_file():
+        raise FileNotFoundError(f"params.yaml: embed.path = {embed['path']!r}: {path}: no such file")
+    return path
+
+
 def describe_vectors(path: Path | None) -> dict:
     return {"pretrained": None if path is None else {"sha256": file_digest(path), "size": path.stat().st_size}}
 
 
-def check_model_fits_data(model_folder: Path, encoder: dict | None, vocab_path: Path) -> None:
-    """A model and prepared data pair up only if the model's encoder.json is the vocab.json the data
-    was encoded with: token ids from another vocabulary give a wrong accuracy, or an IndexError."""
-    vocab = load_vocab(vocab_path)
-    mine = model_folder / "encoder.json"
-    if encoder is None:
-        raise InputError(f"{mine}: missing, so the model cannot be matched with {vocab_path}; retrain it")
-    if encoder == vocab:
-        return
-    a, b = encoder.get("tokens") or [], vocab["tokens"]
-    if a != b:
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        why = f"vocabularies of {len(a)} and {len(b)} tokens, first different at id {first}"
-    else:
-        why = ", ".join(f"{k} {encoder.get(k)!r} vs {vocab.get(k)!r}" for k in sorted(set(encoder) | set(vocab))
-                        if encoder.get(k) != vocab.get(k))
-    raise InputError(f"{mine} and {vocab_path} differ ({why}): the model was trained on other prepared "
-                     "data; retrain it (dvc repro)")
+# data/lm/<cell>.json: the shape of each cell's language model (the architecture keys of the cell's
+# train settings), written by the check stage on every `dvc repro`: pretrain@<cell> depends on it
+# rather than on the train section, so only a change of its own shape reruns it.
+LM_SHAPES = "data/lm"
+
+
+def lm_shape(params: dict, cell: str) -> dict:
+    cfg = settings.cell_settings(params, cell)
+    return {k: cfg[k] for k in settings.ARCHITECTURE}

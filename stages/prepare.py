@@ -14,24 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rnn.data import stratified_split
 from rnn.errors import InputError
-from rnn.text import UNK, TextEncoder, Vocabulary, pad_sequences, tokenize
+from rnn.text import TextEncoder, Vocabulary, encode_tokenized, tokenize
 from stages import settings
 from stages.common import Outputs, project_root, run_stage
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train_idx, val_idx): `fraction` of each label class goes to validation."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        n_val = int(round(len(idx) * fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)  # keep every class in both parts
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def _read_raw(path: Path) -> pd.DataFrame:
@@ -52,7 +39,8 @@ def run(cfg: dict, root: Path) -> dict:
     if len(train_df) < 2:
         raise InputError(f"{root / 'data/raw/train.parquet'}: need at least 2 reviews, got {len(train_df)}")
 
-    tr_idx, va_idx = stratified_split(train_df["label"].to_numpy(), cfg["val_fraction"], cfg["seed"])
+    tr_idx, va_idx = stratified_split(train_df["label"].to_numpy(), cfg["val_fraction"],
+                                      np.random.default_rng(cfg["seed"]))
     parts = {
         "train": train_df.iloc[tr_idx],
         "val": train_df.iloc[va_idx],
@@ -66,25 +54,15 @@ def run(cfg: dict, root: Path) -> dict:
     metrics: dict = {"vocab_size": len(vocab), "splits": {}, "oov_rate": {}, "truncated_fraction": {}}
     arrays = {}
     for name, df in parts.items():
-        seqs = [vocab.encode(t) for t in tokens[name]]
-        raw_len = np.array([len(s) for s in seqs], dtype=np.int64)
-        n_tokens = int(raw_len.sum())
-        n_unk = int(sum(int((s == UNK).sum()) for s in seqs))
-        ids, lengths = pad_sequences(seqs, encoder.max_len, encoder.truncate)
-        arrays[name] = dict(
-            ids=ids,
-            lengths=lengths,
-            labels=df["label"].to_numpy(dtype=np.int8),
-            review_ids=df["id"].to_numpy(dtype=np.int64),
-            raw_lengths=raw_len.astype(np.int32),     # before truncation: accuracy by review length
-        )
+        encoded, stats = encode_tokenized(tokens[name], encoder)
+        # raw_lengths (before truncation) serve evaluate's accuracy by review length.
+        arrays[name] = {"ids": encoded["ids"], "lengths": encoded["lengths"], "labels": df["label"].to_numpy(dtype=np.int8),
+                        "review_ids": df["id"].to_numpy(dtype=np.int64), "raw_lengths": encoded["raw_lengths"]}
         metrics["splits"][name] = len(df)
-        metrics["oov_rate"][name] = n_unk / n_tokens if n_tokens else 0.0
-        metrics["truncated_fraction"][name] = float((raw_len > encoder.max_len).mean()) if len(df) else 0.0
+        metrics["oov_rate"][name] = stats["oov_rate"]
+        metrics["truncated_fraction"][name] = stats["truncated_fraction"]
         if name == "train":
-            pct = np.percentile(raw_len, [50, 90, 95, 99]) if len(raw_len) else [0] * 4
-            metrics["length_percentiles"] = {f"p{p}": float(v) for p, v in zip((50, 90, 95, 99), pct)}
-
+            metrics["length_percentiles"] = stats["length_percentiles"]
     with Outputs(root) as out:
         for name, arrs in arrays.items():
             out.save_npz(f"data/prepared/{name}.npz", **arrs)

@@ -3,10 +3,12 @@
     python -m stages.pretrain <cell>        # cell: rnn | gru | lstm
 
 Text: the training part (data/prepared/train.npz; never validation or test) and the 50,000
-unlabelled reviews (data/raw/unsup.parquet), encoded with the same vocabulary and truncation.
-Shape: the cell's train settings (so that its encoder fits the classifier); training: the `pretrain`
-section. After each epoch, the full-softmax perplexity of the first `pretrain.val_reviews`
-validation reviews. An interrupted run resumes from checkpoints/lm/<cell>/<key>/, like train.
+unlabelled reviews (data/raw/unsup.parquet), encoded with the same vocabulary and truncation
+(rnn.data.language_model_corpus). Shape: the cell's train settings (so that its encoder fits the
+classifier), which the check stage writes to data/lm/<cell>.json: that file, not the train section,
+is the stage's dependency, so a train-only setting never reruns it. Training: the `pretrain` section.
+After each epoch, the full-softmax perplexity of the first `pretrain.val_reviews` validation reviews.
+An interrupted run resumes from checkpoints/lm/<cell>/<key>/, like train.
 Writes models/lm/<cell>/, metrics/<cell>/pretrain.json and plots/<cell>/pretrain.csv.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rnn.data import language_model_corpus
 from rnn.errors import InputError
 from rnn.io import save_model
 from rnn.lm import LanguageModel, token_counts
@@ -34,7 +37,6 @@ from stages.fitting import Progress, checkpoint_folder, code_digest, finishing
 
 INPUTS = ("data/prepared/train.npz", "data/prepared/val.npz", "data/prepared/vocab.json",
           "data/raw/unsup.parquet", "data/embeddings.npy")
-FINISHED = "finished"          # in the checkpoint folder: the outputs of a completed run of that key
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_perplexity", "seconds", "tokens_per_s",
                    "grad_norm_mean", "clipped_fraction")
 
@@ -44,18 +46,18 @@ def main() -> None:
     root = project_root()
     params = settings.load(root / "params.yaml")
     cfg = settings.pretrain_settings(params, cell)
+    shape = outputs.read_json(root / outputs.LM_SHAPES / f"{cell}.json", "check")
+    if shape != outputs.lm_shape(params, cell):
+        raise InputError(f"{root / outputs.LM_SHAPES / cell}.json does not hold {cell}'s settings in params.yaml; "
+                         "run `dvc repro` (or python -m stages.check) again")
     workers = resolve_workers(params["train"]["workers"])
     run_hash = settings.run_hash(params, cell, "pretrain", workers)
-    inputs = [root / f for f in INPUTS]
-    for path in inputs:
+    for path in (root / f for f in INPUTS):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (run the stages before pretrain first)")
-    key = f"{run_hash[:12]}-{settings.digest([outputs.file_digest(f) for f in inputs])[:12]}-{code_digest(__file__)}"
-    checkpoint_dir, resumed = checkpoint_folder(root, f"lm/{cell}", key)
-    if (checkpoint_dir / FINISHED).is_dir():
-        reuse(root, cell, checkpoint_dir / FINISHED)
-        return
     corpus = load_corpus(root, cfg)
+    inputs = settings.digest([outputs.file_digest(root / f) for f in INPUTS])
+    checkpoint_dir, resumed = checkpoint_folder(root, f"lm/{cell}", f"{run_hash[:12]}-{inputs[:12]}-{code_digest(__file__)}")
 
     from stages.tracking import Tracker, flatten
 
@@ -63,46 +65,25 @@ def main() -> None:
     with finishing(tracker, f"{cell} language model", "try a lower pretrain.lr"):
         tracker.log_params(flatten(cfg, "pretrain"))
         model, result, seconds = pretrain(cell, cfg, corpus, checkpoint_dir, workers, tracker)
-        result["resumed"] = resumed
-        write_outputs(root, cell, cfg, run_hash, model, result, seconds, corpus, tracker)
+        write_outputs(root, cell, cfg, run_hash, model, {**result, "resumed": resumed}, seconds, corpus, tracker)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     best = min(r["val_perplexity"] for r in result["history"])
     print(f"{cell} language model: validation perplexity {best:.1f}, {seconds:.0f}s")
-
-
-def reuse(root: Path, cell: str, finished: Path) -> None:
-    """Publish the outputs of the finished run kept under this stage's key: DVC reruns the stage when
-    any of the cell's train overrides changes (it cannot depend on just the shape keys among them),
-    but only the key's settings, inputs and code decide the language model."""
-    with Outputs(root) as out:
-        shutil.copytree(finished / "model", out.path(f"models/lm/{cell}", folder=True), dirs_exist_ok=True)
-        for name, rel in (("pretrain.json", f"metrics/{cell}/pretrain.json"), ("pretrain.csv", f"plots/{cell}/pretrain.csv")):
-            out.write(rel, lambda f, name=name: f.write((finished / name).read_bytes()))
-    print(f"{cell} language model: unchanged settings, inputs and code; reused {finished.relative_to(root)}")
 
 
 def load_corpus(root: Path, cfg: dict) -> dict:
     """The language model's text: training part + unlabelled reviews (encoded as prepare encodes),
     at most `tokens_per_epoch` tokens of them, and the validation reviews it is measured on."""
     encoder = outputs.load_vocab(root / "data/prepared/vocab.json")
-    text = TextEncoder.from_dict(encoder)
     train = outputs.load_split(root / "data/prepared/train.npz")
     val = outputs.load_split(root / "data/prepared/val.npz")
-    unsup_ids, unsup_lengths = text.encode(pd.read_parquet(root / "data/raw/unsup.parquet", columns=["text"])["text"])
-    width = max(train["ids"].shape[1], unsup_ids.shape[1])
-    ids = np.zeros((len(train["lengths"]) + len(unsup_lengths), width), np.int32)
-    ids[:len(train["lengths"]), :train["ids"].shape[1]] = train["ids"]
-    ids[len(train["lengths"]):, :unsup_ids.shape[1]] = unsup_ids
-    lengths = np.r_[train["lengths"], unsup_lengths]
-    keep = lengths >= 2                                  # a one-token review predicts nothing
-    if cfg["tokens_per_epoch"] is not None:              # a seeded subset of about that many tokens
-        order = np.random.default_rng([cfg["seed"], 2]).permutation(len(lengths))
-        chosen = order[np.cumsum(lengths[order]) <= cfg["tokens_per_epoch"]]
-        keep &= np.isin(np.arange(len(lengths)), chosen)
+    unsup = TextEncoder.from_dict(encoder).encode(pd.read_parquet(root / "data/raw/unsup.parquet", columns=["text"])["text"])
+    ids, lengths = language_model_corpus([(train["ids"], train["lengths"]), unsup], cfg["tokens_per_epoch"],
+                                         np.random.default_rng([cfg["seed"], 2]))
     n_val = min(cfg["val_reviews"], len(val["lengths"]))
-    embeddings = np.load(root / "data/embeddings.npy", allow_pickle=False)
-    return {"train": Dataset(ids[keep], lengths[keep], np.zeros(int(keep.sum()), np.int8)),
+    return {"train": Dataset(ids, lengths, np.zeros(len(lengths), np.int8)),
             "val": Dataset(val["ids"][:n_val], val["lengths"][:n_val], val["labels"][:n_val]),
-            "encoder": encoder, "embeddings": embeddings}
+            "encoder": encoder, "embeddings": np.load(root / "data/embeddings.npy", allow_pickle=False)}
 
 
 def pretrain(cell: str, cfg: dict, corpus: dict, checkpoint_dir: Path, workers: int, tracker) -> tuple:
@@ -131,7 +112,6 @@ def pretrain(cell: str, cfg: dict, corpus: dict, checkpoint_dir: Path, workers: 
                      checkpoint_dir=checkpoint_dir, callbacks=[progress, tracker])
     finally:
         progress.close()
-    result["checkpoint_dir"] = checkpoint_dir
     return model, result, time.perf_counter() - t0
 
 
@@ -151,17 +131,11 @@ def write_outputs(root: Path, cell: str, cfg: dict, run_hash: str, model: Langua
                    metadata={"cell": cell, "params_hash": run_hash, "best_epoch": best["epoch"],
                              "val_perplexity": best["val_perplexity"], "pretrain": cfg})
         out.write_json(f"metrics/{cell}/pretrain.json", metrics)
-        out.write_text(f"plots/{cell}/pretrain.csv",
-                       outputs.csv_text(HISTORY_COLUMNS, ([r[c] for c in HISTORY_COLUMNS] for r in history)))
+        out.write_text(f"plots/{cell}/pretrain.csv", outputs.history_csv(history, HISTORY_COLUMNS))
     tracker.log_metrics({("perplexity/val_best" if k == "val_perplexity" else f"train/{k}"): float(v)
                          for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.log_artifact(root / "plots" / cell / "pretrain.csv", "plots")
     tracker.log_artifacts(root / "models" / "lm" / cell, "language_model")
-    finished = result["checkpoint_dir"] / FINISHED       # kept for `reuse`; the checkpoint is done
-    shutil.copytree(root / "models" / "lm" / cell, finished / "model")
-    shutil.copy(root / "metrics" / cell / "pretrain.json", finished / "pretrain.json")
-    shutil.copy(root / "plots" / cell / "pretrain.csv", finished / "pretrain.csv")
-    (result["checkpoint_dir"] / "checkpoint.npz").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

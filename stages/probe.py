@@ -2,9 +2,10 @@
 
     python -m stages.probe <rnn|gru|lstm>   # train at every probe.distances, write probe/<cell>*
 
-For each distance d the cell is trained from scratch for a fixed budget of optimizer steps on fresh
-batches of the synthetic task in rnn/probe.py (sequences of d + 1 + lead tokens), then scored on a
-seeded test set, shared by all cells, whose decisive token sits exactly d steps before the end.
+For each distance d the cell is trained from scratch (rnn.probe.train_probe) for a fixed budget of
+optimizer steps on fresh batches of the synthetic task (sequences of d + 1 + lead tokens), then
+scored on a seeded test set, shared by all cells, whose decisive token sits exactly d steps before
+the end.
 With train_distance "upto" the training batches draw each row's distance from 0..d: the short ones
 teach what matters, the long ones whether the cell can hold it. ("exact" trains at d only: with the
 default 300 steps no cell, gated or not, learned d = 50 that way.)
@@ -19,15 +20,13 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
-
 from rnn.errors import InputError
-from rnn.model import ModelConfig, SentimentModel
-from rnn.optim import clip_gradients, make_optimizer
-from rnn.probe import make_probe_data
-from rnn.train import evaluate
+from rnn.model import ModelConfig
+from rnn.probe import ProbeConfig, train_probe
+from rnn.train import TrainingDiverged
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
 
@@ -36,57 +35,13 @@ SCALARS = ("accuracy", "grad_ratio_first", "grad_ratio_last", "final_loss", "cli
 
 
 def probe_distance(cell: str, d: int, cfg: dict) -> dict:
-    """Train a fresh `cell` model at distance d; return test accuracy, traces and training figures.
-
-    Three independent streams from (seed, d): the initial weights, the training batches and the test
-    set, so every cell sees the same data at a given d. traces: {"first"|"last": {"a"[, "c"]: (T,)
-    mean gradient norm by distance from the end over the first/last trace_steps steps}}.
-    """
-    T = d + 1 + cfg["lead"]
-    init_rng, data_rng, test_rng = (np.random.default_rng([cfg["seed"], d, k]) for k in range(3))
+    """rnn.probe.train_probe for `cell` at distance d with the probe settings `cfg`."""
     config = ModelConfig(vocab_size=cfg["vocab_size"], cell=cell, embed_dim=cfg["embed_dim"],
                          hidden_size=cfg["hidden_size"])
-    model = SentimentModel.create(config, init_rng)
-    optimizer = make_optimizer(cfg["optimizer"], cfg["lr"])
-    n, steps = cfg["trace_steps"], cfg["steps"]
-    sums: dict = {"first": {}, "last": {}}
-    losses, clipped = [], 0
-    for step in range(steps):
-        dist = d if cfg["train_distance"] == "exact" else data_rng.integers(0, d + 1, cfg["batch_size"])
-        batch = make_probe_data(cfg["batch_size"], T, dist, cfg["variant"], cfg["vocab_size"], data_rng,
-                                cfg["distractors"])
-        windows = [w for w, inside in (("first", step < n), ("last", step >= steps - n)) if inside]
-        loss, grads, _, traces = model.loss(batch.ids, batch.lengths, batch.labels, trace=bool(windows))
-        pre, _, was_clipped = clip_gradients(grads, cfg["clip_mode"], cfg["clip_threshold"])
-        if not (np.isfinite(loss) and np.isfinite(pre)):
-            raise InputError(f"probe {cell}, distance {d}, step {step + 1}: loss {loss}, gradient norm "
-                             f"{pre}; lower probe.lr or set probe.clip_mode")
-        optimizer.step(model.params, grads)
-        clipped += was_clipped
-        if step >= steps - n:
-            losses.append(loss)
-        for w in windows:
-            for name, (s, c) in traces.items():      # every row has length T: counts are all equal
-                sums[w][name] = sums[w].get(name, 0) + s / c
-    test = make_probe_data(cfg["test_size"], T, d, cfg["variant"], cfg["vocab_size"], test_rng,
-                           cfg["distractors"])
-    traces = {w: {name: s / n for name, s in by_name.items()} for w, by_name in sums.items()}
-    return {"accuracy": evaluate(model, test)["accuracy"],
-            "grad_ratio_first": grad_ratio(traces["first"], d),
-            "grad_ratio_last": grad_ratio(traces["last"], d),
-            "final_loss": float(np.mean(losses)),
-            "clipped_fraction": clipped / steps,
-            "traces": traces}
-
-
-def grad_ratio(trace: dict[str, np.ndarray], d: int) -> float:
-    """Gradient norm on the memory state d steps back, relative to the one on the final output.
-
-    The memory is a for the RNN and GRU, c for the LSTM (its c receives no gradient at the last
-    step itself, hence the shared denominator a[0]).
-    """
-    reached = trace["c"][d] if "c" in trace else trace["a"][d]
-    return float(reached / trace["a"][0]) if trace["a"][0] > 0 else 0.0
+    try:
+        return train_probe(config, d, ProbeConfig(**{f.name: cfg[f.name] for f in fields(ProbeConfig)}))
+    except TrainingDiverged as exc:
+        raise InputError(f"probe {exc}; lower probe.lr or set probe.clip_mode") from None
 
 
 def run(cell: str, cfg: dict, root: Path, tracker=None) -> dict:

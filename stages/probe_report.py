@@ -11,7 +11,7 @@ import numpy as np
 
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.plots import probe_accuracy_figure, probe_gradients_figure
+from stages.plots import curves_figure, probe_gradients_figure
 
 
 def report(cells: list[str], root: Path) -> None:
@@ -20,10 +20,14 @@ def report(cells: list[str], root: Path) -> None:
         rows = outputs.read_csv(root / f"probe/{name}.csv", f"probe@{name.split('_')[0]}")
         return {key: np.array([float(r[key]) for r in rows]) for key in (rows[0] if rows else {})}
 
-    curves = {cell: (t["distance"], t["accuracy"]) for cell, t in ((c, table(c)) for c in cells)}
+    curves, traces = {c: table(c) for c in cells}, {c: table(f"{c}_trace") for c in cells}
+    windows = {w: {c: {state: (t["steps_from_end"], t[f"{state}_{w}"]) for state in "ac" if f"{state}_{w}" in t}
+                   for c, t in traces.items()} for w in ("first", "last")}
     with Outputs(root) as out:
-        out.save_figure("reports/probe_accuracy.png", probe_accuracy_figure(curves))
-        out.save_figure("reports/probe_gradients.png", probe_gradients_figure({c: table(f"{c}_trace") for c in cells}))
+        out.save_figure("reports/probe_accuracy.png", curves_figure(
+            {c: (t["distance"], t["accuracy"]) for c, t in curves.items()}, "distance of the decisive token from "
+            "the end (steps)", "test accuracy", "Memory probe: accuracy vs distance", chance=0.5))
+        out.save_figure("reports/probe_gradients.png", probe_gradients_figure(windows))
 
 
 def main() -> None:

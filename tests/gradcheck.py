@@ -47,6 +47,13 @@ def rel_error(num: np.ndarray, ana: np.ndarray, floor: float = FLOOR) -> np.ndar
     return np.abs(num - ana) / np.maximum(np.abs(num) + np.abs(ana), floor)
 
 
+def rel_err(got: np.ndarray, expected: np.ndarray) -> float:
+    """One number for a whole array: the largest |got - expected| relative to the largest |expected|
+    (for results that must agree to rounding, where `rel_error`'s per-element measure is too strict
+    on elements that cancel to almost nothing)."""
+    return float(np.max(np.abs(got - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
 def assert_grad_close(num: np.ndarray, ana: np.ndarray, name: str, tol: float = TOLERANCE,
                       floor: float = FLOOR) -> None:
     """Fail, naming the worst element, unless every checked (non-NaN) element of `num` agrees
@@ -72,6 +79,15 @@ def assert_sequence_grads_close(loss: Callable[[], float], params: dict, grads: 
     assert_grad_close(numeric_grad(loss, X), dX, f"{kind} dX")
     for k, s in enumerate(state0):
         assert_grad_close(numeric_grad(loss, s), d_state0[k], f"{kind} d{'ac'[k]}0")
+
+
+def step_as_layer_buffers(cell, prev: tuple, step: tuple) -> tuple:
+    """One forward step's arrays (rnn.cells) laid out as a sequence layer's buffers for T = 1:
+    the state fields a history (2, N, H) of prev and the new state, the others a time axis of one.
+    What `rnn.cells.recurrent_weight_grads` reads to sum the recurrent weight gradients."""
+    return type(step)(*(np.stack([prev[k], v]) if k < cell.states else v[:, None] if name == "gates"
+                        else v[None] for k, (name, v) in enumerate(zip(step._fields, step))))
+
 
 def sample_index(size: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """Up to k distinct flat positions out of `size`, always including the first and the last."""

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rnn.lm import LanguageModel
+from rnn.model import ModelConfig, SentimentModel
+
 POSITIVE = ["great", "excellent", "loved", "wonderful", "brilliant", "superb", "enjoyed"]
 NEGATIVE = ["awful", "boring", "terrible", "waste", "worst", "dull", "not good"]
 FILLER = (
@@ -18,6 +21,26 @@ FILLER = (
     "and a of to in this that with as for on its his her they script ending"
 ).split()
 SPLIT_DIRS = ("train/pos", "train/neg", "train/unsup", "test/pos", "test/neg")
+
+
+TINY = {"vocab_size": 10, "embed_dim": 3, "hidden_size": 3}     # make_model's sizes unless given
+
+
+def make_model(cell: str = "lstm", reset_after: bool = False, seed: int = 0, dtype="float64",
+               biases: float = 0.0, **config) -> SentimentModel | LanguageModel:
+    """A small model of ModelConfig(cell, reset_after, dtype, **config), TINY's sizes unless given:
+    a SentimentModel, or a LanguageModel for task="language_model"; its parameters drawn from
+    Generator(seed). With `biases` > 0 every bias is drawn from N(0, biases^2) after that: init
+    leaves most biases at zero, where a mistake in a bias's gradient or layout would not show."""
+    rng = np.random.default_rng(seed)
+    cfg = ModelConfig(**{**TINY, "cell": cell, "reset_after": reset_after, "dtype": np.dtype(dtype).name,
+                         **config})
+    model = (LanguageModel if cfg.task == "language_model" else SentimentModel).create(cfg, rng)
+    if biases:
+        for name, p in model.params.items():
+            if name.endswith((".b", ".b_hn")):
+                p[...] = rng.normal(0, biases, p.shape)
+    return model
 
 
 def synthetic_review(rng: np.random.Generator, sentiment: str) -> str:

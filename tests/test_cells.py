@@ -1,47 +1,16 @@
-"""Single timesteps of every cell: the forward equations against a plain reference, and every
-gradient of the hand-derived backward step against central differences in float64."""
+"""Single timesteps of every cell: every gradient of the hand-derived backward step against central
+differences in float64, and the step's buffers. (The forward equations are held equal to
+rnn/reference.py in tests/test_reference.py.)"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gradcheck import assert_grad_close, numeric_grad
-from rnn.cells import CELLS, cell_kind, from_gate_blocks, gate_blocks
+from gradcheck import assert_grad_close, numeric_grad, step_as_layer_buffers
+from rnn.cells import CELLS, cell_kind, from_gate_blocks, gate_blocks, recurrent_weight_grads
 
 KINDS = tuple(CELLS)
 H = 3
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def reference_step(kind: str, x_proj, prev, W_h, b_hn=None):
-    """The cell equations written out gate by gate, unfused, in the documented block order."""
-    a_prev = prev[0]
-    blocks = list
-
-    if kind == "rnn":
-        return (np.tanh(x_proj[0] + a_prev @ W_h[0]),)
-    if kind == "gru":
-        x_r, x_u, x_n = blocks(x_proj)
-        W_r, W_u, W_n = blocks(W_h)
-        r, u = _sigmoid(x_r + a_prev @ W_r), _sigmoid(x_u + a_prev @ W_u)
-        n = np.tanh(x_n + (r * a_prev) @ W_n)
-        return (u * n + (1 - u) * a_prev,)                 # u weighs the new candidate
-    if kind == "gru_after":
-        x_r, x_z, x_n = blocks(x_proj)
-        W_r, W_z, W_n = blocks(W_h)
-        r, z = _sigmoid(x_r + a_prev @ W_r), _sigmoid(x_z + a_prev @ W_z)
-        n = np.tanh(x_n + r * (a_prev @ W_n + b_hn))
-        return ((1 - z) * n + z * a_prev,)                 # z weighs the old state
-    c_prev = prev[1]
-    x_i, x_f, x_o, x_g = blocks(x_proj)
-    W_i, W_f, W_o, W_g = blocks(W_h)
-    i, f, o = (_sigmoid(x + a_prev @ W) for x, W in ((x_i, W_i), (x_f, W_f), (x_o, W_o)))
-    g = np.tanh(x_g + a_prev @ W_g)
-    c = f * c_prev + i * g
-    return (o * np.tanh(c), c)
 
 
 def transposed(W_h):
@@ -61,31 +30,6 @@ def make_step_inputs(kind: str, n: int, seed: int):
     return x_proj, prev, W_h, b_hn, upstream
 
 
-def recurrent_grads_from_step(kind: str, dx_proj, cache, prev):
-    """dW_h (G, H, H) (and db_hn) of one step from dx_proj and the cache, by the identities the
-    sequence layer relies on: dW_h[k] = a_prev^T dx_proj[k], except GRU's candidate block, whose
-    recurrent input is r * a_prev (reset before the product) or whose gradient is scaled by r."""
-    a_prev = prev[0]
-    if kind == "gru":
-        _, _, r_a = cache
-        return {"W_h": np.stack([a_prev.T @ dx_proj[0], a_prev.T @ dx_proj[1], r_a.T @ dx_proj[2]])}
-    if kind == "gru_after":
-        dh_n = dx_proj[2] * cache[0][0]
-        return {"W_h": np.stack([a_prev.T @ dx_proj[0], a_prev.T @ dx_proj[1], a_prev.T @ dh_n]),
-                "b_hn": dh_n.sum(0)}
-    return {"W_h": a_prev.T @ dx_proj}
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_step_forward_matches_reference_equations(kind):
-    x_proj, prev, W_h, b_hn, _ = make_step_inputs(kind, 4, seed=1)
-    state, _ = CELLS[kind].step_forward(x_proj, prev, W_h, b_hn)
-    expected = reference_step(kind, x_proj, prev, W_h, b_hn)
-    assert len(state) == len(expected) == CELLS[kind].states
-    for got, want in zip(state, expected):
-        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", [1, 3])
 def test_step_gradients(kind, n):
@@ -93,17 +37,18 @@ def test_step_gradients(kind, n):
     cell = CELLS[kind]
 
     def loss():
-        state, _ = cell.step_forward(x_proj, prev, W_h, b_hn)
+        state = cell.step_forward(x_proj, prev, W_h, b_hn)[:cell.states]
         return float(sum((s * u).sum() for s, u in zip(state, upstream)))
 
-    _, cache = cell.step_forward(x_proj, prev, W_h, b_hn)
-    dx_proj, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), cache, transposed(W_h))
+    step = cell.step_forward(x_proj, prev, W_h, b_hn)
+    dx_proj, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), prev, step, transposed(W_h))
     assert len(d_prev) == cell.states
     assert_grad_close(numeric_grad(loss, x_proj), dx_proj, f"{kind} dx_proj")
     for k, name in enumerate(("a_prev", "c_prev")[:cell.states]):
         assert_grad_close(numeric_grad(loss, prev[k]), d_prev[k], f"{kind} d{name}")
-    weight_grads = recurrent_grads_from_step(kind, dx_proj, cache, prev)
-    assert_grad_close(numeric_grad(loss, W_h), weight_grads["W_h"], f"{kind} dW_h")
+    # the weight gradients as the sequence layer sums them, over a sequence of this one step
+    weight_grads = recurrent_weight_grads(kind, step_as_layer_buffers(cell, prev, step), dx_proj)
+    assert_grad_close(numeric_grad(loss, W_h), gate_blocks(weight_grads["W_h"], cell.gates), f"{kind} dW_h")
     if kind == "gru_after":
         assert_grad_close(numeric_grad(loss, b_hn), weight_grads["b_hn"], f"{kind} db_hn")
 
@@ -113,15 +58,18 @@ def test_step_out_buffers_give_identical_results(kind):
     """The sequence loop passes preallocated `out` views; results must not depend on it."""
     x_proj, prev, W_h, b_hn, upstream = make_step_inputs(kind, 3, seed=7)
     cell = CELLS[kind]
-    state, cache = cell.step_forward(x_proj, prev, W_h, b_hn)
-    out = tuple(np.full((3, H) if w == 1 else (w, 3, H), np.nan) for w in cell.buffers)
-    state_out, cache_out = cell.step_forward(x_proj, prev, W_h, b_hn, out=out)
-    for a, b in zip(state, state_out):
-        np.testing.assert_array_equal(a, b)
-    dx, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), cache, transposed(W_h))
+    step = cell.step_forward(x_proj, prev, W_h, b_hn)
+    out = cell.step(*(np.full((cell.gates, 3, H) if name == "gates" else (3, H), np.nan)
+                      for name in cell.step._fields))
+    step_out = cell.step_forward(x_proj, prev, W_h, b_hn, out=out)
+    assert type(step_out) is cell.step
+    for name, a, b, buf in zip(cell.step._fields, step, step_out, out):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        assert np.shares_memory(b, buf), name
+    dx, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), prev, step, transposed(W_h))
     dx_buf = np.full((cell.gates, 3, H), np.nan)
-    dx_out, d_prev_out = cell.step_backward(tuple(u.copy() for u in upstream), cache_out, transposed(W_h),
-                                            out=dx_buf)
+    dx_out, d_prev_out = cell.step_backward(tuple(u.copy() for u in upstream), prev, step_out,
+                                            transposed(W_h), out=dx_buf)
     assert np.shares_memory(dx_out, dx_buf)
     np.testing.assert_array_equal(dx, dx_out)
     for a, b in zip(d_prev, d_prev_out):
@@ -132,12 +80,12 @@ def test_step_out_buffers_give_identical_results(kind):
 def test_step_does_not_modify_its_inputs(kind):
     x_proj, prev, W_h, b_hn, upstream = make_step_inputs(kind, 3, seed=8)
     before = [a.copy() for a in (x_proj, *prev, W_h)]
-    _, cache = CELLS[kind].step_forward(x_proj, prev, W_h, b_hn)
-    cache_before = [np.array(c, copy=True) for c in cache]
-    CELLS[kind].step_backward(tuple(u.copy() for u in upstream), cache, transposed(W_h))
+    step = CELLS[kind].step_forward(x_proj, prev, W_h, b_hn)
+    step_before = [np.array(v, copy=True) for v in step]
+    CELLS[kind].step_backward(tuple(u.copy() for u in upstream), prev, step, transposed(W_h))
     for a, b in zip(before, (x_proj, *prev, W_h)):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(cache_before, cache):          # a second backward needs the cache intact
+    for a, b in zip(step_before, step):            # a second backward needs the step intact
         np.testing.assert_array_equal(a, b)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rnn.embeddings import cooccurrence, ppmi, randomized_svd, svd_embeddings
+from rnn.embeddings import build_embeddings, cooccurrence, ppmi, randomized_svd, read_vectors, svd_embeddings
+from rnn.errors import InputError
 from rnn.io import write_json
 from stages import embed, settings
 from stages.settings import ParamsError
@@ -148,6 +149,33 @@ def test_svd_embeddings_tiny_vocab_and_scale():
     E, seen = svd_embeddings(SEQS, 6, 16, np.random.default_rng(0), scale=0.5)
     assert E.shape == (6, 16) and seen.tolist() == [False, False, True, True, True, True]
     assert (E[seen][:, 6:] == 0).all() and E[seen].std() == pytest.approx(0.5, rel=1e-5)
+
+
+# --- pretrained vectors ----------------------------------------------------------
+
+
+def test_read_vectors_prefers_exact_words_and_skips_the_word2vec_header(tmp_path):
+    path = tmp_path / "vec.txt"
+    path.write_text("3 2\nGreat 9 9\ngreat 1 2\nFILM 3 4\nfilm 5 6\nmovie 7 8\n\n", encoding="utf-8")
+    found = read_vectors(path, {"great": 2, "film": 3, "awful": 4}, 2)
+    assert {i: v.tolist() for i, v in found.items()} == {2: [1, 2], 3: [5, 6]}
+    assert all(v.dtype == np.float32 for v in found.values())
+    path.write_text("great 1 x\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"vec.txt:1: non-numeric vector value$"):
+        read_vectors(path, {"great": 2}, 2)
+    path.write_bytes(b"great \xff 1\n")
+    with pytest.raises(InputError, match=r"vec.txt: not a UTF-8 text embedding file"):
+        read_vectors(path, {"great": 2}, 2)
+
+
+def test_build_embeddings_fills_found_rows_and_zeroes_pad(tmp_path):
+    path = tmp_path / "vec.txt"
+    path.write_text("great 1 2 3\n<pad> 9 9 9\n", encoding="utf-8")
+    tokens = ["<pad>", "<unk>", "great", "dull"]
+    emb, coverage = build_embeddings(tokens, 3, np.random.default_rng(0), 0.1, path)
+    plain, none = build_embeddings(tokens, 3, np.random.default_rng(0), 0.1)
+    assert emb[2].tolist() == [1, 2, 3] and (emb[0] == 0).all() and coverage == 0.5 and none is None
+    assert np.array_equal(emb[[1, 3]], plain[[1, 3]]) and emb.dtype == np.float32   # the same draws
 
 
 # --- embed stage, method svd -------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rnn import ModelConfig, SentimentModel
+from helpers import make_model
 from rnn.model import dense_grad
 
 TOLERANCE = 1e-4
@@ -29,8 +29,7 @@ def test_float32_gradients_agree_with_float64(cell, options):
     lengths = rng.integers(1, T + 1, B)
     ids = np.where(np.arange(T) < lengths[:, None], rng.integers(1, V, (B, T)), 0)
     labels = rng.integers(0, 2, B)
-    config = ModelConfig(vocab_size=V, cell=cell, embed_dim=8, hidden_size=12, dtype="float64", **options)
-    single = SentimentModel.create(config, np.random.default_rng(1)).astype(np.float32)
+    single = make_model(cell, seed=1, vocab_size=V, embed_dim=8, hidden_size=12, **options).astype(np.float32)
     double = single.astype(np.float64)
     # The same dropout masks in both: the same seed draws the same uniforms.
     loss32, grads32, *_ = single.loss(ids, lengths, labels, dropout_seed=2)

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import make_model
 from rnn.io import atomic_file, load_arrays, read_model, save_arrays, save_model
-from rnn.model import ModelConfig, SentimentModel
 
 ENCODER = {"vocab": ["<pad>", "<unk>", "good", "bad"], "max_len": 5, "truncate": "head"}
 
 
-def make_model(dtype="float32", **config) -> SentimentModel:
-    cfg = ModelConfig(**{"vocab_size": 12, "embed_dim": 4, "hidden_size": 3, "dtype": dtype, **config})
-    return SentimentModel.create(cfg, np.random.default_rng(0))
+io_model = partial(make_model, vocab_size=12, embed_dim=4, hidden_size=3, dtype="float32")
 
 
 def batch():
@@ -30,7 +29,7 @@ def batch():
 @pytest.fixture
 def saved(tmp_path) -> Path:
     folder = tmp_path / "model"
-    save_model(folder, make_model(cell="gru", reset_after=True), ENCODER, {"epochs": 3})
+    save_model(folder, io_model(cell="gru", reset_after=True), ENCODER, {"epochs": 3})
     return folder
 
 
@@ -52,7 +51,7 @@ def rewrite_config(folder: Path, edit) -> None:
                                     dict(cell="rnn", freeze_embedding=True)],
                          ids=["lstm", "gru_after", "gru64", "rnn"])
 def test_round_trip_gives_identical_predictions(tmp_path, config):
-    model = make_model(**config)
+    model = io_model(**config)
     save_model(tmp_path / "m", model, ENCODER, {"best_epoch": 2, "note": "x"})
     loaded, encoder, metadata = read_model(tmp_path / "m")
     assert loaded.config == model.config
@@ -66,7 +65,7 @@ def test_round_trip_gives_identical_predictions(tmp_path, config):
 
 
 def test_round_trip_without_encoder(tmp_path):
-    save_model(tmp_path / "m", make_model())
+    save_model(tmp_path / "m", io_model())
     assert not (tmp_path / "m" / "encoder.json").exists()
     _, encoder, metadata = read_model(tmp_path / "m")
     assert encoder is None and metadata == {}

@@ -3,13 +3,16 @@ differences for every cell, exactness of the next-token shift, perplexity, gener
 encoder a classifier inherits from it."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 from gradcheck import assert_directional_close, assert_grad_close, numeric_grad, sample_index
+from helpers import make_model
 from rnn.lm import LanguageModel, _shift
 from rnn.losses import softmax_cross_entropy
-from rnn.model import ModelConfig, SentimentModel, dense_grad, encoder_names
+from rnn.model import ModelConfig, dense_grad, encoder_names
 from rnn.losses import PAD
 
 V, E, H = 12, 3, 4
@@ -17,16 +20,8 @@ CELL_VARIANTS = [("rnn", False), ("gru", False), ("gru", True), ("lstm", False)]
 VARIANT_IDS = ["rnn", "gru", "gru_after", "lstm"]
 
 
-def make_lm(cell="lstm", reset_after=False, seed=0, dtype=np.float64, **config) -> LanguageModel:
-    rng = np.random.default_rng(seed)
-    cfg = ModelConfig(vocab_size=V, cell=cell, reset_after=reset_after, task="language_model",
-                      **{"embed_dim": E, "hidden_size": H, "num_sampled": 6, **config})
-    model = LanguageModel.create(cfg, rng).astype(dtype)
-    for name, p in model.params.items():
-        if name.endswith((".b", ".b_hn")) or name == "lm.b":
-            p[...] = rng.normal(0, 0.3, p.shape)
-    model.params["lm.W"][...] = rng.normal(0, 0.5, model.params["lm.W"].shape)
-    return model
+make_lm = partial(make_model, task="language_model", biases=0.3, vocab_size=V, embed_dim=E, hidden_size=H,
+                  num_sampled=6)
 
 
 def make_batch(lengths, seed=0, T=7):
@@ -199,8 +194,7 @@ def test_a_classifier_started_from_the_language_model_reads_with_its_encoder():
     from rnn.model import encode, sort_batch
 
     lm = make_lm("lstm", seed=13, num_layers=2)
-    cfg = ModelConfig(vocab_size=V, cell="lstm", embed_dim=E, hidden_size=H, num_layers=2, pooling="last")
-    classifier = SentimentModel.create(cfg, np.random.default_rng(0)).astype(np.float64)
+    classifier = make_model("lstm", vocab_size=V, embed_dim=E, hidden_size=H, num_layers=2, pooling="last")
     head = {k: classifier.params[k].copy() for k in ("fc.W", "fc.b")}
     load_encoder(classifier, lm)
     batch = make_batch([6, 3, 7], seed=14)
@@ -209,8 +203,7 @@ def test_a_classifier_started_from_the_language_model_reads_with_its_encoder():
     _, finals, _ = encode(lm.config, lm.params, ids, lengths)
     np.testing.assert_array_equal(cache["fc_in"], finals[0])            # the LM's state at the last token
     assert all(np.array_equal(classifier.params[k], v) for k, v in head.items())   # the head is its own
-    wider = SentimentModel.create(ModelConfig(vocab_size=V, cell="lstm", embed_dim=E, hidden_size=H + 1),
-                                  np.random.default_rng(0))
+    wider = make_model("lstm", vocab_size=V, embed_dim=E, hidden_size=H + 1)
     with pytest.raises(ValueError, match="hidden_size = 4, the classifier 5"):
         load_encoder(wider, lm)
 

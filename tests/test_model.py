@@ -3,31 +3,22 @@ depth, direction, pooling and dropout, plus masking, sorting, gradient traces an
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import numpy as np
 import pytest
 
 from gradcheck import H_STEP, assert_directional_close, assert_grad_close, numeric_grad, sample_index
+from helpers import TINY, make_model
 from rnn.layers import SparseRows
 from rnn.losses import bce_with_logits
 from rnn.model import ModelConfig, SentimentModel, dense_grad
 from rnn.recurrent import sequence_forward
 
-V, E, H = 10, 3, 3
+V, E, H = TINY["vocab_size"], TINY["embed_dim"], TINY["hidden_size"]
+biased_model = partial(make_model, biases=0.3)      # nonzero biases, so that their gradients show
 CELL_VARIANTS = [("rnn", False), ("gru", False), ("gru", True), ("lstm", False)]
 VARIANT_IDS = ["rnn", "gru", "gru_after", "lstm"]
-
-
-def make_model(cell="lstm", reset_after=False, seed=0, dtype=np.float64, **config) -> SentimentModel:
-    """A tiny model with random non-zero biases (init leaves most biases at zero)."""
-    rng = np.random.default_rng(seed)
-    cfg = ModelConfig(vocab_size=V, cell=cell, reset_after=reset_after, embed_dim=E, hidden_size=H,
-                      **config)
-    model = SentimentModel.create(cfg, rng).astype(dtype)
-    for name, p in model.params.items():
-        if name.endswith((".b", ".b_hn")) or name == "fc.b":
-            p[...] = rng.normal(0, 0.3, p.shape)
-    return model
 
 
 def make_batch(lengths, seed=0, T=6, pad_id=0):
@@ -99,7 +90,7 @@ GRID = list(itertools.product(CELL_VARIANTS, [1, 2], [False, True], ["last", "me
     ids=[f"{VARIANT_IDS[CELL_VARIANTS.index(v)]}-L{n}-{'bi' if b else 'uni'}-{p}" for v, n, b, p in GRID])
 def test_model_gradients_with_dropout(variant, num_layers, bidirectional, pooling):
     cell, reset_after = variant
-    model = make_model(cell, reset_after, seed=num_layers, num_layers=num_layers,
+    model = biased_model(cell, reset_after, seed=num_layers, num_layers=num_layers,
                        bidirectional=bidirectional, pooling=pooling, dropout=0.3)
     ids, lengths, labels = make_batch([2, 5, 1, 4], seed=1, pad_id="random")
     check_model_gradients(model, ids, lengths, labels, dropout_seed=123)
@@ -108,7 +99,7 @@ def test_model_gradients_with_dropout(variant, num_layers, bidirectional, poolin
 @pytest.mark.parametrize("variant", CELL_VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_model_gradients_concat_pooling_and_embedding_dropout(variant, bidirectional):
-    model = make_model(*variant, seed=8, num_layers=2, bidirectional=bidirectional, pooling="concat",
+    model = biased_model(*variant, seed=8, num_layers=2, bidirectional=bidirectional, pooling="concat",
                        dropout=0.3, embed_dropout=0.4)
     assert model.params["fc.W"].shape == (3 * H * (2 if bidirectional else 1), 1)
     ids, lengths, labels = make_batch([2, 5, 1, 4], seed=4, pad_id="random")
@@ -116,7 +107,7 @@ def test_model_gradients_concat_pooling_and_embedding_dropout(variant, bidirecti
 
 
 def test_embedding_dropout_drops_a_feature_for_the_whole_sequence():
-    model = make_model("gru", seed=9, embed_dropout=0.5)
+    model = biased_model("gru", seed=9, embed_dropout=0.5)
     ids, lengths, _ = make_batch([5, 3], seed=5)
     _, cache = model.forward(ids, lengths, dropout_seed=1)
     mask = cache["encoder"]["embed_mask"]
@@ -127,14 +118,14 @@ def test_embedding_dropout_drops_a_feature_for_the_whole_sequence():
 
 @pytest.mark.parametrize("variant", CELL_VARIANTS, ids=VARIANT_IDS)
 def test_model_gradients_without_dropout_batch_of_one(variant):
-    model = make_model(*variant, seed=3, num_layers=2, bidirectional=True, pooling="mean")
+    model = biased_model(*variant, seed=3, num_layers=2, bidirectional=True, pooling="mean")
     ids, lengths, labels = make_batch([4], seed=2)
     check_model_gradients(model, ids, lengths, labels, dropout_seed=None)
 
 
 @pytest.mark.parametrize("variant", CELL_VARIANTS, ids=VARIANT_IDS)
 def test_model_gradients_frozen_embedding(variant):
-    model = make_model(*variant, seed=4, freeze_embedding=True, pooling="max", dropout=0.2)
+    model = biased_model(*variant, seed=4, freeze_embedding=True, pooling="max", dropout=0.2)
     ids, lengths, labels = make_batch([3, 5, 2], seed=3)
     _, grads, _, _ = model.loss(ids, lengths, labels, dropout_seed=0)
     assert "embedding.weight" not in grads
@@ -142,7 +133,7 @@ def test_model_gradients_frozen_embedding(variant):
 
 
 def test_dropout_masks_come_from_the_seed():
-    model = make_model("lstm", num_layers=2, dropout=0.5, seed=5)
+    model = biased_model("lstm", num_layers=2, dropout=0.5, seed=5)
     ids, lengths, labels = make_batch([3, 5, 2, 5], seed=4)
     same = [model.forward(ids, lengths, 7)[0] for _ in range(2)]
     np.testing.assert_array_equal(*same)
@@ -150,7 +141,7 @@ def test_dropout_masks_come_from_the_seed():
     inference = model.forward(ids, lengths)[0]
     assert not np.allclose(same[0], other) and not np.allclose(same[0], inference)
     np.testing.assert_allclose(model.predict_logits(ids, lengths), inference, rtol=1e-12)
-    no_dropout = make_model("lstm", num_layers=2, dropout=0.0, seed=5)
+    no_dropout = biased_model("lstm", num_layers=2, dropout=0.0, seed=5)
     np.testing.assert_array_equal(no_dropout.forward(ids, lengths, 7)[0],
                                   no_dropout.forward(ids, lengths)[0])
 
@@ -184,7 +175,7 @@ REFERENCE_GRID = list(itertools.product(CELL_VARIANTS, [1, 2], ["last", "mean", 
     "variant,num_layers,pooling", REFERENCE_GRID,
     ids=[f"{VARIANT_IDS[CELL_VARIANTS.index(v)]}-L{n}-{p}" for v, n, p in REFERENCE_GRID])
 def test_bidirectional_forward_matches_reference(variant, num_layers, pooling):
-    model = make_model(*variant, seed=14, num_layers=num_layers, bidirectional=True, pooling=pooling)
+    model = biased_model(*variant, seed=14, num_layers=num_layers, bidirectional=True, pooling=pooling)
     ids, lengths, _ = make_batch([2, 6, 1, 5], seed=12)
     np.testing.assert_allclose(model.forward(ids, lengths)[0], reference_logits(model, ids, lengths),
                                rtol=1e-12, atol=1e-14)
@@ -198,7 +189,7 @@ MASK_CONFIGS = [dict(cell="lstm", pooling="mean", bidirectional=True, num_layers
 
 @pytest.mark.parametrize("config", MASK_CONFIGS, ids=["lstm-mean", "gru_after-max", "rnn-last"])
 def test_padded_token_ids_change_nothing(config):
-    model = make_model(seed=6, **config)
+    model = biased_model(seed=6, **config)
     ids, lengths, labels = make_batch([2, 6, 3, 1], seed=5, pad_id=0)
     garbage, _, _ = make_batch([2, 6, 3, 1], seed=5, pad_id="random")
     padded = np.arange(ids.shape[1])[None, :] >= lengths[:, None]
@@ -216,7 +207,7 @@ def test_padded_token_ids_change_nothing(config):
 
 
 def test_rows_used_only_at_padding_are_not_listed():
-    model = make_model(seed=6, **MASK_CONFIGS[0])
+    model = biased_model(seed=6, **MASK_CONFIGS[0])
     ids, lengths, labels = make_batch([2, 6, 3, 1], seed=5, pad_id="random")
     _, grads, _, _ = model.loss(ids, lengths, labels)
     padded = np.arange(ids.shape[1])[None, :] >= lengths[:, None]
@@ -225,7 +216,7 @@ def test_rows_used_only_at_padding_are_not_listed():
 
 def test_pad_row_never_gets_a_gradient():
     """Even where id 0 sits inside a sequence, the padding row stays out of the gradient."""
-    model = make_model(seed=7, pooling="mean")
+    model = biased_model(seed=7, pooling="mean")
     ids, lengths, labels = make_batch([4, 6, 3], seed=6)
     ids[:, 1] = 0
     _, grads, _, _ = model.loss(ids, lengths, labels, dropout_seed=0)
@@ -245,7 +236,7 @@ SORT_CONFIGS = [dict(cell="lstm", pooling="last", bidirectional=True, num_layers
 def test_batch_equals_examples_run_alone(config):
     """The model sorts by length internally; the caller's order is kept, and each example's
     logit and gradient are what it gives alone (the batch gradient is their mean)."""
-    model = make_model(seed=8, **config)
+    model = biased_model(seed=8, **config)
     ids, lengths, labels = make_batch([2, 6, 1, 6, 4], seed=7)
     loss, grads, logits, _ = model.loss(ids, lengths, labels)
     mean_grads = {k: 0.0 for k in grads}
@@ -268,7 +259,7 @@ def test_batch_equals_examples_run_alone(config):
 
 @pytest.mark.parametrize("variant", CELL_VARIANTS, ids=VARIANT_IDS)
 def test_batch_of_one_in_float32(variant):
-    model = make_model(*variant, seed=9, dtype=np.float32, dropout=0.3, num_layers=2)
+    model = biased_model(*variant, seed=9, dtype=np.float32, dropout=0.3, num_layers=2)
     ids, lengths, labels = make_batch([1], seed=8)
     loss, grads, logits, traces = model.loss(ids, lengths, labels, dropout_seed=0, trace=True)
     assert logits.shape == (1,) and np.isfinite(loss)
@@ -279,7 +270,7 @@ def test_batch_of_one_in_float32(variant):
 
 
 def test_forward_validates_lengths():
-    model = make_model(seed=10)
+    model = biased_model(seed=10)
     ids, lengths, _ = make_batch([3, 2], seed=9)
     with pytest.raises(ValueError, match="at least one token"):
         model.forward(ids, np.array([3, 0]))
@@ -291,7 +282,7 @@ def test_forward_validates_lengths():
 def test_trace_with_last_pooling(variant, bidirectional):
     """At distance 0 the trace is the batch-mean norm of dL/d(final state); the count at distance
     d is the number of sequences longer than d."""
-    model = make_model(*variant, seed=11, dtype=np.float32, bidirectional=bidirectional)
+    model = biased_model(*variant, seed=11, dtype=np.float32, bidirectional=bidirectional)
     ids, lengths, labels = make_batch([2, 6, 1, 6, 4], seed=10)
     loss, grads, logits, traces = model.loss(ids, lengths, labels, trace=True)
     _, dlogits = bce_with_logits(logits.astype(np.float64), labels)
@@ -308,7 +299,7 @@ def test_trace_with_last_pooling(variant, bidirectional):
 
 
 def test_no_trace_unless_asked():
-    model = make_model(seed=12)
+    model = biased_model(seed=12)
     ids, lengths, labels = make_batch([3, 2], seed=11)
     assert model.loss(ids, lengths, labels)[3] is None
 
@@ -364,7 +355,7 @@ def test_init_with_pretrained_embeddings():
 
 
 def test_astype_copies():
-    model = make_model(seed=13, dtype=np.float32)
+    model = biased_model(seed=13, dtype=np.float32)
     wide = model.astype(np.float64)
     assert wide.config.dtype == "float64" and model.config.dtype == "float32"
     for name, p in wide.params.items():
@@ -378,7 +369,7 @@ def test_dropout_masks_do_not_depend_on_the_split(config):
     """With dropout on, any split of a batch into shares (each told its rows' positions and the
     batch size) gives every row the logit it has in the whole batch, and shares' losses and
     gradients add up to the batch's: a row's masks come from (seed, position) only."""
-    model = make_model(seed=8, dropout=0.4, **config)
+    model = biased_model(seed=8, dropout=0.4, **config)
     ids, lengths, labels = make_batch([2, 6, 1, 6, 4], seed=7)
     loss, grads, logits, _ = model.loss(ids, lengths, labels, dropout_seed=11)
     assert not np.allclose(logits, model.forward(ids, lengths)[0]), "dropout must be on"

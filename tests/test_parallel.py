@@ -13,14 +13,16 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import assert_no_shared_memory, assert_processes_gone
+from gradcheck import rel_err
+from helpers import assert_no_shared_memory, assert_processes_gone, make_model
 from rnn.layers import SparseRows
-from rnn.model import ModelConfig, SentimentModel, dense_grad
+from rnn.model import dense_grad
 from rnn.optim import Adam
 from rnn.parallel import LocalRunner, WorkerDied, WorkerPool, resolve_workers, split_rows, sum_sparse_rows
 from rnn.train import Dataset, TrainConfig, evaluate, fit
 
 V = 40
+SIZES = {"vocab_size": V, "embed_dim": 6, "hidden_size": 5}
 
 
 def make_data(n: int, seed: int, T: int = 12) -> dict[str, np.ndarray]:
@@ -29,16 +31,6 @@ def make_data(n: int, seed: int, T: int = 12) -> dict[str, np.ndarray]:
     ids = rng.integers(1, V, (n, T)).astype(np.int32)
     ids[np.arange(T)[None, :] >= lengths[:, None]] = 0
     return {"ids": ids, "lengths": lengths, "labels": rng.integers(0, 2, n).astype(np.int8)}
-
-
-def make_model(cell="lstm", dtype="float64", seed=0, **config) -> SentimentModel:
-    cfg = ModelConfig(**{"vocab_size": V, "cell": cell, "embed_dim": 6, "hidden_size": 5, "dtype": dtype,
-                         **config})
-    return SentimentModel.create(cfg, np.random.default_rng(seed))
-
-
-def rel_err(got: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-300))
 
 
 DATA = make_data(60, 1)
@@ -78,7 +70,7 @@ def test_sum_sparse_rows_equals_the_dense_sum():
 def pools():
     """One float64 model with dropout between two bidirectional layers, served in this process
     and by pools of 2 and 3 workers."""
-    model = make_model("lstm", num_layers=2, bidirectional=True, dropout=0.4, pooling="mean")
+    model = make_model("lstm", num_layers=2, bidirectional=True, dropout=0.4, pooling="mean", **SIZES)
     copy = model.astype
     opened = {1: LocalRunner(model, DATA), 2: WorkerPool(copy("float64"), 2, DATA),
               3: WorkerPool(copy("float64"), 3, DATA)}
@@ -136,7 +128,7 @@ def test_inference_on_the_workers_equals_the_model(pools):
 
 
 def test_model_and_evaluate_take_workers():
-    model = make_model("gru", reset_after=True)
+    model = make_model("gru", reset_after=True, **SIZES)
     data = Dataset(**make_data(30, 2))
     expected = model.predict_logits(data.ids, data.lengths)
     assert rel_err(model.predict_logits(data.ids, data.lengths, 8, workers=2), expected) < 1e-12
@@ -145,7 +137,7 @@ def test_model_and_evaluate_take_workers():
 
 
 def test_one_pool_per_model():
-    model = make_model("rnn")
+    model = make_model("rnn", **SIZES)
     with WorkerPool(model, 1):
         with pytest.raises(ValueError, match="already served by an open WorkerPool"):
             WorkerPool(model, 2)
@@ -155,7 +147,7 @@ def test_one_pool_per_model():
 def test_parameters_live_in_shared_memory_and_come_back():
     """While the pool is open the workers read model.params as they are now; afterwards the model
     holds its own arrays again, with the values it had at the end."""
-    model = make_model("rnn")
+    model = make_model("rnn", **SIZES)
     own = dict(model.params)
     data = make_data(10, 3)
     with WorkerPool(model, 2, data) as pool:
@@ -185,7 +177,7 @@ def test_fit_bit_identical_for_two_workers_and_close_to_one_process():
     train, val = Dataset(**make_data(96, 4)), Dataset(**make_data(40, 5))
     runs, baseline = [], set(multiprocessing.active_children())
     for workers in (2, 2, 1):
-        model = make_model("lstm", dtype="float32", dropout=0.3, num_layers=2)
+        model = make_model("lstm", dtype="float32", dropout=0.3, num_layers=2, **SIZES)
         count = ProcessCount(baseline)
         result = fit(model, Adam(0.01), train, val, TrainConfig(epochs=2, batch_size=16, workers=workers),
                      np.random.default_rng(3), callbacks=[count])
@@ -205,7 +197,7 @@ def test_fit_bit_identical_for_two_workers_and_close_to_one_process():
 
 # -------------------------------------------------------------------------------------- faults
 def test_an_error_in_a_worker_is_raised_as_it_was():
-    model = make_model("gru")
+    model = make_model("gru", **SIZES)
     own = dict(model.params)
     pool = WorkerPool(model, 2)
     pids = pool.pids
@@ -221,7 +213,7 @@ def test_an_error_in_a_worker_is_raised_as_it_was():
 def test_a_killed_worker_raises_worker_died(when):
     """SIGKILL a worker before a step or while steps run: the next wait raises WorkerDied naming it
     and its signal, the other worker is stopped, no shared memory is left."""
-    model = make_model("lstm", num_layers=2)
+    model = make_model("lstm", num_layers=2, **SIZES)
     pool = WorkerPool(model, 2, DATA)
     pids = pool.pids
     rows = np.arange(60)

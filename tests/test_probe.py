@@ -15,9 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import write_params
-from rnn.probe import A, B, FIRST_FILLER, NEG, POS, make_probe_data
+from rnn.errors import InputError
+from rnn.model import ModelConfig
+from rnn.probe import A, B, FIRST_FILLER, NEG, POS, ProbeConfig, grad_ratio, make_probe_data, train_probe
+from rnn.train import TrainingDiverged
 from stages import settings as pipeline_settings
-from stages.probe import grad_ratio, main, probe_distance, run
+from stages.probe import main, probe_distance, run
 from stages.probe_report import report
 from stages.settings import ParamsError
 
@@ -163,6 +166,32 @@ def test_grad_ratio_uses_the_memory_state():
     a, c = np.array([2.0, 1.0, 0.5]), np.array([0.0, 1.5, 1.0])
     assert grad_ratio({"a": a}, 2) == 0.25
     assert grad_ratio({"a": a, "c": c}, 2) == 0.5
+
+
+def _probe(**overrides) -> ProbeConfig:
+    return ProbeConfig(**{**dict(lead=2, train_distance="upto", variant="signal", distractors=0, batch_size=8,
+                                 steps=6, test_size=16, optimizer="adam", lr=0.01, clip_mode="norm",
+                                 clip_threshold=1.0, trace_steps=2, seed=0), **overrides})
+
+
+def test_train_probe_is_seeded_and_traces_every_step_back():
+    config = ModelConfig(vocab_size=8, cell="lstm", embed_dim=4, hidden_size=5)
+    one, two = train_probe(config, 3, _probe()), train_probe(config, 3, _probe())
+    other = train_probe(config, 3, _probe(seed=1))
+    assert one["final_loss"] == two["final_loss"] and one["final_loss"] != other["final_loss"]
+    for window in ("first", "last"):
+        assert set(one["traces"][window]) == {"a", "c"}
+        assert all(v.shape == (3 + 1 + 2,) for v in one["traces"][window].values())
+    assert one["grad_ratio_last"] == grad_ratio(one["traces"]["last"], 3)
+
+
+def test_train_probe_stops_on_a_non_finite_loss():
+    config = ModelConfig(vocab_size=8, cell="rnn", embed_dim=4, hidden_size=5)
+    with pytest.raises(TrainingDiverged, match=r"^rnn, distance 1, step 2: loss nan"), np.errstate(all="ignore"):
+        train_probe(config, 1, _probe(optimizer="sgd", lr=float("inf"), clip_mode="none"))
+    with pytest.raises(InputError, match=r"^probe rnn, distance 1, step 2: .*; lower probe.lr or set probe.clip_mode$"), \
+            np.errstate(all="ignore"):
+        probe_distance("rnn", 1, tiny_cfg(optimizer="sgd", lr=1e300, clip_mode="none"))
 
 
 def test_short_distance_is_learned():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradcheck import assert_grad_close, assert_sequence_grads_close, numeric_grad
+from gradcheck import assert_grad_close, assert_sequence_grads_close, numeric_grad, step_as_layer_buffers
 from rnn import cells, recurrent
 from rnn import reference as ref
 
@@ -175,17 +175,13 @@ def fast_step(kind: str, x, prev, params, upstream):
     x_proj = (x @ W_x + b).reshape(len(x), G, -1).transpose(1, 0, 2)
     W_h = np.ascontiguousarray(cells.gate_blocks(params["W_h"], G))
     cell = cells.CELLS[kind]
-    state, cache = cell.step_forward(x_proj, prev, W_h, params.get("b_hn"))
+    step = cell.step_forward(x_proj, prev, W_h, params.get("b_hn"))
     W_h_T = np.ascontiguousarray(W_h.transpose(0, 2, 1))
-    dx_proj, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), cache, W_h_T)
+    dx_proj, d_prev = cell.step_backward(tuple(u.copy() for u in upstream), prev, step, W_h_T)
     dZ = cells.from_gate_blocks(dx_proj)                     # (N, G*H)
-    # the layer's buffers for T = 1: a history (2, N, H), then each per-step array with a T axis
-    buffers = [np.stack([prev[0], state[0]])]
-    if kind in ("gru", "gru_after"):                         # cache: gates (3, N, H), a_prev, r_a | h_n
-        buffers += [cache[0][:, None], cache[2][None]]
     grads = {"W_x": x.T @ dZ, "b": dZ.sum(0),
-             **cells.recurrent_weight_grads(kind, buffers, dx_proj)}
-    return state, dZ @ W_x.T, d_prev, grads
+             **cells.recurrent_weight_grads(kind, step_as_layer_buffers(cell, prev, step), dx_proj)}
+    return step[:cell.states], dZ @ W_x.T, d_prev, grads
 
 
 @pytest.mark.parametrize("kind", KINDS)

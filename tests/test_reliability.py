@@ -34,14 +34,15 @@ import pytest
 import yaml
 
 from helpers import build_imdb_archive
-from rnn import ModelConfig, SentimentModel
+from rnn import ModelConfig, SentimentModel, imdb
 from rnn.cli import main as rnn_main
 from rnn.errors import InputError
 from rnn.io import load_arrays, read_model, save_arrays, save_model
 from rnn.predict import load_model
 from rnn.train import Dataset, TrainConfig, fit
 from rnn.optim import make_optimizer
-from stages import archive, check, download, prepare, train
+from stages import check, download, prepare, train
+from stages.outputs import file_digest
 from test_stages_model import _main, project  # noqa: F401  (the fixture: synthetic prepared data)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_a_good_project_passes_the_check_and_its_source_is_the_archive_content(c
     shutil.copy(good_archive, moved)
     checked_project({"train": {"overrides": OVERRIDES}}, moved)
     assert (tmp_path / "data/source.json").read_bytes() == first, "the same archive elsewhere changed the source"
-    assert json.loads(first)["archive"]["sha256"] == archive.file_hashes(good_archive)[1]
+    assert json.loads(first)["archive"]["sha256"] == file_digest(good_archive)
     assert json.loads((tmp_path / "data/vectors.json").read_text()) == {"pretrained": None}
 
 
@@ -171,7 +172,7 @@ ARCHIVES = [  # (kind, message): issue 17 items 1, 4, 7, 9
 
 @pytest.mark.parametrize("kind, message", ARCHIVES, ids=[row[0] for row in ARCHIVES])
 def test_archives(checked_project, tmp_path, monkeypatch, kind, message):
-    monkeypatch.setattr(archive, "MAX_UNPACKED_BYTES", 2 << 20)
+    monkeypatch.setattr(imdb, "MAX_UNPACKED_BYTES", 2 << 20)
     (tmp_path / "archives").mkdir()
     bad = _archive(tmp_path / "archives", kind)
     with pytest.raises((InputError, OSError)) as info:
@@ -185,7 +186,7 @@ def test_archives(checked_project, tmp_path, monkeypatch, kind, message):
 
 def test_the_full_archive_check_runs_once_per_content(checked_project, good_archive, monkeypatch):
     calls = []
-    monkeypatch.setattr(archive, "read_archive", lambda path, keep=True: calls.append(path))
+    monkeypatch.setattr(imdb, "read_archive", lambda path, keep=True: calls.append(path))
     for _ in range(3):
         checked_project({"train": {"overrides": OVERRIDES}})
     assert calls == [good_archive]

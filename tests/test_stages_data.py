@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rnn.embeddings import build_embeddings
 from rnn.errors import InputError
 from rnn.io import write_json
 from stages import download, embed, prepare
+from stages.outputs import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +133,7 @@ def test_download_rejects_missing_split(tmp_path, make_imdb_archive, split):
 def test_download_fetch_uses_cache_and_checks_md5(tmp_path):
     cached = tmp_path / "a.tar.gz"
     cached.write_bytes(b"payload")
-    md5 = download.file_hashes(cached)[0]
+    md5 = file_digest(cached, "md5")
     # A correct cached copy means no network access at all (the URL is bogus).
     assert download.fetch("http://invalid.invalid/x", cached, md5, retries=0, timeout=1) == cached
     source = tmp_path / "src.bin"
@@ -209,7 +211,7 @@ def test_embed_random(tmp_path):
     assert emb.shape == (6, 16) and emb.dtype == np.float32
     assert (emb[0] == 0).all() and (emb[1:] != 0).all()
     assert metrics == {"method": "random", "dim": 16, "vocab_size": 6, "coverage": None}
-    big, _ = embed.build_embeddings(["<pad>", "<unk>"] + [f"w{i}" for i in range(4000)], 64, "random", None, None, 0)
+    big, _ = build_embeddings(["<pad>", "<unk>"] + [f"w{i}" for i in range(4000)], 64, np.random.default_rng(0))
     assert abs(big[1:].std() - 1 / 8) < 0.005  # default scale 1/sqrt(dim)
 
 
@@ -288,7 +290,7 @@ def test_script_errors_are_one_line_exit_2(tmp_path, make_imdb_archive):
 
 def test_fetch_downloads_through_a_part_file_and_keeps_the_copy(tmp_path, make_imdb_archive):
     source = make_imdb_archive(n_per_class=3)
-    md5 = download.file_hashes(source)[0]
+    md5 = file_digest(source, "md5")
     dest = tmp_path / "data/download/aclImdb_v1.tar.gz"
     assert download.fetch(source.as_uri(), dest, md5, retries=0, timeout=5) == dest
     assert dest.read_bytes() == source.read_bytes()
@@ -300,7 +302,7 @@ def test_fetch_retries_after_network_errors_then_gives_up(tmp_path, make_imdb_ar
     import urllib.request
 
     source = make_imdb_archive(n_per_class=3)
-    md5 = download.file_hashes(source)[0]
+    md5 = file_digest(source, "md5")
     real_urlopen, failures = urllib.request.urlopen, []
 
     def flaky(url, timeout):
@@ -325,7 +327,7 @@ def test_fetch_retries_after_network_errors_then_gives_up(tmp_path, make_imdb_ar
 
 def test_check_and_download_stages_fetch_from_the_url(tmp_path, make_imdb_archive):
     source = make_imdb_archive(n_per_class=10)
-    md5 = download.file_hashes(source)[0]
+    md5 = file_digest(source, "md5")
     (tmp_path / "params.yaml").write_text(
         f"data: {{url: '{source.as_uri()}', md5: '{md5}', limit: 16, retries: 0}}\nmlflow: {{enabled: false}}\n")
     for name in ("check", "download"):

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages import compare, evaluate, outputs, train
+from rnn.errors import InputError
+from stages import compare, evaluate, outputs, settings, train
 from stages.settings import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,21 +49,6 @@ def test_trace_rows_skip_missing_distances_and_keep_zero_norms():
 
 def test_no_trace_gives_a_header_only_csv():
     assert outputs.trace_csv(outputs.trace_rows([{}, {}])) == ",".join(outputs.TRACE_COLUMNS) + "\n"
-
-
-# --------------------------------------------------------------------------- length buckets
-def test_length_buckets_bound_labels_and_accuracy():
-    lengths = np.array([5, 99, 100, 250, 399, 400, 1000])
-    correct = np.array([1, 0, 1, 1, 0, 1, 1], dtype=bool)
-    rows = evaluate.length_buckets(lengths, correct, [100, 200, 400])
-    assert [(r["bucket"], r["count"], r["accuracy"]) for r in rows] == [
-        ("<100", 2, 0.5), ("100-200", 1, 1.0), ("200-400", 2, 0.5), (">=400", 2, 1.0)]
-    assert (rows[1]["min_length"], rows[1]["max_length"], rows[-1]["max_length"]) == (100, 200, None)
-
-
-def test_length_buckets_leave_out_empty_buckets():
-    rows = evaluate.length_buckets(np.array([10, 20]), np.array([True, False]), [100, 200])
-    assert [(r["bucket"], r["count"], r["accuracy"]) for r in rows] == [("<100", 2, 0.5)]
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -206,24 +192,45 @@ def test_compare_names_the_missing_stage(project, monkeypatch):
         _main(compare, monkeypatch=monkeypatch)
 
 
-def test_pretrain_then_train_from_the_language_model(project, monkeypatch, capsys):
+def _write_lm_shapes(project: Path, params: dict) -> None:
+    """data/lm/<cell>.json as the check stage writes them."""
+    validated = settings.validate(params)
+    for cell in ("rnn", "gru", "lstm"):
+        (project / outputs.LM_SHAPES).mkdir(parents=True, exist_ok=True)
+        (project / outputs.LM_SHAPES / f"{cell}.json").write_text(json.dumps(outputs.lm_shape(validated, cell)))
+
+
+def test_lm_shape_holds_the_shape_keys_only():
+    params = settings.validate({"train": {"hidden_size": 8, "overrides": {"lstm": {"num_layers": 2, "lr": 0.1}}}})
+    assert outputs.lm_shape(params, "lstm") == {"embed_dim": 100, "hidden_size": 8, "num_layers": 2,
+                                                "reset_after": False, "forget_bias": 1.0}
+    # A train-only setting, shared or a cell's own, leaves every shape (pretrain's dependency) alone.
+    for train in ({"lr": 0.5, "dropout": 0.2}, {"overrides": {"lstm": {"lr": 0.001, "dropout": 0.1}}}):
+        changed = settings.validate({"train": train})
+        assert all(outputs.lm_shape(changed, c) == outputs.lm_shape(settings.validate({}), c) for c in settings.CELLS)
+    shaped = settings.validate({"train": {"overrides": {"gru": {"reset_after": True}}}})
+    assert outputs.lm_shape(shaped, "gru")["reset_after"] and not outputs.lm_shape(shaped, "rnn")["reset_after"]
+
+
+def test_pretrain_then_train_from_the_language_model(project, monkeypatch):
     from stages import pretrain
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["init"] = "lm"
     params["train"]["pretrained_lr_scale"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _write_lm_shapes(project, params)
     _main(pretrain, "gru", monkeypatch=monkeypatch)
     metrics = json.loads((project / "metrics/gru/pretrain.json").read_text())
     assert metrics["reviews"] == 64 + 40 and metrics["val_perplexity"] > 1 and metrics["resumed"] is False
     lm = np.load(project / "models/lm/gru/weights.npz")
     assert json.loads((project / "models/lm/gru/config.json").read_text())["model"]["task"] == "language_model"
-    # A rerun with unchanged settings, inputs and code reuses the finished model.
-    first = (project / "models/lm/gru/weights.npz").read_bytes()
-    capsys.readouterr()
-    _main(pretrain, "gru", monkeypatch=monkeypatch)
-    assert "reused" in capsys.readouterr().out
-    assert (project / "models/lm/gru/weights.npz").read_bytes() == first
+    assert not any((project / "checkpoints").rglob("*.*")), "a finished pretraining leaves its checkpoint"
+    # The shape in data/lm/ must be the one params.yaml gives (the check stage writes it).
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "train": {**params["train"], "hidden_size": 7}}))
+    with pytest.raises(InputError, match=r"data/lm/gru.json does not hold gru's settings in params.yaml; run `dvc repro`"):
+        _main(pretrain, "gru", monkeypatch=monkeypatch)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     _main(train, "gru", monkeypatch=monkeypatch)
     assert json.loads((project / "models/gru/config.json").read_text())["metadata"]["train"]["init"] == "lm"
     # The encoder moved on from the language model's weights, the classifier's head is its own.

@@ -14,6 +14,8 @@ from rnn.text import (
     Vocabulary,
     clean,
     encode_texts,
+    encode_tokenized,
+    encoder_difference,
     tokenize,
     truncate,
 )
@@ -71,6 +73,27 @@ def test_truncate_modes(mode, expected):
     assert truncate(list(range(10)), 5, mode) == expected
     assert truncate(np.arange(10), 5, mode).tolist() == expected
     assert truncate([1, 2], 5, mode) == [1, 2]
+
+
+def test_encoder_difference_names_what_differs():
+    enc = {"tokens": ["<pad>", "<unk>", "a", "b"], "max_len": 10, "truncate": "head"}
+    assert encoder_difference(enc, dict(enc)) is None
+    assert encoder_difference(enc, {**enc, "tokens": ["<pad>", "<unk>", "b"]}) == \
+        "vocabularies of 4 and 3 tokens, first different at id 2"
+    assert encoder_difference(enc, {**enc, "tokens": enc["tokens"][:3]}) == \
+        "vocabularies of 4 and 3 tokens, first different at id 3"
+    assert encoder_difference(enc, {**enc, "max_len": 12}) == "max_len 10 vs 12"
+
+
+def test_encode_tokenized_reports_what_the_encoding_lost():
+    encoder = TextEncoder(Vocabulary(["<pad>", "<unk>", "good", "film"]), max_len=3, truncate="head")
+    arrays, stats = encode_tokenized([["good", "film"], ["good", "odd", "film", "good", "odd"], []], encoder)
+    assert arrays["ids"].tolist() == [[2, 3, 0], [2, UNK, 3], [UNK, 0, 0]]
+    assert arrays["lengths"].tolist() == [2, 3, 1] and arrays["raw_lengths"].tolist() == [2, 5, 0]
+    assert stats["oov_rate"] == 2 / 7 and stats["truncated_fraction"] == 1 / 3
+    assert stats["length_percentiles"]["p50"] == 2.0
+    assert encode_tokenized([], encoder)[1] == {"oov_rate": 0.0, "truncated_fraction": 0.0,
+                                                "length_percentiles": {"p50": 0.0, "p90": 0.0, "p95": 0.0, "p99": 0.0}}
 
 
 def test_truncate_rejects_bad_mode():

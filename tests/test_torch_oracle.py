@@ -9,6 +9,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
+from gradcheck import rel_err  # noqa: E402
+from helpers import make_model  # noqa: E402
 from rnn.interop import from_torch_model_state, to_torch_model_state, torch_module_spec  # noqa: E402
 from rnn.model import ModelConfig, SentimentModel, dense_grad  # noqa: E402
 
@@ -53,10 +55,6 @@ def batch(seed: int):
     ids = rng.integers(1, 8, (B, T))                     # a small id range: rows repeat in the batch
     ids[np.arange(T)[None, :] >= lengths[:, None]] = 0
     return ids, lengths, rng.integers(0, 2, B)
-
-
-def rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-300))
 
 
 def both_models(cell, num_layers, bidirectional, pooling, seed):
@@ -106,16 +104,12 @@ def test_logits_loss_and_gradients_match_torch(cell, num_layers, bidirectional, 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_our_parameters_load_into_torch(cell):
     """The other direction: our random model exported with strict names into a torch module."""
-    config = ModelConfig(vocab_size=V, cell=cell, embed_dim=E, hidden_size=H, num_layers=2,
-                         bidirectional=True, reset_after=cell == "gru", dtype="float64")
-    ours = SentimentModel.create(config, np.random.default_rng(0))
-    rng = np.random.default_rng(1)
-    for name, p in ours.params.items():
-        if name.endswith((".b", ".b_hn")):
-            p[...] = rng.normal(0, 0.5, p.shape)        # zero at init: make the bias mapping matter
-    ref = Reference(config).double()
-    ref.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_model_state(config, ours.params).items()},
-                        strict=True)
+    # biases drawn too: zero at init, they would not show whether their mapping is right
+    ours = make_model(cell, cell == "gru", biases=0.5, vocab_size=V, embed_dim=E, hidden_size=H, num_layers=2,
+                      bidirectional=True)
+    ref = Reference(ours.config).double()
+    state = to_torch_model_state(ours.config, ours.params)
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     ids, lengths, _ = batch(seed=3)
     with torch.no_grad():
         logits_t = ref(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()

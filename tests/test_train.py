@@ -11,18 +11,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import assert_no_shared_memory, assert_processes_gone
+from helpers import assert_no_shared_memory, assert_processes_gone, make_model
 from rnn.data import batches
 from rnn.io import load_arrays
 from rnn.losses import bce_with_logits
 from rnn.model import ModelConfig, SentimentModel
 from rnn.optim import Adam
-from rnn.train import Dataset, TrainConfig, TrainingDiverged, evaluate, fit
+from rnn.train import CHECKPOINT, Dataset, EpochSums, TrainConfig, TrainingDiverged, TrainState, evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "val_seconds", "tokens_per_s")
@@ -40,10 +42,7 @@ def toy_data(n: int, seed: int, T: int = 10, V: int = 16, max_len: int = 8) -> D
     return Dataset(ids.astype(np.int32), lengths, labels.astype(np.int8))
 
 
-def toy_model(cell="lstm", reset_after=False, seed=0, **config) -> SentimentModel:
-    cfg = ModelConfig(**{"vocab_size": 16, "cell": cell, "reset_after": reset_after,
-                         "embed_dim": 8, "hidden_size": 8, **config})
-    return SentimentModel.create(cfg, np.random.default_rng(seed))
+toy_model = partial(make_model, vocab_size=16, embed_dim=8, hidden_size=8, dtype="float32")
 
 
 def metrics(result: dict) -> dict:
@@ -173,7 +172,7 @@ def test_divergence_names_epoch_and_step(tmp_path, poisoned, message):
         fit(model, Adam(0.01), TRAIN, VAL, TrainConfig(epochs=3, batch_size=32), np.random.default_rng(0),
             checkpoint_dir=tmp_path, callbacks=[Poison()])
     meta = json.loads(load_arrays(tmp_path / "checkpoint.npz")["meta_json"].tobytes())
-    assert meta["run"]["epoch"] == 1 and meta["optimizer_t"] == 8, "the epoch-1 checkpoint is kept"
+    assert meta["state"]["epoch"] == 1 and meta["optimizer_t"] == 8, "the epoch-1 checkpoint is kept"
 
 
 class CheckedAdam(Adam):
@@ -262,6 +261,34 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a usable checkpoint for this model"):
         fit(toy_model("lstm"), Adam(0.01), TRAIN, VAL, TrainConfig(epochs=2, batch_size=64),
             np.random.default_rng(0), checkpoint_dir=tmp_path)
+
+
+def test_the_checkpoint_is_the_train_state_whole(tmp_path):
+    """TrainState.save then TrainState.load gives back every field, the model's parameters, the
+    optimizer's state and the rng's state, into another model, optimizer and rng."""
+    model, opt, rng = toy_model("lstm"), Adam(0.01), np.random.default_rng(3)
+    fit(model, opt, TRAIN, VAL, TrainConfig(epochs=1, batch_size=64, patience=0), rng)   # optimizer state
+    sums = EpochSums(loss=1.25, n=3, correct=2, tokens=17, seconds=0.5, steps=2, norm_sum=0.75,
+                     norm_max=0.5, clipped=1, trace={"a": [np.array([0.1, 0.2]), np.array([3, 1])]})
+    state = TrainState(best_params={k: v * 2 for k, v in model.params.items()}, epoch=1,
+                       history=[{"epoch": 1, "val_accuracy": 0.5}], traces=[{"a": [0.25, None]}],
+                       best_epoch=1, best_score=0.5, position=2, epoch_rng=rng.bit_generator.state, sums=sums)
+    state.save(tmp_path / CHECKPOINT, model, opt, rng)
+    other, other_opt, other_rng = toy_model("lstm", seed=1), Adam(0.01), np.random.default_rng(9)
+    loaded = TrainState.load(tmp_path / CHECKPOINT, other, other_opt, other_rng)
+    for f in fields(TrainState):
+        if f.name not in ("best_params", "sums"):
+            assert getattr(loaded, f.name) == getattr(state, f.name), f.name
+    assert loaded.best_params.keys() == state.best_params.keys()
+    assert all(np.array_equal(loaded.best_params[k], v) for k, v in state.best_params.items())
+    assert {f.name: getattr(loaded.sums, f.name) for f in fields(EpochSums) if f.name != "trace"} == \
+           {f.name: getattr(sums, f.name) for f in fields(EpochSums) if f.name != "trace"}
+    (s, c), = loaded.sums.trace.values()
+    assert s.tolist() == [0.1, 0.2] and s.dtype == np.float64 and c.tolist() == [3, 1] and c.dtype == np.int64
+    assert all(np.array_equal(other.params[k], v) for k, v in model.params.items())
+    assert other_opt.t == opt.t and other_rng.bit_generator.state == rng.bit_generator.state
+    a, b = opt.state_dict()["arrays"], other_opt.state_dict()["arrays"]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 SCRIPT = """
@@ -390,7 +417,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(train_script, uninter
     assert_processes_gone(worker_pids)               # their pipe to the killed process closed
     assert_no_shared_memory(proc.pid)
     meta = checkpoint_meta(ckpt)
-    assert meta["run"]["epoch"] == 1 and meta["run"]["partial"] is None
+    assert meta["state"]["epoch"] == 1 and meta["state"]["sums"] is None
     finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, 2 * 8, workers)
 
 
@@ -414,8 +441,8 @@ def test_signal_mid_epoch_saves_checkpoint_and_resumes_exactly(train_script, uni
     assert_processes_gone(worker_pids)
     assert_no_shared_memory(proc.pid)
     meta = checkpoint_meta(ckpt)
-    assert meta["run"]["epoch"] == 1 and meta["run"]["position"] == 3 and meta["optimizer_t"] == 11
-    assert meta["run"]["partial"] is not None
+    assert meta["state"]["epoch"] == 1 and meta["state"]["position"] == 3 and meta["optimizer_t"] == 11
+    assert meta["state"]["sums"] is not None
     finish_and_compare(train_script, ckpt, tmp_path, uninterrupted, 5 + 8, workers)
 
 
@@ -433,7 +460,7 @@ def test_a_killed_worker_stops_training_with_one_line(train_script, tmp_path):
     assert_processes_gone(worker_pids)
     assert_no_shared_memory(proc.pid)
     meta = checkpoint_meta(ckpt)
-    assert meta["run"]["epoch"] == 1 and meta["run"]["partial"] is None
+    assert meta["state"]["epoch"] == 1 and meta["state"]["sums"] is None
 
 
 def test_lr_decay_schedule_per_epoch():
