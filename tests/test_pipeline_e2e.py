@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from helpers import build_imdb_archive, copy_project
@@ -31,6 +32,8 @@ COPY = ["rnn", "stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore",
 # Two cells keep the run short (each stage pays ~3 s of imports) and still cover foreach and the
 # LSTM's extra cell-state trace; the unit tests train every cell.
 CELLS = ["rnn", "lstm"]
+SEEDS = [0, 1]          # two replicates per cell cover the cell x seed stages and the intervals
+REPLICATES = [(c, s) for c in CELLS for s in SEEDS]
 N_TEST = 800            # reviews per split: enough for the models to learn the synthetic cues
 
 
@@ -48,7 +51,7 @@ def _project(tmp_path: Path) -> Path:
     params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)
     # Measured: test accuracy 0.95-0.98 for both cells; the plain RNN needs max pooling to carry the
     # cues over 40 tokens (with `last` it stays at chance on so little data).
-    params["train"].update(cells=CELLS, epochs=3, lr=0.01, hidden_size=16, embed_dim=16, batch_size=32, workers=2)
+    params["train"].update(cells=CELLS, seeds=SEEDS, epochs=3, lr=0.01, hidden_size=16, embed_dim=16, batch_size=32, workers=2)
     params["train"]["overrides"]["rnn"] = {"pooling": "max"}
     params["pretrain"].update(epochs=1, batch_size=32, num_sampled=64, val_reviews=20)
     params["mlflow"] = {**(params.get("mlflow") or {}), "enabled": True}
@@ -79,17 +82,20 @@ def _csv(path: Path) -> list[dict]:
 
 
 def _check_outputs(root: Path) -> None:
-    for cell in CELLS:
-        model = root / "models" / cell
+    for cell, seed in REPLICATES:
+        replicate = f"{cell}/seed{seed}"
+        model = root / "models" / replicate
         assert sorted(p.name for p in model.iterdir()) == ["config.json", "encoder.json", "weights.npz"]
-        train = json.loads((root / "metrics" / cell / "train.json").read_text())
-        assert 1 <= train["epochs_run"] <= 3 and 0 <= train["best_val_accuracy"] <= 1
-        evaluation = json.loads((root / "metrics" / cell / "eval.json").read_text())
+        train = json.loads((root / "metrics" / replicate / "train.json").read_text())
+        assert 1 <= train["epochs_run"] <= 3 and 0 <= train["best_val_accuracy"] <= 1 and train["seed"] == seed
+        evaluation = json.loads((root / "metrics" / replicate / "eval.json").read_text())
         # The cues are learnable: a model that does not beat chance clearly (or inverted
         # probabilities somewhere between training and evaluation) fails here.
         assert evaluation["accuracy"] > 0.8 and evaluation["roc_auc"] > 0.9, (cell, evaluation)
         assert evaluation["n"] == N_TEST and sum(evaluation["confusion"].values()) == N_TEST
-        plots = root / "plots" / cell
+        predictions = np.load(root / "data/predictions" / f"{replicate}.npz")
+        assert ((predictions["probabilities"] >= 0.5) == predictions["labels"]).mean() == evaluation["accuracy"]
+        plots = root / "plots" / replicate
         history = _csv(plots / "history.csv")
         assert [int(r["epoch"]) for r in history] == list(range(1, train["epochs_run"] + 1))
         states = {r["state"] for r in _csv(plots / "grad_trace.csv")}
@@ -105,11 +111,18 @@ def _check_outputs(root: Path) -> None:
         assert pretrain["epochs_run"] == 1 and 1 < pretrain["val_perplexity"] < 300 and pretrain["tokens"] > 0
         assert (root / "models" / "lm" / cell / "weights.npz").is_file()
         assert [int(r["epoch"]) for r in _csv(root / "plots" / cell / "pretrain.csv")] == [1]
+    # Seed 0 and seed 1 are different replicates: another initialisation, data order and dropout.
+    assert (root / "models/lstm/seed0/weights.npz").read_bytes() != (root / "models/lstm/seed1/weights.npz").read_bytes()
     summary = _csv(root / "reports" / "summary.csv")
-    assert [r["cell"] for r in summary] == CELLS
+    assert [r["model"] for r in summary] == CELLS + ["baseline"]
     headline = json.loads((root / "reports" / "summary.json").read_text())
-    assert list(headline) == ["test_accuracy", "val_accuracy"] and list(headline["test_accuracy"]) == CELLS
-    assert "| lstm |" in (root / "reports" / "summary.md").read_text()
+    assert list(headline["cells"]) == CELLS and set(headline["pairs"]) == {"lstm-rnn", "rnn-baseline", "lstm-baseline"}
+    for cell in CELLS:
+        accuracy = headline["cells"][cell]["test_accuracy"]
+        assert accuracy["seeds"] == SEEDS and accuracy["ci95"][0] <= accuracy["mean"] <= accuracy["ci95"][1]
+        assert accuracy["mean"] == np.mean([json.loads((root / "metrics" / cell / f"seed{s}" / "eval.json").read_text())
+                                            ["accuracy"] for s in SEEDS])
+    assert "| LSTM | 2 |" in (root / "reports" / "summary.md").read_text()
     for png in ("val_accuracy.png", "grad_trace.png", "probe_accuracy.png", "probe_gradients.png"):
         assert (root / "reports" / png).read_bytes()[:4] == b"\x89PNG", png
     for cell in CELLS:
@@ -140,7 +153,7 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path) -> None:
     _run(["git", "commit", "-q", "-m", "project"], root, env)
 
     stages = _run(dvc + ["stage", "list", "--name-only"], root, env).stdout.split()
-    assert ["compare"] + [f"train@{c}" for c in CELLS] + [f"evaluate@{c}" for c in CELLS] == \
+    assert ["compare"] + [f"train@{c}-{s}" for c, s in REPLICATES] + [f"evaluate@{c}-{s}" for c, s in REPLICATES] == \
         [s for s in stages if s.startswith(("train@", "evaluate@", "compare"))]
 
     first = _run(dvc + ["repro"], root, env).stdout
@@ -157,7 +170,7 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path) -> None:
     _check_the_archive_is_a_dependency(root, env, tmp_path)
 
     metrics = json.dumps(json.loads(_run(dvc + ["metrics", "show", "--json"], root, env).stdout))
-    assert "metrics/lstm/eval.json" in metrics and "best_val_accuracy" in metrics
+    assert "metrics/lstm/seed1/eval.json" in metrics and "best_val_accuracy" in metrics
     plots = json.loads(_run(dvc + ["plots", "show", "--json"], root, env).stdout)["data"]
     assert {"val_accuracy", "grad_trace"} <= set(plots), sorted(plots)
 
@@ -243,21 +256,28 @@ def _check_what_reruns(root: Path, env: dict) -> None:
     def comment(text: str) -> str:
         return text + "\n# an edit\n"
 
+    def each(stage: str, cells: list[str] = CELLS) -> set[str]:
+        per_seed = stage in ("train", "evaluate")
+        return {f"{stage}@{c}-{s}" if per_seed else f"{stage}@{c}" for c in cells for s in (SEEDS if per_seed else [0])}
+
     # A train-only setting retrains; only the language model's shape or the pretrain section repretrains.
-    assert stale_after("params.yaml", set_params(train__overrides__lstm={"lr": 0.01, "dropout": 0.2})) == {"train@lstm"}
-    assert stale_after("params.yaml", set_params(train__lr=0.02)) == {f"train@{c}" for c in CELLS}
+    assert stale_after("params.yaml", set_params(train__overrides__lstm={"lr": 0.01, "dropout": 0.2})) == \
+        each("train", ["lstm"])
+    assert stale_after("params.yaml", set_params(train__lr=0.02)) == each("train")
     assert stale_after("params.yaml", set_params(train__overrides__lstm={"hidden_size": 8})) == \
-        {"pretrain@lstm", "train@lstm"}
-    assert stale_after("params.yaml", set_params(train__forget_bias=0.5)) == \
-        {f"{s}@{c}" for s in ("pretrain", "train") for c in CELLS}
-    assert stale_after("params.yaml", set_params(pretrain__lr=0.01)) == {f"pretrain@{c}" for c in CELLS}
+        each("pretrain", ["lstm"]) | each("train", ["lstm"])
+    assert stale_after("params.yaml", set_params(train__forget_bias=0.5)) == each("pretrain") | each("train")
+    assert stale_after("params.yaml", set_params(pretrain__lr=0.01)) == each("pretrain")
+    # Another seed is another replicate: the first seed's stages stay as they are.
+    assert stale_after("params.yaml", set_params(train__seeds=[0, 2])) == {f"{s}@{c}-2" for s in ("train", "evaluate")
+                                                                         for c in CELLS} | {"compare"}
     assert stale_after("rnn/cli.py", comment) == set()
     assert stale_after("stages/tracking.py", comment) == set()
-    assert stale_after("rnn/metrics.py", comment) == {f"evaluate@{c}" for c in CELLS}
-    assert stale_after("rnn/probe.py", comment) == {f"probe@{c}" for c in CELLS}
+    assert stale_after("rnn/metrics.py", comment) == each("evaluate") | {"baseline"}
+    assert stale_after("rnn/stats.py", comment) == {"compare"}
+    assert stale_after("rnn/probe.py", comment) == each("probe")
     assert stale_after("rnn/imdb.py", comment) == {"download"}
-    assert stale_after("rnn/text.py", comment) == {"prepare", "embed"} | {f"{s}@{c}" for s in ("pretrain", "evaluate")
-                                                                            for c in CELLS}
+    assert stale_after("rnn/text.py", comment) == {"prepare", "embed", "baseline"} | each("pretrain") | each("evaluate")
 
 
 def _failed(args: list[str], cwd: Path, env: dict) -> str:
