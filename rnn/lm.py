@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import ModelConfig
 from .layers import row_dropout_mask
 from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_softmax_loss,
                      softmax_cross_entropy)
-from .model import (ModelConfig, checked_params, encode, encode_backward, encoder_names, init_params,
+from .model import (checked_params, encode, encode_backward, encoder_names, init_params,
                     layer_names, sort_batch)
 from .recurrent import sequence_forward
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gradcheck import assert_grad_close, numeric_grad
-from rnn.cells import CELLS, cell_kind, from_gate_blocks, gate_blocks
+from rnn.cells import CELLS, from_gate_blocks, gate_blocks
+from rnn.config import cell_kind
 
 KINDS = tuple(CELLS)
 H = 3
