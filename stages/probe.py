@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from rnn.errors import InputError
-from rnn.model import ModelConfig, SentimentModel
+from rnn.model import SentimentModel
 from rnn.optim import clip_gradients, make_optimizer
 from rnn.probe import make_probe_data
 from rnn.train import evaluate
@@ -44,8 +44,7 @@ def probe_distance(cell: str, d: int, cfg: dict) -> dict:
     """
     T = d + 1 + cfg["lead"]
     init_rng, data_rng, test_rng = (np.random.default_rng([cfg["seed"], d, k]) for k in range(3))
-    config = ModelConfig(vocab_size=cfg["vocab_size"], cell=cell, embed_dim=cfg["embed_dim"],
-                         hidden_size=cfg["hidden_size"])
+    config = settings.model_config(cfg, cell, cfg["vocab_size"])
     model = SentimentModel.create(config, init_rng)
     optimizer = make_optimizer(cfg["optimizer"], cfg["lr"])
     n, steps = cfg["trace_steps"], cfg["steps"]

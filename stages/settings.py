@@ -17,13 +17,15 @@ import difflib
 import hashlib
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from rnn.config import CELLS, CLIP_MODES, GATES, MAX_LEN, OPTIMIZERS, POOLINGS, PROBE_VARIANTS, TRUNCATE_MODES
+from rnn.config import (CELLS, CLIP_MODES, GATES, MAX_LEN, OPTIMIZERS, POOLINGS, PROBE_VARIANTS, TRUNCATE_MODES,
+                        ModelConfig, TrainConfig)
 from rnn.errors import InputError
 
 # What one process may build: a typo such as hidden_size: 1000000 is refused in one line instead of
@@ -448,3 +450,19 @@ def digest(obj: object) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
+
+# ------------------------------------------------------------------------ rnn's config records
+def model_config(cfg: dict, cell: str, vocab_size: int, task: str = "sentiment") -> ModelConfig:
+    """The `ModelConfig` of settings `cfg` (a cell's train settings, `pretrain_settings` or the probe
+    section): every key of `cfg` that names a ModelConfig field, the library's default for the rest."""
+    given = {f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg}
+    given.update(vocab_size=vocab_size, cell=cell, task=task,
+                 reset_after=cfg.get("reset_after", False) and cell == "gru")   # rnn/lstm have no such switch
+    return ModelConfig(**given)
+
+
+def train_config(cfg: dict, workers: int, **fixed) -> TrainConfig:
+    """The `TrainConfig` of a cell's train (or pretrain) settings `cfg`, with `fixed` on top."""
+    given = {f.name: cfg[f.name] for f in fields(TrainConfig) if f.name in cfg}
+    given.update(clip_mode=cfg["clip"]["mode"], clip_threshold=cfg["clip"]["threshold"], workers=workers, **fixed)
+    return TrainConfig(**given)

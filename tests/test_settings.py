@@ -186,3 +186,18 @@ def test_size_limits_are_rnns_own():
     # The pipeline's default LSTM (2.1 M parameters) is far from the bound.
     assert settings.model_size("lstm", 20000, 100, 128, 1, False) < settings.MAX_PARAMETERS / 40
 
+
+def test_rnn_configs_are_built_from_the_settings():
+    params = validate(train={"reset_after": True, "clip": {"mode": "value"}, "overrides": {"gru": {"hidden_size": 7}}})
+    gru, lstm = settings.cell_settings(params, "gru"), settings.cell_settings(params, "lstm")
+    config = settings.model_config(gru, "gru", 50)
+    assert (config.vocab_size, config.hidden_size, config.pooling, config.dropout, config.reset_after) == \
+        (50, 7, "concat", 0.5, True)
+    assert settings.model_config(lstm, "lstm", 50).reset_after is False     # a GRU-only switch
+    lm = settings.model_config(settings.pretrain_settings(params, "gru"), "gru", 50, task="language_model")
+    assert (lm.task, lm.dropout, lm.num_sampled, lm.hidden_size) == ("language_model", 0.1, 1024, 7)
+    probe = settings.model_config(params["probe"], "rnn", 20)
+    assert (probe.embed_dim, probe.hidden_size, probe.pooling, probe.dropout) == (16, 32, "last", 0.0)
+    fit_cfg = settings.train_config(lstm, 3)
+    assert (fit_cfg.clip_mode, fit_cfg.lr_decay, fit_cfg.patience, fit_cfg.workers) == ("value", 0.5, 2, 3)
+    assert settings.train_config(lstm, 1, patience=0, trace=False).patience == 0
