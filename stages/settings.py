@@ -72,7 +72,10 @@ def _ints(v: list, low: int) -> bool:
 
 
 Cells = Annotated[list, AfterValidator(_cells)]
-Seed = Annotated[int, Field(ge=0)]
+Url = Annotated[str, _check(lambda v: re.match(r"^(https?|ftp|file)://\S+$", v), "must be an http(s), ftp or file URL")]
+Md5 = Annotated[str, _check(lambda v: re.fullmatch(r"[0-9a-fA-F]{32}", v), "must be 32 hexadecimal digits")]
+Int0 = Annotated[int, Field(ge=0)]
+Int1 = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, Field(ge=0, le=0.95)]
 Positive = Annotated[float, Field(gt=0)]
 Decay = Annotated[float, Field(gt=0, le=1)]
@@ -90,13 +93,10 @@ class Section(BaseModel):
 
 
 class Data(Section):
-    url: Annotated[str, _check(lambda v: re.match(r"^(https?|ftp|file)://\S+$", v),
-                               "must be an http(s), ftp or file URL")] = \
-        "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
-    md5: Annotated[str, _check(lambda v: re.fullmatch(r"[0-9a-fA-F]{32}", v), "must be 32 hexadecimal digits")] = \
-        "7c2ac02c03563afcf9b574c7e56c153a"
-    limit: Optional[Annotated[int, Field(ge=1)]] = None
-    retries: Annotated[int, Field(ge=0)] = 3
+    url: Url = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+    md5: Md5 = "7c2ac02c03563afcf9b574c7e56c153a"
+    limit: Optional[Int1] = None
+    retries: Int0 = 3
     timeout: Positive = 60.0
 
 
@@ -104,18 +104,18 @@ class Prepare(Section):
     max_len: Annotated[int, Field(ge=1, le=MAX_LEN)] = 400
     truncate: Literal[TRUNCATE_MODES] = "both"
     vocab_size: Annotated[int, Field(ge=2)] = 20000
-    min_freq: Annotated[int, Field(ge=1)] = 2
+    min_freq: Int1 = 2
     val_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.1
-    seed: Seed = 0
+    seed: Int0 = 0
 
 
 class Embed(Section):
     method: Literal["random", "pretrained", "svd"] = "svd"
     path: Optional[str] = None
     scale: Optional[Positive] = None
-    seed: Seed = 0
+    seed: Int0 = 0
     context_size: Annotated[int, Field(ge=2)] = 10000
-    window: Annotated[int, Field(ge=1)] = 5
+    window: Int1 = 5
 
 
 class Clip(Section):
@@ -123,18 +123,22 @@ class Clip(Section):
     threshold: Positive = 5.0
 
 
-class CellKnobs(Section):
-    """The settings one cell trains with; `train.overrides.<cell>` may set any of them."""
-    epochs: Annotated[int, Field(ge=1)] = 5
-    batch_size: Annotated[int, Field(ge=1)] = 64
+class Fitting(Section):
+    """What every training loop here is given (the classifier's defaults; pretrain sets its own)."""
+    epochs: Int1 = 5
+    batch_size: Int1 = 64
     lr: Positive = 0.002
     lr_decay: Decay = 0.5
     optimizer: Literal[OPTIMIZERS] = "adam"
+
+
+class CellKnobs(Fitting):
+    """The settings one cell trains with; `train.overrides.<cell>` may set any of them."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     momentum: Annotated[float, Field(ge=0, le=0.999)] = 0.9
-    hidden_size: Annotated[int, Field(ge=1)] = 128
-    embed_dim: Annotated[int, Field(ge=1)] = 100
-    num_layers: Annotated[int, Field(ge=1)] = 1
+    hidden_size: Int1 = 128
+    embed_dim: Int1 = 100
+    num_layers: Int1 = 1
     bidirectional: bool = False
     dropout: Dropout = 0.5
     embed_dropout: Dropout = 0.0
@@ -145,10 +149,10 @@ class CellKnobs(Section):
     init: Literal["lm", "embeddings"] = "lm"
     pretrained_lr_scale: Decay = 1.0
     clip: Clip = Clip()
-    patience: Annotated[int, Field(ge=0)] = 2
+    patience: Int0 = 2
     trace: bool = True
-    trace_every: Annotated[int, Field(ge=1)] = 1
-    seed: Seed = 0
+    trace_every: Int1 = 1
+    seed: Int0 = 0
 
 
 Overrides = create_model("Overrides", __base__=Section, **{cell: (CellKnobs, CellKnobs()) for cell in CELLS})
@@ -161,23 +165,21 @@ class Train(CellKnobs):
     overrides: Overrides = Overrides()
 
 
-class Pretrain(Section):
-    epochs: Annotated[int, Field(ge=1)] = 1
-    batch_size: Annotated[int, Field(ge=1)] = 32
+class Pretrain(Fitting):
+    epochs: Int1 = 1
+    batch_size: Int1 = 32
     lr: Positive = 0.005
-    lr_decay: Decay = 0.5
-    optimizer: Literal[OPTIMIZERS] = "adam"
-    num_sampled: Annotated[int, Field(ge=1)] = 1024
+    num_sampled: Int1 = 1024
     dropout: Dropout = 0.1
     embed_dropout: Dropout = 0.0
     clip: Clip = Clip()
-    tokens_per_epoch: Optional[Annotated[int, Field(ge=1)]] = None
-    val_reviews: Annotated[int, Field(ge=1)] = 500
-    seed: Seed = 0
+    tokens_per_epoch: Optional[Int1] = None
+    val_reviews: Int1 = 500
+    seed: Int0 = 0
 
 
 class Evaluate(Section):
-    batch_size: Annotated[int, Field(ge=1)] = 256
+    batch_size: Int1 = 256
     threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     length_edges: Annotated[list, _check(lambda v: _ints(v, 1) and all(b > a for a, b in zip(v, v[1:])),
                                          "must be strictly increasing positive integers")] = [100, 200, 400]
@@ -188,22 +190,22 @@ class Probe(Section):
     cells: Cells = list(CELLS)
     distances: Annotated[list, _check(lambda v: v and _ints(v, 0) and len(set(v)) == len(v),
                                       "must be distinct integers >= 0")] = [5, 10, 25, 50, 100, 200]
-    lead: Annotated[int, Field(ge=0)] = 20
+    lead: Int0 = 20
     train_distance: Literal["exact", "upto"] = "upto"
     variant: Literal[PROBE_VARIANTS] = "signal"
-    distractors: Annotated[int, Field(ge=0)] = 0
+    distractors: Int0 = 0
     vocab_size: Annotated[int, Field(ge=7)] = 20
-    embed_dim: Annotated[int, Field(ge=1)] = 16
-    hidden_size: Annotated[int, Field(ge=1)] = 32
-    batch_size: Annotated[int, Field(ge=1)] = 64
-    steps: Annotated[int, Field(ge=1)] = 300
+    embed_dim: Int1 = 16
+    hidden_size: Int1 = 32
+    batch_size: Int1 = 64
+    steps: Int1 = 300
     test_size: Annotated[int, Field(ge=2)] = 1000
     optimizer: Literal[OPTIMIZERS] = "adam"
     lr: Positive = 0.01
     clip_mode: Literal[CLIP_MODES] = "norm"
     clip_threshold: Positive = 1.0
-    trace_steps: Annotated[int, Field(ge=1)] = 20
-    seed: Seed = 0
+    trace_steps: Int1 = 20
+    seed: Int0 = 0
 
 
 class Mlflow(Section):
@@ -211,7 +213,7 @@ class Mlflow(Section):
     experiment: str = "imdb-sentiment"
     probe_experiment: str = "memory-probe"
     pretrain_experiment: str = "language-models"
-    log_every_steps: Annotated[int, Field(ge=1)] = 200
+    log_every_steps: Int1 = 200
     system_metrics_every: Annotated[float, Field(ge=0)] = 10.0
     register_: bool = Field(False, alias="register")      # `register` would shadow ABCMeta.register
 
