@@ -224,8 +224,18 @@ MLFLOW = {
     "system_metrics_every": Field(float, 10.0, min=0),
     "register": Field(bool, False),
 }
+# The NBSVM baseline (stages/baseline.py): chosen on validation accuracy.
+BASELINE = {
+    "ngram_max": Field(int, 2, min=1, max=3),
+    "min_df": Field(int, 2, min=1),
+    "max_features": Field(int, None, min=1),
+    "alpha": Field(float, 1.0, min=0, min_exclusive=True),
+    "C": Field(float, 1.0, min=0, min_exclusive=True),
+    "beta": Field(float, 0.5, min=0, max=1),
+    "seed": Field(int, 0, min=0),
+}
 SECTIONS = {"data": DATA, "prepare": PREPARE, "embed": EMBED, "pretrain": PRETRAIN, "train": TRAIN,
-            "evaluate": EVALUATE, "probe": PROBE, "mlflow": MLFLOW}
+            "evaluate": EVALUATE, "probe": PROBE, "baseline": BASELINE, "mlflow": MLFLOW}
 
 
 def _cross_checks(params: dict, source: str) -> None:
