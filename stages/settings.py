@@ -208,6 +208,17 @@ class Probe(Section):
     seed: Int0 = 0
 
 
+class Baseline(Section):
+    """NBSVM over uni- (and bi-, tri-) grams of the full review text (stages/baseline.py)."""
+    ngram_max: Annotated[int, Field(ge=1, le=3)] = 2
+    min_df: Int1 = 2
+    max_features: Optional[Int1] = None
+    alpha: Positive = 1.0
+    C: Positive = 1.0
+    beta: Annotated[float, Field(ge=0, le=1)] = 0.5
+    seed: Int0 = 0
+
+
 class Mlflow(Section):
     enabled: bool = True
     experiment: str = "imdb-sentiment"
@@ -219,7 +230,7 @@ class Mlflow(Section):
 
 
 SECTIONS = {"data": Data, "prepare": Prepare, "embed": Embed, "pretrain": Pretrain, "train": Train,
-            "evaluate": Evaluate, "probe": Probe, "mlflow": Mlflow}
+            "evaluate": Evaluate, "probe": Probe, "baseline": Baseline, "mlflow": Mlflow}
 AllParams = create_model("AllParams", __base__=Section, **{name: (m, m()) for name, m in SECTIONS.items()})
 CELL_KNOBS = tuple(CellKnobs.model_fields)
 
