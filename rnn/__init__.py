@@ -17,10 +17,10 @@ alone: a pipeline stage imports only the modules it uses, which is what its DVC 
 from importlib import import_module
 
 _HOME = {
-    "ModelConfig": "model", "SentimentModel": "model", "LanguageModel": "lm",
+    "ModelConfig": "config", "TrainConfig": "config", "SentimentModel": "model", "LanguageModel": "lm",
     "SGD": "optim", "Adam": "optim", "AdamW": "optim", "clip_gradients": "optim", "global_norm": "optim",
     "make_optimizer": "optim",
-    "Dataset": "train", "TrainConfig": "train", "evaluate": "train", "fit": "train",
+    "Dataset": "train", "evaluate": "train", "fit": "train",
     "read_model": "io", "save_model": "io",
     "WorkerDied": "parallel", "WorkerPool": "parallel", "resolve_workers": "parallel",
     "Predictor": "predict", "load_model": "predict", "load_language_model": "predict",

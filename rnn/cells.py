@@ -39,6 +39,8 @@ from typing import NamedTuple, Callable
 
 import numpy as np
 
+from .config import GATES
+
 
 def sigmoid_(x: np.ndarray) -> np.ndarray:
     """In-place logistic sigmoid via sigma(x) = (1 + tanh(x/2)) / 2: never overflows, 4 passes."""
@@ -324,18 +326,11 @@ class Cell(NamedTuple):
 
 
 CELLS = {
-    "rnn": Cell(1, 1, RNNStep, rnn_step_forward, rnn_step_backward),
-    "gru": Cell(3, 1, GRUStep, gru_step_forward, gru_step_backward),
-    "gru_after": Cell(3, 1, GRUAfterStep, gru_after_step_forward, gru_after_step_backward),
-    "lstm": Cell(4, 2, LSTMStep, lstm_step_forward, lstm_step_backward),
+    "rnn": Cell(GATES["rnn"], 1, RNNStep, rnn_step_forward, rnn_step_backward),
+    "gru": Cell(GATES["gru"], 1, GRUStep, gru_step_forward, gru_step_backward),
+    "gru_after": Cell(GATES["gru"], 1, GRUAfterStep, gru_after_step_forward, gru_after_step_backward),
+    "lstm": Cell(GATES["lstm"], 2, LSTMStep, lstm_step_forward, lstm_step_backward),
 }
-
-
-def cell_kind(cell: str, reset_after: bool = False) -> str:
-    """The registry key of a configured cell: 'gru' splits by its `reset_after` switch."""
-    if cell not in ("rnn", "gru", "lstm"):
-        raise ValueError(f"unknown cell {cell!r}: expected one of rnn, gru, lstm")
-    return "gru_after" if cell == "gru" and reset_after else cell
 
 
 def recurrent_weight_grads(kind: str, buffers: tuple, dX: np.ndarray) -> dict[str, np.ndarray]:

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cells import CELLS
-from .model import ModelConfig, layer_names, parameter_shapes
+from .config import GATES, ModelConfig
+from .model import layer_names, parameter_shapes
 
 # Our gate blocks listed in torch's order: torch block j is our block _TORCH_ORDER[kind][j].
 # Each permutation is its own inverse, so the same list reorders either way.
@@ -49,7 +49,7 @@ def _check_convertible(config: ModelConfig) -> str:
 def _reorder(blocks: np.ndarray, kind: str) -> np.ndarray:
     """Permute the gate blocks along axis 0 between our order and torch's (shapes checked by the
     callers)."""
-    parts = np.split(blocks, CELLS[kind].gates, axis=0)
+    parts = np.split(blocks, len(_TORCH_ORDER[kind]), axis=0)
     return np.concatenate([parts[j] for j in _TORCH_ORDER[kind]], axis=0)
 
 
@@ -167,7 +167,7 @@ def from_torch_model_state(config: ModelConfig, state: dict, rnn_prefix: str = "
 
 def _torch_shapes(config: ModelConfig) -> dict[str, tuple]:
     """Name and shape of every parameter of the torch recurrent module."""
-    G, H = CELLS[config.kind].gates, config.hidden_size
+    G, H = GATES[config.cell], config.hidden_size
     shapes = {}
     for prefix in layer_names(config):
         sfx = _torch_suffix(prefix)

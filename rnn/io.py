@@ -17,7 +17,8 @@ import numpy as np
 
 from .errors import InputError
 from .lm import LanguageModel
-from .model import ModelConfig, SentimentModel, parameter_shapes
+from .config import ModelConfig
+from .model import SentimentModel, parameter_shapes
 
 WEIGHTS, CONFIG, ENCODER = "weights.npz", "config.json", "encoder.json"
 MAX_PARAMETERS = 1 << 30     # 4 GiB of float32: a config.json promising more is refused before loading

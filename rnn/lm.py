@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import ModelConfig
 from .layers import row_dropout_mask
 from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_softmax_loss,
                      softmax_cross_entropy)
-from .model import Model, ModelConfig, encode, encode_backward, encoder_names, layer_names, sort_batch
+from .model import Model, encode, encode_backward, encoder_names, layer_names, sort_batch
 from .parallel import LocalRunner, map_by_length
 from .recurrent import sequence_forward
 

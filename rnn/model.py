@@ -23,82 +23,14 @@ The encoder's names are the same in both, so a language model's encoder loads in
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import numpy as np
 
-from .cells import CELLS, cell_kind
+from .config import GATES, ModelConfig
 from .layers import (SparseRows, dense_backward, dense_forward, embedding_backward, embedding_forward,
                      row_dropout_mask, row_generators)
 from .losses import bce_with_logits, sigmoid
 from .parallel import LocalRunner, WorkerPool, resolve_workers
 from .recurrent import sequence_backward, sequence_forward
-
-POOLINGS = ("last", "mean", "max", "concat")       # concat: [last, mean, max] side by side
-TASKS = ("sentiment", "language_model")
-
-
-@dataclass
-class ModelConfig:
-    """Everything that fixes the model's shape and behaviour; built from params.yaml by the stages."""
-    vocab_size: int
-    cell: str = "lstm"                # rnn | gru | lstm
-    embed_dim: int = 100
-    hidden_size: int = 128
-    num_layers: int = 1
-    bidirectional: bool = False
-    dropout: float = 0.0              # between layers and before the dense layer; the library's own
-                                      # default is none, the pipeline's 0.5 (params.yaml) was measured
-    pooling: str = "last"             # last | mean | max | concat (sentiment only); the library's own
-                                      # default is the article's last state, the pipeline's concat
-                                      # (params.yaml) was measured
-    reset_after: bool = False         # GRU only: False = the article's form, True = PyTorch's
-    forget_bias: float = 1.0          # LSTM only: initial forget-gate bias
-    freeze_embedding: bool = False
-    embed_dropout: float = 0.0        # dropout on the embedded input: one mask per sequence, the
-                                      # same at every step (a dropped feature stays dropped)
-    task: str = "sentiment"           # sentiment | language_model: which head (and model class)
-    num_sampled: int = 1024           # language model: candidates drawn per step for the sampled softmax
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        cell_kind(self.cell, self.reset_after)
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}: expected one of {', '.join(POOLINGS)}")
-        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        for name in ("dropout", "embed_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
-        if self.task == "language_model" and self.bidirectional:
-            raise ValueError("a language model reads left to right: bidirectional must be false")
-        if int(self.num_sampled) < 1:
-            raise ValueError(f"num_sampled must be >= 1, got {self.num_sampled}")
-
-    @property
-    def kind(self) -> str:
-        return cell_kind(self.cell, self.reset_after)
-
-    @property
-    def directions(self) -> int:
-        return 2 if self.bidirectional else 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
-
 
 def layer_names(config: ModelConfig) -> list[str]:
     """Prefixes of the recurrent sub-layers, bottom up, forward before reverse."""
@@ -108,7 +40,7 @@ def layer_names(config: ModelConfig) -> list[str]:
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple]:
     """The name and shape of every parameter: what a model file must contain."""
-    H, G = config.hidden_size, CELLS[config.kind].gates
+    H, G = config.hidden_size, GATES[config.cell]
     shapes = {"embedding.weight": (config.vocab_size, config.embed_dim)}
     for name in layer_names(config):
         k = int(name.split(".l")[1].split("_")[0])

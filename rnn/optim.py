@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import CLIP_MODES, OPTIMIZERS
 from .layers import SparseRows
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-CLIP_MODES = ("none", "value", "norm")
 
 
 def _values(g) -> np.ndarray:

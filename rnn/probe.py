@@ -30,10 +30,10 @@ import numpy as np
 from .model import ModelConfig, SentimentModel
 from .optim import clip_gradients, make_optimizer
 from .train import Dataset, TrainingDiverged, evaluate
+from .config import PROBE_VARIANTS
 
 PAD, UNK, POS, NEG, A, B = 0, 1, 2, 3, 4, 5
 FIRST_FILLER = 6
-VARIANTS = ("signal", "order")
 
 
 def make_probe_data(n: int, T: int, distance: int | np.ndarray, variant: str, vocab_size: int,
@@ -44,8 +44,8 @@ def make_probe_data(n: int, T: int, distance: int | np.ndarray, variant: str, vo
     (n // 2 or n - n // 2 positives) in random order. Returns a Dataset with ids (n, T) int32,
     lengths (n,) int64 all equal to T, labels (n,) int8.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown probe variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    if variant not in PROBE_VARIANTS:
+        raise ValueError(f"unknown probe variant {variant!r}: expected one of {', '.join(PROBE_VARIANTS)}")
     if vocab_size <= FIRST_FILLER:
         raise ValueError(f"vocab_size must be > {FIRST_FILLER} (PAD, UNK, POS, NEG, A, B and at least "
                          f"one filler), got {vocab_size}")

@@ -15,14 +15,14 @@ from typing import TypeVar
 
 import numpy as np
 
+# Encoding pads every review to max_len ids: a larger max_len (say 1e12 in a hand-edited encoder.json)
+# would only allocate memory, so MAX_LEN bounds it.
+from .config import MAX_LEN, TRUNCATE_MODES
+
 PAD = 0
 UNK = 1
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
-TRUNCATE_MODES = ("head", "tail", "both")
-# Encoding pads every review to max_len ids: a larger max_len (say 1e12 in a hand-edited encoder.json)
-# would only allocate memory. IMDB's longest review has ~2,500 tokens.
-MAX_LEN = 10_000
 
 _TAG = re.compile(r"</?[a-zA-Z][^>]*>")
 # Curly apostrophes are common in reviews; without this "don’t" would split.

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .config import TrainConfig
 from .data import batches
 from .errors import InputError
 from .io import load_arrays, save_arrays
@@ -34,20 +35,6 @@ class Dataset(NamedTuple):
     ids: np.ndarray        # (N, T) int, right-padded with 0
     lengths: np.ndarray    # (N,) >= 1
     labels: np.ndarray     # (N,) 0 or 1
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 64
-    clip_mode: str = "norm"      # none | value | norm
-    clip_threshold: float = 5.0
-    lr_decay: float = 1.0        # the learning rate of epoch e is lr * lr_decay ** (e - 1); the library's
-                                 # own default is constant, the pipeline halves it (params.yaml, measured)
-    patience: int = 2            # epochs without a better validation accuracy before stopping; 0: never
-    trace: bool = True           # record the per-timestep gradient trace
-    trace_every: int = 1         # ... every this many steps
-    workers: int | str = 1       # processes computing each batch (and validation); "auto": all cores
 
 
 class TrainingDiverged(RuntimeError):

@@ -26,11 +26,10 @@ from rnn.data import language_model_corpus
 from rnn.errors import InputError
 from rnn.io import save_model
 from rnn.lm import LanguageModel, token_counts
-from rnn.model import ModelConfig
 from rnn.optim import make_optimizer
 from rnn.parallel import resolve_workers
 from rnn.text import TextEncoder
-from rnn.train import Dataset, TrainConfig, fit
+from rnn.train import Dataset, fit
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
 from stages.fitting import Progress, checkpoint_folder, code_digest, finishing
@@ -89,11 +88,7 @@ def load_corpus(root: Path, cfg: dict) -> dict:
 def pretrain(cell: str, cfg: dict, corpus: dict, checkpoint_dir: Path, workers: int, tracker) -> tuple:
     """Build the language model and fit it (resuming a checkpoint in checkpoint_dir)."""
     t0 = time.perf_counter()
-    config = ModelConfig(
-        vocab_size=len(corpus["encoder"]["tokens"]), cell=cell, embed_dim=cfg["embed_dim"],
-        hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"], dropout=cfg["dropout"],
-        embed_dropout=cfg["embed_dropout"], reset_after=cfg["reset_after"] and cell == "gru",
-        forget_bias=cfg["forget_bias"], task="language_model", num_sampled=cfg["num_sampled"])
+    config = settings.model_config(cfg, cell, len(corpus["encoder"]["tokens"]), task="language_model")
     if corpus["embeddings"].shape != (config.vocab_size, config.embed_dim):
         raise InputError(f"data/embeddings.npy: shape {corpus['embeddings'].shape} does not fit "
                          f"{config.vocab_size} words x embed_dim {config.embed_dim}; rerun the embed stage")
@@ -104,9 +99,7 @@ def pretrain(cell: str, cfg: dict, corpus: dict, checkpoint_dir: Path, workers: 
     tracker.log_params({"data.lm_reviews": len(train.lengths), "data.lm_tokens": int(train.lengths.sum()),
                         "model.num_parameters": model.num_parameters()})
     progress = Progress(f"{cell} lm", cfg["epochs"])
-    fit_cfg = TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], clip_mode=cfg["clip"]["mode"],
-                          clip_threshold=cfg["clip"]["threshold"], lr_decay=cfg["lr_decay"], patience=0,
-                          trace=False, workers=workers)
+    fit_cfg = settings.train_config(cfg, workers, patience=0, trace=False)
     try:
         result = fit(model, optimizer, train, corpus["val"], fit_cfg, np.random.default_rng([cfg["seed"], 1]),
                      checkpoint_dir=checkpoint_dir, callbacks=[progress, tracker])

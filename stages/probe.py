@@ -24,7 +24,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from rnn.errors import InputError
-from rnn.model import ModelConfig
 from rnn.probe import ProbeConfig, train_probe
 from rnn.train import TrainingDiverged
 from stages import outputs, settings
@@ -36,8 +35,7 @@ SCALARS = ("accuracy", "grad_ratio_first", "grad_ratio_last", "final_loss", "cli
 
 def probe_distance(cell: str, d: int, cfg: dict) -> dict:
     """rnn.probe.train_probe for `cell` at distance d with the probe settings `cfg`."""
-    config = ModelConfig(vocab_size=cfg["vocab_size"], cell=cell, embed_dim=cfg["embed_dim"],
-                         hidden_size=cfg["hidden_size"])
+    config = settings.model_config(cfg, cell, cfg["vocab_size"])
     try:
         return train_probe(config, d, ProbeConfig(**{f.name: cfg[f.name] for f in fields(ProbeConfig)}))
     except TrainingDiverged as exc:

@@ -1,4 +1,4 @@
-"""Every setting in params.yaml: one schema per section, the per-cell merge, and one hash.
+"""Every setting in params.yaml: one pydantic model per section, the per-cell merge, and one hash.
 
     params = settings.load()                    # the whole file, every section checked
     params["prepare"]["max_len"]                # a section with its defaults filled in
@@ -6,8 +6,8 @@
     settings.run_hash(params, "lstm")           # what decides the lstm run, as one sha256
 
 Each stage reads its settings through `load`, so a typo or an out-of-range value anywhere in the
-file fails before any work, with one line naming the file, the dotted key and the value. The
-defaults below are those of params.yaml.
+file fails before any work, with one line naming the file, the dotted key and the value. The models'
+defaults are the one source of every default; params.yaml writes them out (a test holds them equal).
 """
 
 from __future__ import annotations
@@ -17,26 +17,17 @@ import difflib
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from rnn.config import (CELLS, CLIP_MODES, GATES, MAX_LEN, OPTIMIZERS, POOLINGS, PROBE_VARIANTS, TRUNCATE_MODES,
+                        ModelConfig, TrainConfig)
 from rnn.errors import InputError
 
-# The choices rnn/ accepts, written out rather than imported: importing rnn.model here would make
-# every stage load (and, in dvc.yaml, depend on) the whole package. tests/test_settings.py holds
-# them equal to rnn's own.
-CELLS = ("rnn", "gru", "lstm")
-POOLINGS = ("last", "mean", "max", "concat")
-CLIP_MODES = ("none", "value", "norm")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-PROBE_VARIANTS = ("signal", "order")
-TRUNCATE_MODES = ("head", "tail", "both")
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}      # gate blocks per cell: parameter and activation sizes
-MAX_LEN = 10_000                # tokens per review, = rnn.text.MAX_LEN (IMDB's longest: ~2,500)
 # What one process may build: a typo such as hidden_size: 1000000 is refused in one line instead of
 # a MemoryError after DVC removed the outputs. Training holds ~16 bytes per parameter (weights,
 # gradient, two Adam moments) and ~4 bytes per cached activation value.
@@ -48,196 +39,309 @@ class ParamsError(InputError):
     """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-
-
-@dataclass(frozen=True)
-class Field:
-    """Schema of one key. `type` may be a tuple of types. bool is never accepted for int/float (YAML
-    `yes` would silently become 1); an int is accepted for a float and converted. A default of None
-    makes the key nullable."""
-
-    type: type | tuple
-    default: object = REQUIRED
-    choices: tuple | None = None
-    min: float | None = None
-    max: float | None = None
-    min_exclusive: bool = False
-    check: Callable[[Any], str | None] | None = None    # returns why a value is bad, or None
-
-
 def did_you_mean(word: object, options, prefix: str = "") -> str:
     """' (did you mean <prefix><option>?)' for the option closest to `word` (case aside), else ''."""
-    options = [str(o) for o in options]
-    lowered = {o.lower(): o for o in options}
+    lowered = {str(o).lower(): str(o) for o in options}
     hint = difflib.get_close_matches(str(word).lower(), list(lowered), n=1)
     return f" (did you mean {prefix}{lowered[hint[0]]}?)" if hint else ""
 
 
 # ------------------------------------------------------------------------------------ schemas
-def _positive_ints_increasing(v: list) -> str | None:
-    ok = all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v)
-    return None if ok and all(b > a for a, b in zip(v, v[1:])) else "must be strictly increasing positive integers"
+def _check(test, why: str):
+    """An after-validator: the value if `test(value)`, else a ValueError saying `why`."""
+    def check(value):
+        if not test(value):
+            raise ValueError(why)
+        return value
+    return AfterValidator(check)
 
 
-def _distinct_ints(v: list) -> str | None:
-    ok = v and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
-    return None if ok and len(set(v)) == len(v) else "must be distinct integers >= 0"
-
-
-def _cell_list(v: list) -> str | None:
-    if not v:
-        return "must list at least one of " + ", ".join(CELLS)
-    for cell in v:
+def _cells(value: list) -> list:
+    if not value:
+        raise ValueError("must list at least one of " + ", ".join(CELLS))
+    for cell in value:
         if cell not in CELLS:
-            return f"unknown cell {cell!r}{did_you_mean(cell, CELLS)}; allowed: " + ", ".join(CELLS)
-    return "lists a cell twice" if len(set(v)) != len(v) else None
+            raise ValueError(f"unknown cell {cell!r}{did_you_mean(cell, CELLS)}; allowed: " + ", ".join(CELLS))
+    if len(set(value)) != len(value):
+        raise ValueError("lists a cell twice")
+    return value
 
 
-def _seed_list(v: list) -> str | None:
-    if not v or len(v) > 100 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
-        return "must be a list of 1 to 100 integers >= 0"
-    if len(set(v)) != len(v):
-        return "must not repeat a seed (a replicate would be trained twice)"
-    return None
+def _ints(v: list, low: int) -> bool:
+    return all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v)
 
 
-def _workers(v: int | str) -> str | None:
-    if v == "auto" or (isinstance(v, int) and v >= 1):
-        return None
-    return "must be an integer >= 1 or auto"
+Cells = Annotated[list, AfterValidator(_cells)]
+Url = Annotated[str, _check(lambda v: re.match(r"^(https?|ftp|file)://\S+$", v), "must be an http(s), ftp or file URL")]
+Md5 = Annotated[str, _check(lambda v: re.fullmatch(r"[0-9a-fA-F]{32}", v), "must be 32 hexadecimal digits")]
+Int0 = Annotated[int, Field(ge=0)]
+Int1 = Annotated[int, Field(ge=1)]
+Dropout = Annotated[float, Field(ge=0, le=0.95)]
+Positive = Annotated[float, Field(gt=0)]
+Decay = Annotated[float, Field(gt=0, le=1)]
 
 
-def _url(v: str) -> str | None:
-    return None if re.match(r"^(https?|ftp|file)://\S+$", v) else "must be an http(s), ftp or file URL"
+class Section(BaseModel):
+    """strict: bool is no int (YAML `yes` would become 1), '5' no number; an int is accepted as float."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_mapping(cls, value, info):    # `clip:` with nothing under it means every default
+        annotation = cls.model_fields[info.field_name].annotation
+        return {} if value is None and isinstance(annotation, type) and issubclass(annotation, Section) else value
 
 
-def _md5(v: str) -> str | None:
-    return None if re.fullmatch(r"[0-9a-fA-F]{32}", v) else "must be 32 hexadecimal digits"
+class Data(Section):
+    url: Url = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+    md5: Md5 = "7c2ac02c03563afcf9b574c7e56c153a"
+    limit: Optional[Int1] = None
+    retries: Int0 = 3
+    timeout: Positive = 60.0
 
 
-DATA = {
-    "url": Field(str, "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz", check=_url),
-    "md5": Field(str, "7c2ac02c03563afcf9b574c7e56c153a", check=_md5),
-    "limit": Field(int, None, min=1),
-    "retries": Field(int, 3, min=0),
-    "timeout": Field(float, 60.0, min=0, min_exclusive=True),
-}
-PREPARE = {
-    "max_len": Field(int, 400, min=1, max=MAX_LEN),
-    "truncate": Field(str, "both", choices=TRUNCATE_MODES),
-    "vocab_size": Field(int, 20000, min=2),
-    "min_freq": Field(int, 2, min=1),
-    "val_fraction": Field(float, 0.1, min=0, max=0.5, min_exclusive=True),
-    "seed": Field(int, 0, min=0),
-}
-EMBED = {
-    "method": Field(str, "svd", choices=("random", "pretrained", "svd")),
-    "path": Field(str, None),
-    "scale": Field(float, None, min=0, min_exclusive=True),
-    "seed": Field(int, 0, min=0),
-    "context_size": Field(int, 10000, min=2),
-    "window": Field(int, 5, min=1),
-}
-# The settings one cell trains with; `train.overrides.<cell>` may set any of them.
-CELL_KNOBS = {
-    "epochs": Field(int, 5, min=1),
-    "batch_size": Field(int, 64, min=1),
-    "lr": Field(float, 0.002, min=0, min_exclusive=True),
-    "lr_decay": Field(float, 0.5, min=0, max=1, min_exclusive=True),
-    "optimizer": Field(str, "adam", choices=OPTIMIZERS),
-    "weight_decay": Field(float, 0.0, min=0),
-    "momentum": Field(float, 0.9, min=0, max=0.999),
-    "hidden_size": Field(int, 128, min=1),
-    "embed_dim": Field(int, 100, min=1),
-    "num_layers": Field(int, 1, min=1),
-    "bidirectional": Field(bool, False),
-    "dropout": Field(float, 0.5, min=0, max=0.95),
-    "embed_dropout": Field(float, 0.0, min=0, max=0.95),
-    "pooling": Field(str, "concat", choices=POOLINGS),
-    "reset_after": Field(bool, False),
-    "forget_bias": Field(float, 1.0),
-    "freeze_embedding": Field(bool, False),
-    "init": Field(str, "lm", choices=("lm", "embeddings")),
-    "pretrained_lr_scale": Field(float, 1.0, min=0, max=1, min_exclusive=True),
-    "clip": {
-        "mode": Field(str, "norm", choices=CLIP_MODES),
-        "threshold": Field(float, 5.0, min=0, min_exclusive=True),
-    },
-    "patience": Field(int, 1, min=0),
-    "trace": Field(bool, True),
-    "trace_every": Field(int, 1, min=1),
-}
-TRAIN = {
-    "cells": Field(list, list(CELLS), check=_cell_list),
-    "workers": Field((int, str), "auto", check=_workers),
-    "seeds": Field(list, [0, 1, 2], check=_seed_list),
-    **CELL_KNOBS,
-    "overrides": {cell: CELL_KNOBS for cell in CELLS},
-}
-PRETRAIN = {
-    "epochs": Field(int, 1, min=1),
-    "batch_size": Field(int, 32, min=1),
-    "lr": Field(float, 0.005, min=0, min_exclusive=True),
-    "lr_decay": Field(float, 0.5, min=0, max=1, min_exclusive=True),
-    "optimizer": Field(str, "adam", choices=OPTIMIZERS),
-    "num_sampled": Field(int, 1024, min=1),
-    "dropout": Field(float, 0.1, min=0, max=0.95),
-    "embed_dropout": Field(float, 0.0, min=0, max=0.95),
-    "clip": {
-        "mode": Field(str, "norm", choices=CLIP_MODES),
-        "threshold": Field(float, 5.0, min=0, min_exclusive=True),
-    },
-    "tokens_per_epoch": Field(int, None, min=1),
-    "val_reviews": Field(int, 500, min=1),
-    "seed": Field(int, 0, min=0),
-}
-EVALUATE = {
-    "batch_size": Field(int, 256, min=1),
-    "threshold": Field(float, 0.5, min=0, max=1),
-    "length_edges": Field(list, [100, 200, 400], check=_positive_ints_increasing),
-    "roc_points": Field(int, 200, min=2),
-}
-COMPARE = {
-    "resamples": Field(int, 2000, min=100, max=100_000),
-    "seed": Field(int, 0, min=0),
-}
-PROBE = {
-    "cells": Field(list, list(CELLS), check=_cell_list),
-    "distances": Field(list, [5, 10, 25, 50, 100, 200], check=_distinct_ints),
-    "lead": Field(int, 20, min=0),
-    "train_distance": Field(str, "upto", choices=("exact", "upto")),
-    "variant": Field(str, "signal", choices=PROBE_VARIANTS),
-    "distractors": Field(int, 0, min=0),
-    "vocab_size": Field(int, 20, min=7),
-    "embed_dim": Field(int, 16, min=1),
-    "hidden_size": Field(int, 32, min=1),
-    "batch_size": Field(int, 64, min=1),
-    "steps": Field(int, 300, min=1),
-    "test_size": Field(int, 1000, min=2),
-    "optimizer": Field(str, "adam", choices=OPTIMIZERS),
-    "lr": Field(float, 0.01, min=0, min_exclusive=True),
-    "clip_mode": Field(str, "norm", choices=CLIP_MODES),
-    "clip_threshold": Field(float, 1.0, min=0, min_exclusive=True),
-    "trace_steps": Field(int, 20, min=1),
-    "seed": Field(int, 0, min=0),
-}
-MLFLOW = {
-    "enabled": Field(bool, True),
-    "experiment": Field(str, "imdb-sentiment"),
-    "probe_experiment": Field(str, "memory-probe"),
-    "pretrain_experiment": Field(str, "language-models"),
-    "log_every_steps": Field(int, 200, min=1),
-    "system_metrics_every": Field(float, 10.0, min=0),
-    "register": Field(bool, False),
-}
-SECTIONS = {"data": DATA, "prepare": PREPARE, "embed": EMBED, "pretrain": PRETRAIN, "train": TRAIN,
-            "evaluate": EVALUATE, "compare": COMPARE, "probe": PROBE, "mlflow": MLFLOW}
+class Prepare(Section):
+    max_len: Annotated[int, Field(ge=1, le=MAX_LEN)] = 400
+    truncate: Literal[TRUNCATE_MODES] = "both"
+    vocab_size: Annotated[int, Field(ge=2)] = 20000
+    min_freq: Int1 = 2
+    val_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.1
+    seed: Int0 = 0
+
+
+class Embed(Section):
+    method: Literal["random", "pretrained", "svd"] = "svd"
+    path: Optional[str] = None
+    scale: Optional[Positive] = None
+    seed: Int0 = 0
+    context_size: Annotated[int, Field(ge=2)] = 10000
+    window: Int1 = 5
+
+
+class Clip(Section):
+    mode: Literal[CLIP_MODES] = "norm"
+    threshold: Positive = 5.0
+
+
+class Fitting(Section):
+    """What every training loop here is given (the classifier's defaults; pretrain sets its own)."""
+    epochs: Int1 = 5
+    batch_size: Int1 = 64
+    lr: Positive = 0.002
+    lr_decay: Decay = 0.5
+    optimizer: Literal[OPTIMIZERS] = "adam"
+
+
+class CellKnobs(Fitting):
+    """The settings one cell trains with; `train.overrides.<cell>` may set any of them."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    momentum: Annotated[float, Field(ge=0, le=0.999)] = 0.9
+    hidden_size: Int1 = 128
+    embed_dim: Int1 = 100
+    num_layers: Int1 = 1
+    bidirectional: bool = False
+    dropout: Dropout = 0.5
+    embed_dropout: Dropout = 0.0
+    pooling: Literal[POOLINGS] = "concat"
+    reset_after: bool = False
+    forget_bias: float = 1.0
+    freeze_embedding: bool = False
+    init: Literal["lm", "embeddings"] = "lm"
+    pretrained_lr_scale: Decay = 1.0
+    clip: Clip = Clip()
+    patience: Int0 = 1
+    trace: bool = True
+    trace_every: Int1 = 1
+
+
+Overrides = create_model("Overrides", __base__=Section, **{cell: (CellKnobs, CellKnobs()) for cell in CELLS})
+
+
+class Train(CellKnobs):
+    cells: Cells = list(CELLS)
+    seeds: Annotated[list, _check(lambda v: v and len(v) <= 100 and _ints(v, 0) and len(set(v)) == len(v),
+                                  "must be 1 to 100 distinct integers >= 0")] = [0, 1, 2]
+    workers: Annotated[Any, _check(lambda v: v == "auto" or (type(v) is int and v >= 1),
+                                   "must be an integer >= 1 or auto")] = "auto"
+    overrides: Overrides = Overrides()
+
+
+class Pretrain(Fitting):
+    epochs: Int1 = 1
+    batch_size: Int1 = 32
+    lr: Positive = 0.005
+    num_sampled: Int1 = 1024
+    dropout: Dropout = 0.1
+    embed_dropout: Dropout = 0.0
+    clip: Clip = Clip()
+    tokens_per_epoch: Optional[Int1] = None
+    val_reviews: Int1 = 500
+    seed: Int0 = 0
+
+
+class Evaluate(Section):
+    batch_size: Int1 = 256
+    threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    length_edges: Annotated[list, _check(lambda v: _ints(v, 1) and all(b > a for a, b in zip(v, v[1:])),
+                                         "must be strictly increasing positive integers")] = [100, 200, 400]
+    roc_points: Annotated[int, Field(ge=2)] = 200
+
+
+class Probe(Section):
+    cells: Cells = list(CELLS)
+    distances: Annotated[list, _check(lambda v: v and _ints(v, 0) and len(set(v)) == len(v),
+                                      "must be distinct integers >= 0")] = [5, 10, 25, 50, 100, 200]
+    lead: Int0 = 20
+    train_distance: Literal["exact", "upto"] = "upto"
+    variant: Literal[PROBE_VARIANTS] = "signal"
+    distractors: Int0 = 0
+    vocab_size: Annotated[int, Field(ge=7)] = 20
+    embed_dim: Int1 = 16
+    hidden_size: Int1 = 32
+    batch_size: Int1 = 64
+    steps: Int1 = 300
+    test_size: Annotated[int, Field(ge=2)] = 1000
+    optimizer: Literal[OPTIMIZERS] = "adam"
+    lr: Positive = 0.01
+    clip_mode: Literal[CLIP_MODES] = "norm"
+    clip_threshold: Positive = 1.0
+    trace_steps: Int1 = 20
+    seed: Int0 = 0
+
+
+class Compare(Section):
+    resamples: Annotated[int, Field(ge=100, le=100_000)] = 2000
+    seed: Int0 = 0
+
+
+class Baseline(Section):
+    """NBSVM over uni- (and bi-, tri-) grams of the full review text (stages/baseline.py)."""
+    ngram_max: Annotated[int, Field(ge=1, le=3)] = 2
+    min_df: Int1 = 2
+    max_features: Optional[Int1] = None
+    alpha: Positive = 1.0
+    C: Positive = 1.0
+    beta: Annotated[float, Field(ge=0, le=1)] = 0.5
+    seed: Int0 = 0
+
+
+class Mlflow(Section):
+    enabled: bool = True
+    experiment: str = "imdb-sentiment"
+    probe_experiment: str = "memory-probe"
+    pretrain_experiment: str = "language-models"
+    log_every_steps: Int1 = 200
+    system_metrics_every: Annotated[float, Field(ge=0)] = 10.0
+    register_: bool = Field(False, alias="register")      # `register` would shadow ABCMeta.register
+
+
+SECTIONS = {"data": Data, "prepare": Prepare, "embed": Embed, "pretrain": Pretrain, "train": Train,
+            "evaluate": Evaluate, "compare": Compare, "probe": Probe, "baseline": Baseline, "mlflow": Mlflow}
+AllParams = create_model("AllParams", __base__=Section, **{name: (m, m()) for name, m in SECTIONS.items()})
+CELL_KNOBS = tuple(CellKnobs.model_fields)
+
+
+# ------------------------------------------------------------------------------------ loading
+class Params(dict):
+    """The validated params: {section: {key: value}}, remembering the file it came from."""
+
+    source: str = "params.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+for _ch in "-+0123456789":       # integers must keep winning over the float resolver above
+    _Loader.yaml_implicit_resolvers[_ch] = sorted(
+        _Loader.yaml_implicit_resolvers[_ch], key=lambda r: r[0] != "tag:yaml.org,2002:int")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The params file as a plain mapping, unvalidated; one-line error if it is unusable."""
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ParamsError(f"{path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and validate the whole params file (see `validate`)."""
+    return validate(read_yaml(path), Path(path).name)
+
+
+def validate(raw: dict, source: str = "params.yaml") -> Params:
+    """Every section checked against its model, defaults filled in; unknown sections refused.
+    `train.overrides` keeps only what was written (see `cell_settings`)."""
+    try:
+        model = AllParams.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_one_line(exc, source)) from None
+    params = Params(model.model_dump(by_alias=True))
+    params.source = source
+    params["train"]["overrides"] = {cell: over for cell, over in
+                                    model.train.overrides.model_dump(exclude_unset=True).items() if over}
+    _cross_checks(params, source)
+    return params
+
+
+_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+          "list": "a list", "model": "a mapping", "dict": "a mapping"}
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    """pydantic's first error as `<source>: <dotted key> = <value>: <why>`."""
+    error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")   # unknown keys first
+    *parents, last = [str(part) for part in error["loc"]]
+    key, kind, ctx = ".".join(error["loc"]), error["type"], error.get("ctx", {})
+    model = AllParams
+    for part in parents:
+        model = _fields(model)[part].annotation
+    if kind == "extra_forbidden":
+        what = "key " if parents else "section "
+        return f"{source}: unknown {what}{key}{did_you_mean(last, _fields(model), '.'.join(parents + ['']))}"
+    field = _fields(model)[last]
+    if kind.endswith(("_type", "_parsing", "_from_float")):
+        why = "must be " + _TYPES.get(kind.split("_")[0], kind) + (" or null" if field.default is None else "")
+    elif kind == "literal_error":
+        choices = field.annotation.__args__
+        hint = did_you_mean(error["input"], choices) if isinstance(error["input"], str) else ""
+        why = f"must be one of {', '.join(choices)}{hint}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than_equal"):
+        sign, bound = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"),
+                       "less_than_equal": ("<=", "le")}[kind]
+        why = f"must be {sign} {ctx[bound]:g}"
+    else:
+        why = str(ctx.get("error", error["msg"]))
+    return f"{source}: {key} = {_fmt(error['input'])}: {why}"
+
+
+def _fields(model: type[BaseModel]) -> dict:
+    """{key as params.yaml writes it: pydantic FieldInfo} of a section."""
+    return {info.alias or name: info for name, info in model.model_fields.items()}
+
+
+def _fmt(value: object) -> str:
+    """A value as it would look in YAML, strings quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
 
 
 def _cross_checks(params: dict, source: str) -> None:
@@ -299,141 +403,6 @@ def _check_size(source: str, where: str, cell: str, vocab_size: int, embed_dim: 
                           f"values, more than {MAX_ACTIVATIONS:.0e}")
 
 
-# ------------------------------------------------------------------------------------ loading
-class Params(dict):
-    """The validated params: {section: {key: value}}, remembering the file it came from."""
-
-    source: str = "params.yaml"
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-for _ch in "-+0123456789":       # integers must keep winning over the float resolver above
-    _Loader.yaml_implicit_resolvers[_ch] = sorted(
-        _Loader.yaml_implicit_resolvers[_ch], key=lambda r: r[0] != "tag:yaml.org,2002:int")
-
-
-def read_yaml(path: str | Path) -> dict:
-    """The params file as a plain mapping, unvalidated; one-line error if it is unusable."""
-    path = Path(path)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: params file not found") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ParamsError(f"{path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
-
-
-def load(path: str | Path = "params.yaml") -> Params:
-    """Read and validate the whole params file (see `validate`)."""
-    return validate(read_yaml(path), Path(path).name)
-
-
-def validate(raw: dict, source: str = "params.yaml") -> Params:
-    """Every section checked against its schema, defaults filled in; unknown sections refused.
-    Keeps `train.overrides` as written (see `cell_settings`)."""
-    for name in raw:
-        if name not in SECTIONS:
-            raise ParamsError(f"{source}: unknown section {name}{did_you_mean(name, SECTIONS)}")
-    params = Params({name: _validate(_mapping(raw.get(name), name, source), schema, name, source)
-                     for name, schema in SECTIONS.items()})
-    params.source = source
-    params["train"]["overrides"] = {cell: _given(params["train"]["overrides"][cell], over)
-                                    for cell, over in _mapping(raw.get("train"), "train", source)
-                                    .get("overrides", {}).items() if over}
-    _cross_checks(params, source)
-    return params
-
-
-def _mapping(value: object, key: str, source: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ParamsError(f"{source}: {key} = {_fmt(value)}: must be a mapping")
-    return value
-
-
-def _validate(values: dict, schema: dict, prefix: str, source: str) -> dict:
-    for key in values:
-        if key not in schema:
-            raise ParamsError(f"{source}: unknown key {prefix}.{key}{did_you_mean(key, schema, prefix + '.')}")
-    out: dict = {}
-    for key, spec in schema.items():
-        full = f"{prefix}.{key}"
-        if isinstance(spec, dict):
-            out[key] = _validate(_mapping(values.get(key), full, source), spec, full, source)
-        elif key in values:
-            out[key] = _check(values[key], spec, full, source)
-        elif spec.default is REQUIRED:
-            raise ParamsError(f"{source}: missing required key {full}")
-        else:
-            out[key] = copy.deepcopy(spec.default)
-    return out
-
-
-def _given(validated: dict, raw: dict) -> dict:
-    """The part of a validated override the user wrote (not the defaults the schema filled in)."""
-    return {key: _given(validated[key], value or {}) if isinstance(validated[key], dict) else validated[key]
-            for key, value in raw.items()}
-
-
-def _fmt(value: object) -> str:
-    """A value as it would look in YAML, strings quoted."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-_TYPE_NAMES = {float: "a number", int: "an integer", str: "a string", bool: "true or false",
-               list: "a list", dict: "a mapping"}
-
-
-def _check(value: object, field: Field, key: str, source: str) -> object:
-    written = value
-
-    def fail(why: str) -> ParamsError:
-        return ParamsError(f"{source}: {key} = {_fmt(written)}: {why}")
-
-    if value is None and field.default is None:
-        return None
-    types = field.type if isinstance(field.type, tuple) else (field.type,)
-    for t in types:
-        if t in (int, float) and isinstance(value, bool):
-            continue
-        if t is float and isinstance(value, (int, float)):
-            value = float(value)
-            break
-        if isinstance(value, t):
-            break
-    else:
-        names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-        raise fail(f"must be {names}" + (" or null" if field.default is None else ""))
-    if field.choices is not None and value not in field.choices:
-        raise fail("must be one of " + ", ".join(str(c) for c in field.choices) + did_you_mean(value, field.choices))
-    if field.min is not None and not (value > field.min if field.min_exclusive else value >= field.min):
-        raise fail(f"must be {'>' if field.min_exclusive else '>='} {field.min:g}")
-    if field.max is not None and not value <= field.max:
-        raise fail(f"must be <= {field.max:g}")
-    if field.check is not None and (why := field.check(value)):
-        raise fail(why)
-    return value
-
-
 # ---------------------------------------------------------------------------- cells and hashes
 def cell_argument(argv: list[str]) -> str:
     """The cell a per-cell stage was started for (`python -m stages.<name> <cell>`), checked."""
@@ -452,8 +421,8 @@ def check_cell(cell: str, cells: tuple | list = CELLS) -> str:
 
 def replicate_argument(argv: list[str], params: Params) -> tuple[str, int]:
     """(cell, seed) a replicate's stage was started for (`python -m stages.<name> <cell> <seed>`), checked."""
-    name = Path(argv[0]).stem if argv else "<stage>"
     if len(argv) != 3 or not argv[2].isdigit():
+        name = Path(argv[0]).stem if argv else "<stage>"
         raise ParamsError(f"usage: python -m stages.{name} <cell> <seed>  (cell: {' | '.join(CELLS)}; "
                           "seed: one of train.seeds)")
     cell, seed = check_cell(argv[1]), int(argv[2])
@@ -463,7 +432,7 @@ def replicate_argument(argv: list[str], params: Params) -> tuple[str, int]:
 
 
 def replicate_name(cell: str, seed: int) -> str:
-    """The folder of a replicate's outputs below models/, metrics/, plots/, data/predictions/."""
+    """A replicate's folder below models/, metrics/, plots/ and data/predictions/."""
     return f"{cell}/seed{seed}"
 
 
@@ -472,9 +441,8 @@ def cell_settings(params: Params, cell: str, seed: int | None = None) -> dict:
     the replicate's `seed` (default: the first of train.seeds)."""
     check_cell(cell)
     base = {key: params["train"][key] for key in CELL_KNOBS}
-    cfg = _merge(base, params["train"]["overrides"].get(cell, {}))
-    cfg["seed"] = params["train"]["seeds"][0] if seed is None else seed
-    return cfg
+    return {**_merge(base, params["train"]["overrides"].get(cell, {})),
+            "seed": params["train"]["seeds"][0] if seed is None else seed}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -520,3 +488,20 @@ def digest(obj: object) -> str:
     """sha256 hex of the canonical JSON of `obj`."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------ rnn's config records
+def model_config(cfg: dict, cell: str, vocab_size: int, task: str = "sentiment") -> ModelConfig:
+    """The `ModelConfig` of settings `cfg` (a cell's train settings, `pretrain_settings` or the probe
+    section): every key of `cfg` that names a ModelConfig field, the library's default for the rest."""
+    given = {f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg}
+    given.update(vocab_size=vocab_size, cell=cell, task=task,
+                 reset_after=cfg.get("reset_after", False) and cell == "gru")   # rnn/lstm have no such switch
+    return ModelConfig(**given)
+
+
+def train_config(cfg: dict, workers: int, **fixed) -> TrainConfig:
+    """The `TrainConfig` of a cell's train (or pretrain) settings `cfg`, with `fixed` on top."""
+    given = {f.name: cfg[f.name] for f in fields(TrainConfig) if f.name in cfg}
+    given.update(clip_mode=cfg["clip"]["mode"], clip_threshold=cfg["clip"]["threshold"], workers=workers, **fixed)
+    return TrainConfig(**given)

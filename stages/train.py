@@ -22,10 +22,10 @@ import numpy as np
 from rnn.errors import InputError
 from rnn.io import read_model, save_model
 from rnn.lm import load_encoder
-from rnn.model import ModelConfig, SentimentModel, encoder_names
+from rnn.model import SentimentModel, encoder_names
 from rnn.optim import make_optimizer
 from rnn.parallel import resolve_workers
-from rnn.train import Dataset, TrainConfig, fit
+from rnn.train import Dataset, fit
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
 from stages.fitting import Progress, checkpoint_folder, code_digest, finishing
@@ -89,12 +89,7 @@ def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, 
     """Build the model (its encoder from the language model with init lm), fit it (resuming the
     checkpoint in checkpoint_dir if `resumed`); returns (model, result, seconds)."""
     t0 = time.perf_counter()
-    config = ModelConfig(
-        vocab_size=len(inputs["encoder"]["tokens"]), cell=cell, embed_dim=cfg["embed_dim"],
-        hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
-        dropout=cfg["dropout"], embed_dropout=cfg["embed_dropout"], pooling=cfg["pooling"],
-        reset_after=cfg["reset_after"] and cell == "gru",     # meaningless for rnn/lstm: not claimed
-        forget_bias=cfg["forget_bias"], freeze_embedding=cfg["freeze_embedding"])
+    config = settings.model_config(cfg, cell, len(inputs["encoder"]["tokens"]))
     # Model initialisation and training draw from separate streams of the same seed.
     model = SentimentModel.create(config, np.random.default_rng(cfg["seed"]), inputs["embeddings"])
     lr_scale = {}
@@ -112,19 +107,12 @@ def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, 
     tracker.log_datasets(root, {"train": len(train_data.labels), "val": len(val.labels)})
     progress = Progress(cell, cfg["epochs"])
     try:
-        result = fit(model, optimizer, train_data, val, train_config(cfg, workers), np.random.default_rng([cfg["seed"], 1]),
-                     checkpoint_dir=checkpoint_dir, callbacks=[progress, tracker])
+        result = fit(model, optimizer, train_data, val, settings.train_config(cfg, workers),
+                     np.random.default_rng([cfg["seed"], 1]), checkpoint_dir=checkpoint_dir, callbacks=[progress, tracker])
     finally:
         progress.close()
     result.update(resumed=resumed, checkpoint_dir=checkpoint_dir)
     return model, result, time.perf_counter() - t0
-
-
-def train_config(cfg: dict, workers: int = 1) -> TrainConfig:
-    return TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], clip_mode=cfg["clip"]["mode"],
-                       clip_threshold=cfg["clip"]["threshold"], lr_decay=cfg["lr_decay"],
-                       patience=cfg["patience"], trace=cfg["trace"], trace_every=cfg["trace_every"],
-                       workers=workers)
 
 
 def write_outputs(root: Path, cell: str, seed: int, cfg: dict, run_hash: str, model: SentimentModel,

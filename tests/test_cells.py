@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gradcheck import assert_grad_close, numeric_grad, step_as_layer_buffers
-from rnn.cells import CELLS, cell_kind, from_gate_blocks, gate_blocks, recurrent_weight_grads
+from rnn.cells import CELLS, from_gate_blocks, gate_blocks, recurrent_weight_grads
+from rnn.config import cell_kind
 
 KINDS = tuple(CELLS)
 H = 3

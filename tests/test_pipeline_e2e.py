@@ -132,6 +132,9 @@ def _check_outputs(root: Path) -> None:
         assert json.loads((root / "probe" / f"{cell}.json").read_text())
         assert _csv(root / "probe" / f"{cell}_trace.csv")
     assert not any((root / "checkpoints").rglob("checkpoint.npz")), "checkpoints left after success"
+    nbsvm = json.loads((root / "metrics" / "baseline" / "eval.json").read_text())
+    assert nbsvm["accuracy"] > 0.8 and nbsvm["n"] == N_TEST, nbsvm
+    assert (root / "data" / "predictions" / "baseline.npz").is_file()
 
 
 def _outputs_digest(root: Path) -> dict[str, str]:
@@ -196,7 +199,9 @@ def _check_mlflow_store(root: Path, uri: str) -> None:
     experiment = client.get_experiment_by_name("imdb-sentiment")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert sorted(runs) == sorted(CELLS)
+    assert sorted(runs) == sorted(CELLS + ["baseline"])          # the NBSVM baseline's run beside the cells'
+    assert runs["baseline"].data.metrics["accuracy/test"] == json.loads(
+        (root / "metrics" / "baseline" / "eval.json").read_text())["accuracy"]
     for cell in CELLS:
         run = runs[cell]
         assert run.info.status == "FINISHED" and run.data.tags["dvc.stages"] == f"train@{cell},evaluate@{cell}"

@@ -110,7 +110,7 @@ def test_config_validation():
                          ({"clip_mode": "sometimes"}, "probe.clip_mode")]:
         with pytest.raises(ParamsError, match=message):
             tiny_cfg(**bad)
-    assert set(pipeline_settings.PROBE) >= set(TINY)
+    assert set(pipeline_settings.Probe.model_fields) >= set(TINY)
 
 
 class RecordingTracker:

@@ -77,7 +77,7 @@ def checked_project(tmp_path, monkeypatch, good_archive):
 OVERRIDES = {"rnn": {}, "gru": {}, "lstm": {}}
 PARAMS = [  # (what, params.yaml, message); every row: issue 17 items 4, 9, 10
     ("lr: fast", {"train": {"lr": "fast"}}, "params.yaml: train.lr = 'fast': must be a number"),
-    ("seed: -1", {"train": {"seed": -1}}, "params.yaml: train.seed = -1: must be >= 0"),
+    ("seeds: [-1]", {"train": {"seeds": [-1]}}, "params.yaml: train.seeds = [-1]: must be 1 to 100 distinct integers >= 0"),
     ("cell LSTM", {"train": {"cells": ["LSTM"]}}, "train.cells = ['LSTM']: unknown cell 'LSTM' (did you mean lstm?)"),
     ("unknown key", {"train": {"hidden": 8}}, "unknown key train.hidden (did you mean train.hidden_size?)"),
     ("hidden_size 1e6", {"train": {"hidden_size": 1_000_000}},
@@ -480,10 +480,10 @@ def _writable(folder: Path) -> bool:
 
 
 OUTPUTS = [  # (what, folder, stage, message): issue 17 item 5
-    ("full disk", "models", "train", "[Errno 28] No space left on device: 'models/lstm/weights.npz'"),
-    ("read-only", "metrics/lstm", "train", "[Errno 30] Read-only file system: 'metrics/lstm/train.json'"),
-    ("read-only", "plots/lstm", "evaluate", "[Errno 30] Read-only file system: 'plots/lstm/roc.csv'"),
-    ("full disk", "plots/lstm", "train", "[Errno 28] No space left on device: 'plots/lstm/history.csv'"),
+    ("full disk", "models", "train", "[Errno 28] No space left on device: 'models/lstm/seed0/weights.npz'"),
+    ("read-only", "metrics/lstm/seed0", "train", "[Errno 30] Read-only file system: 'metrics/lstm/seed0/train.json'"),
+    ("read-only", "plots/lstm/seed0", "evaluate", "[Errno 30] Read-only file system: 'plots/lstm/seed0/roc.csv'"),
+    ("full disk", "plots/lstm/seed0", "train", "[Errno 28] No space left on device: 'plots/lstm/seed0/history.csv'"),
 ]
 
 
@@ -491,15 +491,15 @@ OUTPUTS = [  # (what, folder, stage, message): issue 17 item 5
 def test_outputs(project, tmp_path_factory, monkeypatch, kind, folder, stage, message):  # noqa: F811
     from stages import evaluate
     module = {"train": train, "evaluate": evaluate}[stage]
-    _main(train, "lstm", monkeypatch=monkeypatch)
-    _main(evaluate, "lstm", monkeypatch=monkeypatch)
+    _main(train, "lstm", "0", monkeypatch=monkeypatch)
+    _main(evaluate, "lstm", "0", monkeypatch=monkeypatch)
     before = _snapshot(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["seed"] = 1                        # new weights, new plots: everything differs
+    params["train"]["lr"] = 0.02                       # new weights, new plots: everything differs
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with _broken(kind, project / folder, tmp_path_factory.mktemp("scratch"), monkeypatch):
         with pytest.raises(OSError) as info:
-            _main(module, "lstm", monkeypatch=monkeypatch)
+            _main(module, "lstm", "0", monkeypatch=monkeypatch)
         assert str(info.value) == message
         assert _snapshot(project) == before, "an old output changed or vanished"
         leftovers = [p for p in project.rglob("*tmp-*")]
@@ -532,7 +532,7 @@ def _stage_project(root: Path, seed: int = 0) -> Path:
 def _start(root: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))} | {
         "PYTHONPATH": str(REPO), "CI": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "stages.train", "lstm"], cwd=root, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "stages.train", "lstm", "0"], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -562,7 +562,7 @@ def test_kills(tmp_path):
     proc.send_signal(signal.SIGTERM)                    # in epoch 2: stops after the current step
     code, out, err = _finish(proc)
     assert code == 130 and "interrupted in epoch 2 after batch" in err and "checkpoint saved" in err, err
-    assert not (broken / "models/lstm").exists()
+    assert not (broken / "models/lstm/seed0").exists()
 
     proc = _start(broken)
     lines = _wait_for_line(proc, "lstm epoch 2/3")
@@ -574,13 +574,13 @@ def test_kills(tmp_path):
     assert code == 0 and "resuming from checkpoints/lstm/" in out and "epoch 3/3" in out, out + err
     assert _finish(reference)[0] == 0
 
-    a, b = load_arrays(whole / "models/lstm/weights.npz"), load_arrays(broken / "models/lstm/weights.npz")
+    a, b = load_arrays(whole / "models/lstm/seed0/weights.npz"), load_arrays(broken / "models/lstm/seed0/weights.npz")
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].tobytes() == b[name].tobytes(), name
-    for path in ("plots/lstm/history.csv", "plots/lstm/grad_trace.csv"):
+    for path in ("plots/lstm/seed0/history.csv", "plots/lstm/seed0/grad_trace.csv"):
         assert _numbers(whole / path) == _numbers(broken / path), path
-    done = json.loads((broken / "metrics/lstm/train.json").read_text())
+    done = json.loads((broken / "metrics/lstm/seed0/train.json").read_text())
     assert done["resumed"] is True and done["epochs_run"] == 3
     assert not list((broken / "checkpoints").rglob("*.npz"))
 

@@ -51,27 +51,6 @@ def test_no_trace_gives_a_header_only_csv():
     assert outputs.trace_csv(outputs.trace_rows([{}, {}])) == ",".join(outputs.TRACE_COLUMNS) + "\n"
 
 
-# ---------------------------------------------------------------------------------- summary
-def _row(cell: str, acc: float, auc: float | None = 0.9) -> dict:
-    return compare.summary_row(
-        cell,
-        {"best_val_accuracy": acc - 0.01, "best_epoch": 2, "epochs_run": 3, "train_seconds": 12.34,
-         "num_parameters": 1000},
-        {"accuracy": acc, "f1": acc - 0.02, "roc_auc": auc})
-
-
-def test_summary_csv_and_markdown():
-    rows = [_row("rnn", 0.6, None), _row("lstm", 0.85)]
-    parsed = list(csv.DictReader(io.StringIO(compare.summary_csv(rows))))
-    assert [r["cell"] for r in parsed] == ["rnn", "lstm"]
-    assert parsed[0]["test_auc"] == "" and float(parsed[1]["test_auc"]) == 0.9
-    assert list(parsed[0]) == list(compare.COLUMNS)
-    md = compare.summary_markdown(rows)
-    assert "| rnn | 0.6000 | 0.5800 | n/a | 0.5900 | 2 | 3 | 12.3 | 1000 |" in md
-    assert "Best test accuracy: **lstm** (0.8500)" in md
-    assert "(val_accuracy.png)" in md and "(grad_trace.png)" in md
-
-
 # ------------------------------------------------------------- stages on synthetic data
 V, T, E = 30, 12, 8
 
@@ -105,7 +84,7 @@ def project(tmp_path, monkeypatch):
     unsup = [" ".join(f"w{i}" for i in rng.integers(2, V, rng.integers(2, T))) for _ in range(40)]
     pd.DataFrame({"text": unsup}).to_parquet(tmp_path / "data/raw/unsup.parquet", index=False)
     params = {"train": {"cells": ["rnn", "lstm"], "epochs": 2, "batch_size": 16, "hidden_size": 6,
-                        "embed_dim": E, "lr": 0.01, "init": "embeddings", "workers": 1},
+                        "embed_dim": E, "lr": 0.01, "init": "embeddings", "workers": 1, "seeds": [0]},
               "pretrain": {"batch_size": 16, "num_sampled": 10, "val_reviews": 8},
               "evaluate": {"length_edges": [5, 10]},
               "mlflow": {"enabled": False}}
@@ -126,41 +105,38 @@ def test_train_evaluate_compare_write_their_declared_outputs(project, monkeypatc
     stale.mkdir(parents=True)
     (stale / "checkpoint.npz").write_bytes(b"from other settings")
     for cell in ("rnn", "lstm"):
-        _main(train, cell, monkeypatch=monkeypatch)
-        _main(evaluate, cell, monkeypatch=monkeypatch)
-    _main(compare, monkeypatch=monkeypatch)
+        _main(train, cell, "0", monkeypatch=monkeypatch)
+        _main(evaluate, cell, "0", monkeypatch=monkeypatch)
 
     assert not stale.exists(), "a checkpoint from other settings must be deleted, not resumed"
     assert not list((project / "checkpoints").rglob("*.npz")), "checkpoint kept after success"
     for cell in ("rnn", "lstm"):
-        meta = json.loads((project / "models" / cell / "config.json").read_text())
+        meta = json.loads((project / "models" / cell / "seed0" / "config.json").read_text())
         assert meta["model"]["cell"] == cell and meta["model"]["hidden_size"] == 6
         assert meta["metadata"]["best_epoch"] in (1, 2) and meta["metadata"]["params_hash"]
-        assert sorted(p.name for p in (project / "models" / cell).iterdir()) == [
+        assert sorted(p.name for p in (project / "models" / cell / "seed0").iterdir()) == [
             "config.json", "encoder.json", "weights.npz"]                # no run id in the model
-        m = json.loads((project / "metrics" / cell / "train.json").read_text())
+        m = json.loads((project / "metrics" / cell / "seed0" / "train.json").read_text())
         assert m["epochs_run"] == 2 and m["steps"] == 8 and m["resumed"] is False
-        hist = list(csv.DictReader(open(project / "plots" / cell / "history.csv")))
+        hist = list(csv.DictReader(open(project / "plots" / cell / "seed0" / "history.csv")))
         assert max(float(r["val_accuracy"]) for r in hist) == m["best_val_accuracy"]
-        trace = list(csv.DictReader(open(project / "plots" / cell / "grad_trace.csv")))
+        trace = list(csv.DictReader(open(project / "plots" / cell / "seed0" / "grad_trace.csv")))
         assert {r["state"] for r in trace} == ({"a", "c"} if cell == "lstm" else {"a"})
         assert {int(r["epoch"]) for r in trace} == {1, 2}
         assert all(math.isclose(float(r["log10_grad_norm"]), math.log10(float(r["grad_norm"])))
                    for r in trace if r["log10_grad_norm"])
-        ev = json.loads((project / "metrics" / cell / "eval.json").read_text())
+        ev = json.loads((project / "metrics" / cell / "seed0" / "eval.json").read_text())
         assert ev["n"] == 40 and sum(ev["confusion"].values()) == 40 and ev["seconds"] >= 0
-        buckets = list(csv.DictReader(open(project / "plots" / cell / "length_buckets.csv")))
+        buckets = list(csv.DictReader(open(project / "plots" / cell / "seed0" / "length_buckets.csv")))
         assert sum(int(b["count"]) for b in buckets) == 40
         assert {b["bucket"] for b in buckets} <= {"<5", "5-10", ">=10"}
-        assert len(list(csv.DictReader(open(project / "plots" / cell / "confusion.csv")))) == 40
+        assert len(list(csv.DictReader(open(project / "plots" / cell / "seed0" / "confusion.csv")))) == 40
         for png in ("grad_trace.png", "roc.png", "confusion.png"):
-            assert (project / "plots" / cell / png).read_bytes()[:4] == b"\x89PNG"
-    summary = list(csv.DictReader(open(project / "reports/summary.csv")))
-    assert [r["cell"] for r in summary] == ["rnn", "lstm"]
-    headline = json.loads((project / "reports/summary.json").read_text())
-    assert headline["test_accuracy"] == {r["cell"]: float(r["test_accuracy"]) for r in summary}
-    assert list(headline["val_accuracy"]) == ["rnn", "lstm"]
-    assert (project / "reports/grad_trace.png").read_bytes()[:4] == b"\x89PNG"
+            assert (project / "plots" / cell / "seed0" / png).read_bytes()[:4] == b"\x89PNG"
+        predictions = np.load(project / "data/predictions" / cell / "seed0.npz")
+        labels = np.load(project / "data/prepared/test.npz")["labels"]
+        assert predictions["labels"].tolist() == labels.tolist() and predictions["probabilities"].dtype == np.float32
+        assert ((predictions["probabilities"] >= 0.5) == labels).mean() == ev["accuracy"]
 
 
 def test_diverged_training_exits_2_and_saves_no_model(project, monkeypatch, capsys):
@@ -168,11 +144,11 @@ def test_diverged_training_exits_2_and_saves_no_model(project, monkeypatch, caps
     emb[3] = np.nan                                   # every review uses some token >= 3
     np.save(project / "data/embeddings.npy", emb)
     with pytest.raises(SystemExit) as info:
-        _main(train, "rnn", monkeypatch=monkeypatch)
+        _main(train, "rnn", "0", monkeypatch=monkeypatch)
     assert info.value.code == 2
     assert "diverged" in capsys.readouterr().err
-    assert not (project / "models/rnn").exists()
-    assert not (project / "metrics/rnn").exists()
+    assert not (project / "models/rnn/seed0").exists()
+    assert not (project / "metrics/rnn/seed0").exists()
 
 
 def test_embed_dim_must_match_the_embeddings(project, monkeypatch):
@@ -180,16 +156,11 @@ def test_embed_dim_must_match_the_embeddings(project, monkeypatch):
     params["train"]["overrides"] = {"lstm": {"embed_dim": E + 1}}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=rf"train.overrides.lstm.embed_dim = {E + 1}: must equal train.embed_dim = {E}"):
-        _main(train, "lstm", monkeypatch=monkeypatch)
+        _main(train, "lstm", "0", monkeypatch=monkeypatch)
     params["train"].update(overrides={}, embed_dim=E + 1)       # embeddings older than the setting
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=rf"train.embed_dim = {E + 1}: must equal the width {E}"):
-        _main(train, "lstm", monkeypatch=monkeypatch)
-
-
-def test_compare_names_the_missing_stage(project, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"metrics/rnn/train.json: not found \(run the train@rnn stage"):
-        _main(compare, monkeypatch=monkeypatch)
+        _main(train, "lstm", "0", monkeypatch=monkeypatch)
 
 
 def _write_lm_shapes(project: Path, params: dict) -> None:
@@ -231,10 +202,10 @@ def test_pretrain_then_train_from_the_language_model(project, monkeypatch):
     with pytest.raises(InputError, match=r"data/lm/gru.json does not hold gru's settings in params.yaml; run `dvc repro`"):
         _main(pretrain, "gru", monkeypatch=monkeypatch)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    _main(train, "gru", monkeypatch=monkeypatch)
-    assert json.loads((project / "models/gru/config.json").read_text())["metadata"]["train"]["init"] == "lm"
+    _main(train, "gru", "0", monkeypatch=monkeypatch)
+    assert json.loads((project / "models/gru/seed0/config.json").read_text())["metadata"]["train"]["init"] == "lm"
     # The encoder moved on from the language model's weights, the classifier's head is its own.
-    trained = np.load(project / "models/gru/weights.npz")
+    trained = np.load(project / "models/gru/seed0/weights.npz")
     assert trained["rnn.l0.W_h"].shape == lm["rnn.l0.W_h"].shape
     assert not np.array_equal(trained["rnn.l0.W_h"], lm["rnn.l0.W_h"]) and "lm.W" not in trained
 
@@ -255,15 +226,15 @@ def _token_two_detector(vocab_size: int) -> "SentimentModel":
 def test_evaluate_scores_a_model_that_is_always_right_as_always_right(project, monkeypatch):
     from rnn.io import save_model
     vocab = outputs.load_vocab(project / "data/prepared/vocab.json")
-    save_model(project / "models/rnn", _token_two_detector(V), encoder=vocab)
-    _main(evaluate, "rnn", monkeypatch=monkeypatch)
+    save_model(project / "models/rnn/seed0", _token_two_detector(V), encoder=vocab)
+    _main(evaluate, "rnn", "0", monkeypatch=monkeypatch)
     labels = np.load(project / "data/prepared/test.npz")["labels"]
-    ev = json.loads((project / "metrics/rnn/eval.json").read_text())
+    ev = json.loads((project / "metrics/rnn/seed0/eval.json").read_text())
     assert ev["accuracy"] == 1.0 and ev["roc_auc"] == 1.0 and ev["f1"] == 1.0
     assert ev["confusion"] == {"tn": int((labels == 0).sum()), "fp": 0, "fn": 0, "tp": int(labels.sum())}
-    rows = list(csv.DictReader(open(project / "plots/rnn/confusion.csv")))
+    rows = list(csv.DictReader(open(project / "plots/rnn/seed0/confusion.csv")))
     assert [int(r["actual"]) for r in rows] == labels.tolist() == [int(r["predicted"]) for r in rows]
-    roc = list(csv.DictReader(open(project / "plots/rnn/roc.csv")))
+    roc = list(csv.DictReader(open(project / "plots/rnn/seed0/roc.csv")))
     assert any(float(r["fpr"]) == 0 and float(r["tpr"]) == 1 for r in roc)   # the perfect corner
 
 
@@ -278,9 +249,9 @@ def test_evaluate_refuses_a_model_trained_on_another_vocabulary(project, monkeyp
     other = {"smaller": {**vocab, "tokens": tokens[:-5]},
              "same size, other words": {**vocab, "tokens": tokens[:2] + tokens[:1:-1]},
              "other max_len": {**vocab, "max_len": vocab["max_len"] + 1}}[vocabulary]
-    save_model(project / "models/rnn", _token_two_detector(len(other["tokens"])), encoder=other)
+    save_model(project / "models/rnn/seed0", _token_two_detector(len(other["tokens"])), encoder=other)
     with pytest.raises(InputError) as info:
-        _main(evaluate, "rnn", monkeypatch=monkeypatch)
+        _main(evaluate, "rnn", "0", monkeypatch=monkeypatch)
     message = str(info.value)
-    assert "models/rnn/encoder.json and " in message and "data/prepared/vocab.json differ" in message
-    assert "retrain" in message and not (project / "metrics/rnn/eval.json").exists()
+    assert "models/rnn/seed0/encoder.json and " in message and "data/prepared/vocab.json differ" in message
+    assert "retrain" in message and not (project / "metrics/rnn/seed0/eval.json").exists()
