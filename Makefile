@@ -48,7 +48,10 @@ screenshots: $(VENV)/install.stamp
 	$(PY) docs/screenshots.py
 
 # The services of "Working as a team" (README) on loopback, to try the team flow on one machine:
-# PostgreSQL in a temporary folder, moto as the S3 endpoint, an MLflow server using both.
-# Prints the settings to use; Ctrl-C stops all three and throws their data away.
+# PostgreSQL in a temporary folder, moto as the S3 endpoint, an MLflow server using both, with
+# logins (docs/team-security.md): an admin and one MLflow account per name in TEAM_USERS, each with
+# a generated password in a credentials file. Prints the settings to use; Ctrl-C stops all three
+# and throws their data and accounts away.
+TEAM_USERS ?= alice bob
 team-services: $(VENV)/install-dev.stamp
-	$(PY) tests/team_services.py
+	$(PY) tests/team_services.py $(addprefix --user ,$(TEAM_USERS))

@@ -8,6 +8,13 @@ clone pulls everything and finds every point in `dvc exp show -A`, every cell's 
 point with its artifacts in the bucket, and a working model from `dvc pull`. The machines hold no
 S3 credentials in their environment: DVC reads them from .dvc/config.local, MLflow uploads go
 through the server.
+
+Nothing answers without a password (docs/team-security.md): each clone has its own MLflow account
+(machine-a in MLFLOW_TRACKING_USERNAME/PASSWORD, machine-b in a credentials file under its HOME);
+the lead's pipeline creates the experiments, so it manages them, and shares them with the two
+machines (EDIT). Anonymous requests get 401; a reader cannot write, a machine cannot delete
+another's runs, nobody but its owner touches a personal experiment (403, data unchanged).
+PostgreSQL takes passwords only, MLflow's role is no superuser, and no secret is on a command line.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -82,8 +90,11 @@ def _project(root: Path) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def _env(tmp_path: Path, tracking_uri: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "AWS_"))}
+def _env(tmp_path: Path, tracking_uri: str, user: team_services.Credentials | None = None,
+         home: Path | None = None) -> dict:
+    """A machine's environment: its MLflow account in MLFLOW_TRACKING_USERNAME/PASSWORD, or with
+    home, in <home>/.mlflow/credentials (MLflow's other way), and nothing else of MLflow's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "AWS_", "PG"))}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         MLFLOW_TRACKING_URI=tracking_uri,
@@ -91,6 +102,12 @@ def _env(tmp_path: Path, tracking_uri: str) -> dict:
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
         CI="1",
     )
+    if user is not None and home is not None:
+        (home / ".mlflow").mkdir(parents=True)
+        user.write(home / ".mlflow" / "credentials")
+        env["HOME"] = str(home)
+    elif user is not None:
+        env.update(user.env())
     return env
 
 
@@ -190,23 +207,151 @@ def _exp_points(shown: list) -> dict[str, dict]:
     return points
 
 
-def test_two_machines_split_a_sweep_through_shared_services(tmp_path: Path) -> None:
+def _permission(svc, username: str, experiment_id: str) -> str:
+    """A user's permission on an experiment, as MLflow's auth app resolves it (asked as the admin)."""
+    status, body = team_services.call(svc.tracking_uri, "/api/3.0/mlflow/users/permissions/get", "GET", svc.admin,
+                                      {"username": username, "resource_type": "experiment",
+                                       "resource_id": experiment_id})
+    assert status == 200, body
+    return body["permission"]
+
+
+def _check_database(svc) -> None:
+    """PostgreSQL takes passwords only; MLflow's role is no superuser and owns its two databases;
+    the secrets' files are the owner's only."""
+    import psycopg
+    from urllib.parse import urlsplit
+
+    uri = urlsplit(svc.database_uri)
+    assert uri.password is None, "the database URI holds a password"
+    address = {"host": uri.hostname, "port": uri.port, "connect_timeout": 5}
+    for user in ("postgres", team_services.DB_ROLE):
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(**address, user=user, dbname="postgres", passfile=str(svc.secrets / "absent"))
+    with psycopg.connect(**address, user=uri.username, dbname=uri.path.lstrip("/"),
+                         passfile=str(svc.secrets / "pgpass")) as conn:
+        role = conn.execute("SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication FROM pg_roles "
+                            "WHERE rolname = current_user").fetchone()
+        assert role == (False, False, False, False), role
+        owned = conn.execute("SELECT datname FROM pg_database JOIN pg_roles ON datdba = pg_roles.oid "
+                             "WHERE rolname = current_user").fetchall()
+        assert sorted(name for (name,) in owned) == sorted(team_services.DATABASES)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):     # what a superuser could do
+            conn.execute("COPY (SELECT 1) TO PROGRAM 'true'")
+    assert stat.S_IMODE(svc.secrets.stat().st_mode) == 0o700
+    for path in svc.secrets.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def _assert_no_secret_on_a_command_line(svc, users: dict) -> None:
+    """No password in any process's arguments (what `ps` shows every local user)."""
+    secrets = [u.password for u in (svc.admin, *users.values())]
+    secrets.append((svc.secrets / "pgpass").read_text().strip().rsplit(":", 1)[1])
+    seen = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            args = (proc / "cmdline").read_bytes().decode(errors="replace")
+            seen += "mlflow" in args or "dvc" in args
+            assert not any(secret in args for secret in secrets), \
+                f"a password in the arguments of {args.replace(chr(0), ' ')[:100]}... (pid {proc.name})"
+    assert seen, "no MLflow or DVC process to look at"
+
+
+def _check_access(svc, users: dict, experiment_id: str, run_id: str) -> None:
+    """Anonymous and wrong-password requests get 401, reads and writes alike; a user without the
+    right gets 403 and changes nothing: the reader (READ) writes nothing, machine-b (EDIT on the
+    shared experiment) deletes neither machine-a's run nor the experiment, and a personal
+    experiment is its creator's alone."""
+    def call(request: tuple, who) -> int:
+        path, method, body = request
+        return team_services.call(svc.tracking_uri, path, method, who, body)[0]
+
+    def state() -> tuple:
+        run = team_services.call(svc.tracking_uri, "/api/2.0/mlflow/runs/get", "GET", users["reader"],
+                                 {"run_id": run_id})
+        exp = team_services.call(svc.tracking_uri, "/api/2.0/mlflow/experiments/get", "GET", users["reader"],
+                                 {"experiment_id": experiment_id})
+        assert run[0] == exp[0] == 200, (run, exp)
+        return run[1], exp[1]
+
+    def writes(experiment: str, run: str) -> list[tuple]:
+        return [("/api/2.0/mlflow/runs/log-metric", "POST",
+                 {"run_id": run, "key": "accuracy/test", "value": 0.0, "timestamp": 0, "step": 0}),
+                ("/api/2.0/mlflow/runs/set-tag", "POST", {"run_id": run, "key": "cell", "value": "forged"}),
+                ("/api/2.0/mlflow/runs/update", "POST", {"run_id": run, "status": "FAILED"}),
+                ("/api/2.0/mlflow/runs/delete", "POST", {"run_id": run}),
+                ("/api/2.0/mlflow/runs/create", "POST", {"experiment_id": experiment}),
+                ("/api/2.0/mlflow/experiments/update", "POST", {"experiment_id": experiment, "new_name": "x"}),
+                ("/api/2.0/mlflow/experiments/delete", "POST", {"experiment_id": experiment})]
+
+    before = state()
+    reads = [("/api/2.0/mlflow/experiments/get", "GET", {"experiment_id": experiment_id}),
+             ("/api/2.0/mlflow/runs/get", "GET", {"run_id": run_id}),
+             ("/api/2.0/mlflow/experiments/search", "POST", {"max_results": 10}),
+             ("/api/2.0/mlflow-artifacts/artifacts", "GET", {"path": f"{experiment_id}/{run_id}/artifacts"}),
+             ("/ajax-api/2.0/mlflow/runs/get", "GET", {"run_id": run_id})]
+    refused = {r[0]: call(r, None) for r in reads + writes(experiment_id, run_id)}
+    assert set(refused.values()) == {401}, refused
+    # A wrong password costs the server a hash (~0.1 s): two requests tell enough.
+    forged = team_services.Credentials(users["machine-a"].username, "not-the-password")
+    refused = {r[0]: call(r, forged) for r in (reads[1], writes(experiment_id, run_id)[0])}
+    assert set(refused.values()) == {401}, refused
+    refused = {r[0]: call(r, users["reader"]) for r in writes(experiment_id, run_id)}
+    assert set(refused.values()) == {403}, refused
+    deletes = writes(experiment_id, run_id)[3::3]                  # the run, the experiment
+    refused = {r[0]: call(r, users["machine-b"]) for r in deletes}
+    assert set(refused.values()) == {403}, refused
+    assert state() == before
+
+    # A personal experiment: machine-a created it, so only machine-a (and the admin) may change it.
+    owner = users["machine-a"]
+    status, body = team_services.call(svc.tracking_uri, "/api/2.0/mlflow/experiments/create", "POST", owner,
+                                      {"name": "machine-a-scratch"})
+    assert status == 200, body
+    own = body["experiment_id"]
+    status, body = team_services.call(svc.tracking_uri, "/api/2.0/mlflow/runs/create", "POST", owner,
+                                      {"experiment_id": own})
+    assert status == 200, body
+    own_run = body["run"]["info"]["run_id"]
+    log = writes(own, own_run)[0]
+    assert call(log, owner) == 200
+    for name in ("lead", "machine-b", "reader"):
+        refused = {r[0]: call(r, users[name]) for r in writes(own, own_run)}
+        assert set(refused.values()) == {403}, (name, refused)
+    assert _permission(svc, owner.username, own) == "MANAGE"
+    status, body = team_services.call(svc.tracking_uri, "/api/2.0/mlflow/runs/get", "GET", users["reader"],
+                                      {"run_id": own_run})
+    assert status == 200 and body["run"]["info"]["lifecycle_stage"] == "active", body
+    assert [m["value"] for m in body["run"]["data"]["metrics"]] == [0.0]
+    assert all(call(r, owner) == 200 for r in writes(own, own_run)[3::3])   # the owner may delete
+
+
+def test_two_machines_split_a_sweep_through_shared_services(tmp_path: Path, monkeypatch) -> None:
     import boto3
     from mlflow import MlflowClient
 
     machines = [tmp_path / name for name in ("lead", "machine-a", "machine-b", "reader")]
     T0[0] = time.monotonic()
     with team_services.services(tmp_path / "logs") as svc:
+        _check_database(svc)
+        # One MLflow account per machine, named after it.
+        users = {m.name: team_services.add_user(svc.tracking_uri, svc.admin, m.name) for m in machines}
+        envs = {m.name: _env(tmp_path, svc.tracking_uri, users[m.name],
+                             home=tmp_path / "home-b" if m.name == "machine-b" else None) for m in machines}
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", users["reader"].username)   # this process reads
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", users["reader"].password)
         passed = False
         try:
-            _flow(tmp_path, svc, _env(tmp_path, svc.tracking_uri), machines, boto3, MlflowClient)
+            _flow(tmp_path, svc, users, envs, machines, boto3, MlflowClient)
             passed = True
         finally:
             _stop_leftovers(tmp_path, wait_s=30 if passed else 0)
 
 
-def _flow(tmp_path: Path, svc, env: dict, machines: list[Path], boto3, MlflowClient) -> None:
+def _flow(tmp_path: Path, svc, users: dict, envs: dict[str, dict], machines: list[Path], boto3,
+          MlflowClient) -> None:
     lead, machine_a, machine_b, reader = machines
+    env = envs["lead"]
     _mark("services")
     origin = tmp_path / "origin.git"
     _run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
@@ -228,20 +373,29 @@ def _flow(tmp_path: Path, svc, env: dict, machines: list[Path], boto3, MlflowCli
     _dvc(["push"], lead, env)
     _mark("baseline")
     assert not (lead / "mlflow.db").exists() and not (lead / "mlartifacts").exists()
+    # The lead's pipeline created the experiments with the lead's account: MLflow made it their
+    # manager, so the lead can share them (else 403). The reader keeps the default, READ.
+    experiments = team_services.share_experiments(
+        svc.tracking_uri, users["lead"], team_services.team_experiments(lead / "params.yaml"),
+        [machine_a.name, machine_b.name])
+    for experiment_id in experiments.values():
+        assert {name: _permission(svc, name, experiment_id) for name in users} == {
+            "lead": "MANAGE", "machine-a": "EDIT", "machine-b": "EDIT", "reader": "READ"}
 
     # Two machines, each its half of the sweep, both at once.
     shares = {}
     for i, machine in enumerate((machine_a, machine_b), start=1):
-        _clone(origin, machine, env)
-        out = _run([sys.executable, "scripts/sweep.py", "--share", f"{i}/2", *GRID], machine, env)
+        _clone(origin, machine, envs[machine.name])
+        out = _run([sys.executable, "scripts/sweep.py", "--share", f"{i}/2", *GRID], machine, envs[machine.name])
         shares[machine.name] = out
     _mark("clones")
     for machine in (machine_a, machine_b):
-        _dvc(["queue", "start", "-j", "1"], machine, env)
+        _dvc(["queue", "start", "-j", "1"], machine, envs[machine.name])
+    _assert_no_secret_on_a_command_line(svc, users)        # while the sweep runs
     _wait_for_queues({m: _queued_names(shares[m.name]) for m in (machine_a, machine_b)}, env)
     _mark("queues")
     for machine in (machine_a, machine_b):
-        _dvc(["exp", "push", "origin"], machine, env)
+        _dvc(["exp", "push", "origin"], machine, envs[machine.name])
 
     _mark("exp push")
     fingerprint = shares[machine_a.name].split()[1].rstrip(":")
@@ -251,6 +405,7 @@ def _flow(tmp_path: Path, svc, env: dict, machines: list[Path], boto3, MlflowCli
     assert all(names[k] in shares[machine_b.name] for k in (2, 4)), shares[machine_b.name]
 
     # Anyone: pull everything and see every point.
+    env = envs["reader"]
     _clone(origin, reader, env)
     _dvc(["exp", "pull", "origin"], reader, env)
     points = _exp_points(json.loads(_dvc(["exp", "show", "-A", "--json"], reader, env)))
@@ -261,7 +416,7 @@ def _flow(tmp_path: Path, svc, env: dict, machines: list[Path], boto3, MlflowCli
     _mark("reader")
     # Every cell's run of every point is on the server, with its artifacts in the bucket. A point's
     # run is the one with its settings' hash: a stage from the run cache kept the run that made it.
-    client = MlflowClient(svc.tracking_uri)
+    client = MlflowClient(svc.tracking_uri)                 # as the reader
     experiment = client.get_experiment_by_name("imdb-sentiment")
     assert experiment.artifact_location.startswith("mlflow-artifacts:"), experiment.artifact_location
     runs = [r for r in client.search_runs([experiment.experiment_id], max_results=1000)
@@ -291,6 +446,10 @@ def _flow(tmp_path: Path, svc, env: dict, machines: list[Path], boto3, MlflowCli
                 prefix = f"mlartifacts/{experiment.experiment_id}/{run.info.run_id}/artifacts/"
                 for path in ("evaluation/eval.json", "grad_trace/grad_trace.png"):
                     assert prefix + path in keys, f"{prefix + path} not in the bucket"
+    _mark("runs")
+    [run_a] = [r for r in runs if r.data.tags["dvc.exp_name"] == names[1] and r.data.tags["cell"] == "lstm"]
+    _check_access(svc, users, experiment.experiment_id, run_a.info.run_id)
+    _mark("access")
 
     # Models come back with `dvc pull`: the baseline's, and a point's after `dvc exp apply`.
     review = "A wonderful, moving film with a great cast."
