@@ -82,7 +82,7 @@ def _project(root: Path) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["limit"] = 200
     params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)
-    params["train"].update(cells=CELLS, epochs=1, hidden_size=16, embed_dim=16, batch_size=32, workers=1)
+    params["train"].update(cells=CELLS, seeds=[0], epochs=1, hidden_size=16, embed_dim=16, batch_size=32, workers=1)
     params["pretrain"].update(num_sampled=64, val_reviews=20)
     params["probe"].update(cells=["rnn"], distances=[1, 3], lead=3, steps=4, trace_steps=2, test_size=16,
                            batch_size=8, hidden_size=4)
@@ -453,11 +453,11 @@ def _flow(tmp_path: Path, svc, users: dict, envs: dict[str, dict], machines: lis
 
     # Models come back with `dvc pull`: the baseline's, and a point's after `dvc exp apply`.
     review = "A wonderful, moving film with a great cast."
-    predict = [sys.executable, "-m", "rnn", "predict", "--model", "models/lstm", "--json", review]
+    predict = [sys.executable, "-m", "rnn", "predict", "--model", "models/lstm/seed0", "--json", review]
     assert json.loads(_run(predict, reader, env))
     _dvc(["exp", "apply", names[2]], reader, env)
     _dvc(["pull"], reader, env)
-    config = json.loads((reader / "models" / "lstm" / "config.json").read_text())
+    config = json.loads((reader / "models" / "lstm" / "seed0" / "config.json").read_text())
     assert config["metadata"]["train"]["lr"] == lrs[names[2]]["lstm"], config["metadata"]
     assert json.loads(_run(predict, reader, env))
     for machine in machines:
