@@ -1,6 +1,6 @@
 """Using a trained model on raw text: probabilities, labels and word-level explanations.
 
-    predictor = rnn.load_model("models/lstm")
+    predictor = rnn.load_model("models/lstm/seed0")
     predictor.predict(["A wonderful film.", "Dull and far too long."])
     # [('positive', 0.93), ('negative', 0.08)]
     predictor.explain("Not a bad film at all")    # [(token, change in logit), ...]
@@ -26,7 +26,7 @@ def load_model(path: str | Path) -> "Predictor":
     """Load a sentiment model folder written by `rnn.io.save_model`, with its text encoder."""
     model, encoder, metadata = _read_with_encoder(path)
     if model.config.task != "sentiment":
-        raise InputError(f"{path}: a language model, not a sentiment classifier (such as models/lstm); "
+        raise InputError(f"{path}: a language model, not a sentiment classifier (such as models/lstm/seed0); "
                          "write with it: rnn generate --model " + str(path))
     return Predictor(model, encoder, metadata)
 
