@@ -23,6 +23,9 @@ TRUNCATE_MODES = ("head", "tail", "both")
 # Encoding pads every review to max_len ids: a larger max_len (say 1e12 in a hand-edited encoder.json)
 # would only allocate memory. IMDB's longest review has ~2,500 tokens.
 MAX_LEN = 10_000
+# What a served model accepts as one review, in bytes of UTF-8 (IMDB's largest: 14 KB); tokenizing
+# more would only use memory. Equal to stages/archive.py's cap on the archive's reviews.
+MAX_REVIEW_BYTES = 1 << 20
 
 _TAG = re.compile(r"</?[a-zA-Z][^>]*>")
 # Curly apostrophes are common in reviews; without this "don’t" would split.

@@ -15,8 +15,9 @@ from pathlib import Path
 from rnn.train import TrainingDiverged, TrainingInterrupted
 from stages import outputs
 
-# What the MLflow logging loads: it changes what is logged, not the weights (nor a DVC dependency).
-LOGGING_ONLY = {"tracking.py", "mlstore.py", "pyfunc_model.py"}
+# What the MLflow logging loads (rnn/cli.py: where the store is): it changes what is logged, not the
+# weights (nor a DVC dependency).
+LOGGING_ONLY = {"tracking.py", "mlstore.py", "pyfunc_model.py", "cli.py"}
 
 
 def checkpoint_folder(root: Path, cell: str, key: str) -> tuple[Path, bool]:
