@@ -10,12 +10,10 @@ run id goes into the model folder, which stays byte-identical for identical trai
     fit(..., callbacks=[tracker])            # on_step / on_epoch
     tracker.log_model(model_dir); tracker.log_summary(metrics, traces); tracker.end()
 
-Metric names suit MLflow's chart view, one section per prefix before "/" in alphabetical order
-(MLflow 3.17): accuracy/, gradient/, loss/, probe/, test/, train/, val/, then system/.
-
-With `mlflow.enabled: false` the tracker has no client, every method returns at once and MLflow is
-never imported. Tracking never stops training: a failing store is warned about once, what could not
-be logged is counted in `lost`, and `end()` reports it.
+Metric names suit MLflow's chart view: one section per prefix before "/", sorted by name, system/
+last (MLflow 3.17). With `mlflow.enabled: false` the tracker has no client, its methods do nothing
+and MLflow is never imported. Tracking never stops training: a failing store is warned about once,
+what could not be logged is counted in `lost`, and `end()` reports it.
 """
 
 from __future__ import annotations
@@ -108,12 +106,6 @@ def dvc_md5(path: str | Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
-def log10_series(values: Sequence[float | None]) -> list[tuple[int, float]]:
-    """(index, log10 value) of the positive entries: a gradient trace by distance as metric points.
-    Distances no sequence reached (None) and norms flushed to 0 have no logarithm and are left out."""
-    return [(i, math.log10(v)) for i, v in enumerate(values) if v is not None and v > 0]
-
-
 def _logging(method):
     """A Tracker method that does nothing when tracking is off (no client)."""
     @functools.wraps(method)
@@ -129,16 +121,18 @@ class Tracker:
     every `log_every_steps` steps and at each epoch end: one request per step would cost ~3-8 ms
     against SQLite and more over HTTP."""
 
-    def __init__(self, client: Any = None, run_id: str | None = None, experiment_id: str | None = None,
-                 tracking_uri: str | None = None, cell: str = "", log_every_steps: int = 1,
+    def __init__(self, client: Any = None, run: Any = None, cell: str = "", log_every_steps: int = 1,
                  resumed: bool = False, continued: bool = False) -> None:
-        self.client, self.run_id, self.experiment_id, self.tracking_uri = client, run_id, experiment_id, tracking_uri
-        self.cell, self.log_every_steps = cell, log_every_steps
+        self.client, self.cell, self.log_every_steps = client, cell, log_every_steps
+        self.run_id = run.info.run_id if run else None
+        self.experiment_id = run.info.experiment_id if run else None
+        self.tracking_uri = client.tracking_uri if client else None
         self.resumed = resumed            # another stage's run: its status is left alone
         self.continued = continued        # this stage's own run, from an interrupted attempt
         self.lost: Counter[str] = Counter()       # what could not be logged, by kind
         self.first_error: str | None = None
-        self.model_id: str | None = None          # the run's logged model
+        models = run.outputs.model_outputs if run and run.outputs else []
+        self.model_id: str | None = models[-1].model_id if models else None     # the run's logged model
         self.register_as: str | None = None       # registered model name for log_model, if any
         self.datasets: dict[str, tuple[str, str]] = {}    # split -> (name, digest) as logged
         self._pending: list = []          # mlflow.entities.Metric not yet sent
@@ -161,9 +155,19 @@ class Tracker:
         kind = stage.partition("@")[0] if stage.startswith(("probe@", "pretrain@")) else "train"
         client, uri, experiment_id = connect(cfg.get(f"{kind}_experiment", cfg["experiment"]),
                                              {"mlflow.note.content": EXPERIMENT_NOTES[kind]})
-        tracker = cls._continue(client, uri, Path(run_file), cell, cfg) if resume and run_file else None
-        if tracker is None:
-            tracker = cls._create(client, uri, experiment_id, params, cell, stage, run_hash)
+        run = _continued_run(client, Path(run_file)) if resume and run_file else None
+        if run is not None:
+            print(f"{cell}: continuing MLflow run {run.info.run_id}", flush=True)
+            tracker = cls(client, run, cell, cfg["log_every_steps"], continued=True)
+        else:
+            tracker = cls(client, _new_run(client, experiment_id, cell, stage, run_hash), cell, cfg["log_every_steps"])
+            if stage.startswith("train@"):     # probe and pretrain log their own settings
+                # Effective values, so runs of different cells compare key by key; what this cell
+                # overrides is kept as one param to show why its values differ.
+                flat = flatten(settings.cell_settings(params, cell), "train")
+                flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
+                flat["train.workers"] = _param_value(params["train"]["workers"])
+                tracker.log_params(flat)
             if run_file is not None:
                 from rnn.io import write_json
 
@@ -173,55 +177,6 @@ class Tracker:
         if not stage.startswith("evaluate@"):
             tracker._start_system_metrics(cfg["system_metrics_every"])
         return tracker
-
-    @classmethod
-    def _create(cls, client: Any, uri: str, experiment_id: str, params: settings.Params, cell: str,
-                stage: str, run_hash: str | None) -> Tracker:
-        exp_name = os.environ.get("DVC_EXP_NAME")
-        base_rev = os.environ.get("DVC_EXP_BASELINE_REV")
-        try:    # The fluent API's context providers would set the commit; taken in cwd, which in
-            # a queued experiment is the copy being run, whose HEAD is the baseline.
-            git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-            commit = git.stdout.strip() if git.returncode == 0 else base_rev
-        except (OSError, subprocess.SubprocessError):
-            commit = base_rev
-        tags = {"cell": cell, "mlflow.runColor": CELL_COLORS.get(cell, "#7f7f7f"), "dvc.stage": stage,
-                "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
-                "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
-                "mlflow.source.git.commit": commit}
-        train_run = stage.startswith("train@")
-        name = cell if train_run else stage          # e.g. "probe@lstm" beside "lstm"
-        try:
-            run = client.create_run(experiment_id, run_name=f"{name} ({exp_name})" if exp_name else name,
-                                    tags={k: v for k, v in tags.items() if v})
-        except Exception as exc:
-            raise TrackingUnavailable(f"MLflow store {uri}: cannot create a run: {one_line(exc)}") from None
-        tracker = cls(client, run.info.run_id, experiment_id, uri, cell, params["mlflow"]["log_every_steps"])
-        if train_run:     # probe and pretrain log their own settings
-            # Effective values, so runs of different cells compare key by key; what this cell
-            # overrides is kept as one param to show why its values differ.
-            flat = flatten(settings.cell_settings(params, cell), "train")
-            flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
-            flat["train.workers"] = _param_value(params["train"]["workers"])
-            tracker.log_params(flat)
-        return tracker
-
-    @classmethod
-    def _continue(cls, client: Any, uri: str, run_file: Path, cell: str, cfg: Mapping) -> Tracker | None:
-        """The run an interrupted attempt recorded in `run_file`, set running again; None (with a
-        warning) when there is no usable record or the store does not have that run."""
-        try:
-            record = json.loads(run_file.read_text(encoding="utf-8"))
-            run_id = record["run_id"]
-            if record.get("tracking_uri") != uri:
-                raise ValueError(f"run {run_id} was logged to {record.get('tracking_uri')}, not {uri}")
-            run = client.get_run(run_id)
-            client.update_run(run_id, status="RUNNING")
-        except Exception as exc:  # noqa: BLE001 - a missing/odd record or run: a new run instead
-            _warn(f"{run_file}: cannot continue its run ({one_line(exc)}); the resumed training starts a new run")
-            return None
-        print(f"{cell}: continuing MLflow run {run_id}", flush=True)
-        return cls(client, run_id, run.info.experiment_id, uri, cell, cfg["log_every_steps"], continued=True)
 
     @classmethod
     def for_model(cls, params: settings.Params, model_dir: str | Path, stage: str) -> Tracker:
@@ -236,19 +191,16 @@ class Tracker:
         try:
             runs = client.search_runs([experiment_id], filter_string=f"tags.model_digest = '{digest}'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
+            run = client.get_run(runs[0].info.run_id) if runs else None     # search results carry no outputs
         except Exception as exc:
             raise TrackingUnavailable(f"MLflow store {uri}: cannot search runs: {one_line(exc)}") from None
-        if not runs:
+        if run is None:
             _warn(f"no run in {uri} (experiment {cfg['experiment']!r}) trained the model in {model_dir} "
                   f"(tag model_digest = {digest[:12]}...); starting a new run")
             tracker = cls.start(params, cell, stage)
             tracker._set_tags({"model_digest": digest})
             return tracker
-        run = client.get_run(runs[0].info.run_id)       # search results carry no outputs
-        tracker = cls(client, run.info.run_id, run.info.experiment_id, uri, run.data.tags.get("cell", cell),
-                      cfg["log_every_steps"], resumed=True)
-        models = run.outputs.model_outputs if run.outputs else []
-        tracker.model_id = models[-1].model_id if models else None
+        tracker = cls(client, run, run.data.tags.get("cell", cell), cfg["log_every_steps"], resumed=True)
         stages = run.data.tags.get("dvc.stages", "")
         if stage not in stages.split(","):
             tracker._set_tags({"dvc.stages": f"{stages},{stage}" if stages else stage})
@@ -295,10 +247,12 @@ class Tracker:
 
     @_logging
     def log_series(self, key: str, values: Sequence[float | None]) -> None:
-        """A curve as one metric with step = index, in log10 (`log10_series`): e.g. a gradient trace
-        with step = distance from the last token."""
-        for step, value in log10_series(values):
-            self._add({key: value}, step)
+        """A curve as one metric of log10 values with step = index: e.g. a gradient trace with step =
+        distance from the last token. Entries with no logarithm (None: a distance no sequence
+        reached; 0: a norm flushed to zero) are left out."""
+        for step, value in enumerate(values):
+            if value is not None and value > 0:
+                self._add({key: math.log10(value)}, step)
         self._flush()
 
     @_logging
@@ -485,6 +439,42 @@ class Tracker:
                 _warn(f"logging to {self.tracking_uri} failed ({self.first_error}); training goes on, "
                       "what cannot be logged is counted and reported at the end")
             return False
+
+
+def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: str | None) -> Any:
+    """A new run of `stage` with the tags that place it: cell and colour, DVC stage and experiment, commit."""
+    exp_name, base_rev = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
+    try:    # (The fluent API would set the commit.) Taken in cwd: in a queued experiment the copy
+        # being run, whose HEAD is the baseline.
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = git.stdout.strip() if git.returncode == 0 else base_rev
+    except (OSError, subprocess.SubprocessError):
+        commit = base_rev
+    tags = {"cell": cell, "mlflow.runColor": CELL_COLORS.get(cell, "#7f7f7f"), "dvc.stage": stage,
+            "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
+            "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
+            "mlflow.source.git.commit": commit}
+    name = cell if stage.startswith("train@") else stage          # e.g. "probe@lstm" beside "lstm"
+    try:
+        return client.create_run(experiment_id, run_name=f"{name} ({exp_name})" if exp_name else name,
+                                 tags={k: v for k, v in tags.items() if v})
+    except Exception as exc:
+        raise TrackingUnavailable(f"MLflow store {client.tracking_uri}: cannot create a run: {one_line(exc)}") from None
+
+
+def _continued_run(client: Any, run_file: Path) -> Any:
+    """The run an interrupted training recorded in `run_file`, set running again; None (with a
+    warning) when there is no usable record or the store does not have that run."""
+    try:
+        record = json.loads(run_file.read_text(encoding="utf-8"))
+        if record["tracking_uri"] != client.tracking_uri:
+            raise ValueError(f"run {record['run_id']} was logged to {record['tracking_uri']}, not {client.tracking_uri}")
+        run = client.get_run(record["run_id"])
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run
+    except Exception as exc:  # noqa: BLE001 - no usable record or run: a new run instead
+        _warn(f"{run_file}: cannot continue its run ({one_line(exc)}); the resumed training starts a new run")
+        return None
 
 
 def _warn(message: str) -> None:
