@@ -42,8 +42,8 @@ def _store_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def connect(experiment: str, tags: Mapping[str, str] = {}) -> tuple[Any, str, str]:
-    """(MlflowClient, tracking URI, experiment id), creating the store and the experiment if needed;
+def connect(experiment: str, tags: Mapping[str, str] = {}) -> tuple[Any, str]:
+    """(MlflowClient, experiment id), creating the store and the experiment if needed;
     `tags` (and EXPERIMENT_KIND) are set on the experiment where it lacks them."""
     root = resolve_root()
     uri, artifact_location = tracking_location(root)
@@ -69,7 +69,7 @@ def connect(experiment: str, tags: Mapping[str, str] = {}) -> tuple[Any, str, st
                 found = client.get_experiment_by_name(experiment)
                 if found is None:
                     try:
-                        return client, uri, client.create_experiment(experiment, artifact_location, tags)
+                        return client, client.create_experiment(experiment, artifact_location, tags)
                     except MlflowException as exc:      # another machine created it in between
                         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                             raise
@@ -81,7 +81,7 @@ def connect(experiment: str, tags: Mapping[str, str] = {}) -> tuple[Any, str, st
                         f"--experiment-id {found.experiment_id}) or set another mlflow.experiment")
                 for key in tags.keys() - found.tags.keys():
                     client.set_experiment_tag(found.experiment_id, key, tags[key])
-                return client, uri, found.experiment_id
+                return client, found.experiment_id
     except TrackingUnavailable:
         raise
     except Exception as exc:

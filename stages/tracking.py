@@ -153,8 +153,8 @@ class Tracker:
         if not cfg["enabled"]:
             return cls()
         kind = stage.partition("@")[0] if stage.startswith(("probe@", "pretrain@")) else "train"
-        client, uri, experiment_id = connect(cfg.get(f"{kind}_experiment", cfg["experiment"]),
-                                             {"mlflow.note.content": EXPERIMENT_NOTES[kind]})
+        client, experiment_id = connect(cfg.get(f"{kind}_experiment", cfg["experiment"]),
+                                        {"mlflow.note.content": EXPERIMENT_NOTES[kind]})
         run = _continued_run(client, Path(run_file)) if resume and run_file else None
         if run is not None:
             print(f"{cell}: continuing MLflow run {run.info.run_id}", flush=True)
@@ -171,7 +171,8 @@ class Tracker:
             if run_file is not None:
                 from rnn.io import write_json
 
-                write_json(run_file, {"run_id": tracker.run_id, "tracking_uri": uri, "experiment_id": experiment_id})
+                write_json(run_file, {"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
+                                      "experiment_id": experiment_id})
         if cfg["register"] and stage.startswith("train@"):
             tracker.register_as = f"{cfg['experiment']}-{cell}"
         if not stage.startswith("evaluate@"):
@@ -187,7 +188,8 @@ class Tracker:
         if not cfg["enabled"]:
             return cls()
         cell, digest = stage.partition("@")[2] or stage, model_digest(model_dir)
-        client, uri, experiment_id = connect(cfg["experiment"])
+        client, experiment_id = connect(cfg["experiment"])
+        uri = client.tracking_uri
         try:
             runs = client.search_runs([experiment_id], filter_string=f"tags.model_digest = '{digest}'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
@@ -447,13 +449,13 @@ def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: s
     try:    # (The fluent API would set the commit.) Taken in cwd: in a queued experiment the copy
         # being run, whose HEAD is the baseline.
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip() if git.returncode == 0 else base_rev
+        commit = git.stdout.strip() if git.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        commit = base_rev
+        commit = None
     tags = {"cell": cell, "mlflow.runColor": CELL_COLORS.get(cell, "#7f7f7f"), "dvc.stage": stage,
             "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
             "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
-            "mlflow.source.git.commit": commit}
+            "mlflow.source.git.commit": commit or base_rev}
     name = cell if stage.startswith("train@") else stage          # e.g. "probe@lstm" beside "lstm"
     try:
         return client.create_run(experiment_id, run_name=f"{name} ({exp_name})" if exp_name else name,
