@@ -408,8 +408,10 @@ def check_store(uri: str, writing: bool = False) -> Path | None:
                                       f"({' '.join(str(e).split())}); move it away, {fix}") from None
         if not writing and "experiments" not in tables:
             raise TrackingUnavailable(f"MLflow store {uri}: {db} is an SQLite database without MLflow's tables")
-    if writing and not os.access(db if db.exists() else folder, os.W_OK):
-        raise TrackingUnavailable(f"MLflow store {uri}: {db if db.exists() else folder} is not writable; {fix}")
+    # (the folder too: SQLite writes a journal beside the database)
+    unwritable = [p for p in (folder, db) if p.exists() and not os.access(p, os.W_OK)]
+    if writing and unwritable:
+        raise TrackingUnavailable(f"MLflow store {uri}: {unwritable[-1]} is not writable; {fix}")
     return db
 
 

@@ -19,16 +19,19 @@ from rnn.text import MAX_REVIEW_BYTES
 
 
 def reviews(model_input: pd.DataFrame) -> list[str]:
-    """The `text` column, each a string of at most MAX_REVIEW_BYTES of UTF-8. The signature's string
-    column lets any JSON value through (pandas holds them as objects); anything else raises an
-    MlflowException naming the field, which the scoring server answers with HTTP 400."""
+    """The `text` column, each a string of at most MAX_REVIEW_BYTES of UTF-8; anything else raises an
+    MlflowException naming the field, which the scoring server answers with HTTP 400. (The signature's
+    string column refuses a missing column or one of numbers only, but lets a mix through: pandas
+    holds it as objects, a null among strings as NaN.)"""
     if "text" not in model_input.columns:
-        raise MlflowException.invalid_parameter_value(f"no field 'text' (fields: {', '.join(map(str, model_input.columns))})")
+        fields = ", ".join(map(str, model_input.columns))
+        raise MlflowException.invalid_parameter_value(f"no field 'text' (fields: {fields})")
     texts = model_input["text"].tolist()
     for row, text in enumerate(texts):
         if not isinstance(text, str):
+            what = "null" if text is None or text != text else f"{type(text).__name__} {text!r:.40}"
             raise MlflowException.invalid_parameter_value(
-                f"field 'text' of row {row}: a review must be a string, not {type(text).__name__} {str(text)[:40]!r}")
+                f"field 'text' of row {row}: a review must be a string, not {what}")
         # len() first: a string with more characters has more bytes, and is not encoded for nothing.
         if len(text) > MAX_REVIEW_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_REVIEW_BYTES:
             raise MlflowException.invalid_parameter_value(

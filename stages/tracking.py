@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,8 +35,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rnn.train import TrainingInterrupted
 from stages import outputs, settings
-from stages.mlstore import TrackingUnavailable, connect, one_line    # first: it turns MLflow's telemetry off
+from stages.mlstore import TrackingUnavailable, connect, one_line    # (it turns MLflow's telemetry off)
 
 # rnn.train.fit's per-step record -> metric (step = optimizer step), per-epoch record (step = epoch),
 # metrics/<cell>/train.json (step 0, at the end) and rnn.metrics.binary_metrics (evaluate).
@@ -116,10 +119,9 @@ def _logging(method):
 
 
 class Tracker:
-    """One MLflow run written through an `MlflowClient` (no global active run), or nothing at all
-    when `client` is None (tracking off). Per-step metrics are buffered and sent with `log_batch`
-    every `log_every_steps` steps and at each epoch end: one request per step would cost ~3-8 ms
-    against SQLite and more over HTTP."""
+    """One MLflow run written through an `MlflowClient` (no global active run); nothing at all when
+    `client` is None. Step metrics go out with `log_batch` every `log_every_steps` steps and at each
+    epoch end: one request per step would cost ~3-8 ms against SQLite and more over HTTP."""
 
     def __init__(self, client: Any = None, run: Any = None, cell: str = "", log_every_steps: int = 1,
                  resumed: bool = False, continued: bool = False) -> None:
@@ -145,10 +147,9 @@ class Tracker:
     @classmethod
     def start(cls, params: settings.Params, cell: str, stage: str, run_hash: str | None = None,
               run_file: str | Path | None = None, resume: bool = False) -> Tracker:
-        """The run of `stage` (e.g. "train@lstm") for `cell`. `run_hash` (settings.run_hash) becomes
-        the `params_hash` tag. run_file: where the run id is kept (beside the training checkpoint);
-        with `resume` the run named there continues if the store has it, else a new run starts and
-        the file is rewritten. Raises TrackingUnavailable (one line) when the store is unusable."""
+        """The run of `stage` (e.g. "train@lstm"), tagged `params_hash` = run_hash. With `resume` the
+        run named in run_file (kept beside the checkpoint) continues if the store has it; else a new
+        run starts and run_file names it. Raises TrackingUnavailable when the store is unusable."""
         cfg = params["mlflow"]
         if not cfg["enabled"]:
             return cls()
@@ -175,15 +176,22 @@ class Tracker:
                                       "experiment_id": experiment_id})
         if cfg["register"] and stage.startswith("train@"):
             tracker.register_as = f"{cfg['experiment']}-{cell}"
-        if not stage.startswith("evaluate@"):
-            tracker._start_system_metrics(cfg["system_metrics_every"])
+        every = cfg["system_metrics_every"]
+        if every > 0 and not stage.startswith("evaluate@") and importlib.util.find_spec("psutil"):
+            # CPU, memory, disk and network as system/ metrics, by MLflow's own monitor (a thread
+            # that needs psutil, optional in MLflow; `end` stops it).
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            tracker._monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=every, tracking_uri=
+                                                    tracker.tracking_uri, resume_logging=tracker.continued)
+            tracker._monitor.start()
         return tracker
 
     @classmethod
     def for_model(cls, params: settings.Params, model_dir: str | Path, stage: str) -> Tracker:
-        """The run that trained the model in `model_dir` (the newest run tagged with its digest), to
-        add to; a new run with a warning when the store has none (tracking was off when training,
-        another store, or a model folder from elsewhere)."""
+        """The newest run tagged with the digest of the model in `model_dir` (the run that trained it),
+        to add to; else, with a warning, a new run (tracking was off, another store, a copied model)."""
         cfg = params["mlflow"]
         if not cfg["enabled"]:
             return cls()
@@ -207,27 +215,6 @@ class Tracker:
         if stage not in stages.split(","):
             tracker._set_tags({"dvc.stages": f"{stages},{stage}" if stages else stage})
         return tracker
-
-    def _start_system_metrics(self, every: float) -> None:
-        """CPU, memory, disk and network every `every` seconds as system/ metrics, by MLflow's own
-        monitor (a thread; it needs psutil and stops at `end`)."""
-        if every <= 0:
-            return
-        try:
-            import logging
-
-            import psutil  # noqa: F401 - the monitor's dependency, optional in MLflow
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every,
-                                                 resume_logging=self.continued, tracking_uri=self.tracking_uri)
-            self._monitor.start()
-        except ImportError:
-            self._monitor = None
-        except Exception as exc:  # noqa: BLE001 - training goes on without system metrics
-            self._monitor = None
-            _warn(f"no system metrics: {exc}")
 
     # -- logging -------------------------------------------------------------------------------
 
@@ -259,8 +246,8 @@ class Tracker:
 
     @_logging
     def log_datasets(self, root: Path, rows: Mapping[str, int]) -> None:
-        """data/prepared/<split>.npz as the run's dataset inputs imdb-<split>, digest = the file's DVC
-        md5 (as in dvc.lock): the run names its data version. rows: {split: number of reviews}."""
+        """data/prepared/<split>.npz as dataset inputs imdb-<split> of {split: reviews}, digest = the
+        file's DVC md5 (as in dvc.lock): the run names its data version."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         inputs = []
@@ -283,8 +270,7 @@ class Tracker:
 
     @_logging
     def on_epoch(self, info: Mapping[str, Any]) -> None:
-        """rnn.train.fit callback: the epoch's metrics (step = epoch), sent with the buffered steps;
-        the first epoch's gradient trace as metric series."""
+        """rnn.train.fit callback: the epoch's metrics (step = epoch), and the first epoch's gradient trace."""
         self._add({name: info[key] for key, name in EPOCH_METRICS.items() if key in info}, int(info["epoch"]))
         self._flush()
         if info.get("trace") and int(info["epoch"]) == 1:
@@ -292,9 +278,8 @@ class Tracker:
 
     @_logging
     def log_summary(self, metrics: Mapping[str, Any], traces: Sequence[Mapping[str, list]]) -> None:
-        """When training ends (after `log_model`): metrics/<cell>/train.json's figures, the best
-        validation accuracy linked to the logged model, and the last epoch's gradient trace as
-        metric series (the first epoch's too if this run missed it)."""
+        """After `log_model`: metrics/<cell>/train.json's figures (the best validation accuracy linked
+        to the model) and the last epoch's gradient trace (the first's too if this run missed it)."""
         summary = {name: metrics[key] for key, name in SUMMARY_METRICS.items() if key in metrics}
         best = {"accuracy/val_best": summary.pop("accuracy/val_best")} if "accuracy/val_best" in summary else {}
         self._add(summary, 0)
@@ -307,8 +292,7 @@ class Tracker:
 
     @_logging
     def log_test_metrics(self, scores: Mapping[str, Any], buckets: Sequence[Mapping[str, Any]]) -> None:
-        """evaluate's scores (rnn.metrics.binary_metrics) linked to the run's model and the test
-        dataset, and accuracy by review length (step = the bucket's shortest review)."""
+        """evaluate's scores (binary_metrics) linked to the model and the test data; accuracy by length."""
         numbers = {name: scores[key] for key, name in TEST_METRICS.items() if scores.get(key) is not None}
         self._add(numbers, 0, model_id=self.model_id, dataset=self.datasets.get("test"))
         for row in buckets:
@@ -330,10 +314,9 @@ class Tracker:
 
     @_logging
     def log_model(self, folder: Path) -> None:
-        """The model folder as this run's MLflow model "model": pyfunc from code (stages/pyfunc_model.py)
-        with the folder as its artifact and the `rnn` package as its code, a signature (a string
-        column `text` in, P(positive) out) and an input example; registered as <experiment>-<cell>
-        when `mlflow.register` is set."""
+        """The folder as the run's model "model": pyfunc from code (stages/pyfunc_model.py), the folder
+        and a copy of `rnn` inside, a signature (string column `text` in, P(positive) out), an input
+        example; registered as <experiment>-<cell> with `mlflow.register`."""
         self._call("models", 1, self._log_model, Path(folder))
 
     def _log_model(self, folder: Path) -> None:
@@ -359,16 +342,17 @@ class Tracker:
             mlflow.pyfunc.log_model(
                 name=MODEL_NAME, model_id=model.model_id, python_model=str(PYFUNC_FILE),
                 artifacts={"model_dir": str(folder)}, code_paths=[str(code)],
-                signature=ModelSignature(Schema([ColSpec("string", "text")]), Schema([ColSpec("double", "p_positive")])),
+                signature=ModelSignature(Schema([ColSpec("string", "text")]),
+                                         Schema([ColSpec("double", "p_positive")])),
                 input_example=pd.DataFrame({"text": INPUT_EXAMPLE}), registered_model_name=self.register_as,
-                pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"])
+                pip_requirements=[f"{m.__name__}=={m.__version__}" for m in (mlflow, np, pd)])
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
         self.model_id = model.model_id
 
     @_logging
     def end(self, status: str = "FINISHED") -> None:
-        """Stop the system metrics, send what is buffered, close the run (a resumed run keeps the
-        train stage's status) and report on stderr what could not be logged. Safe to call twice."""
+        """Stop the system metrics, send what is buffered, close the run (a resumed one keeps its
+        status) and report on stderr what could not be logged. Safe to call twice."""
         if self._ended:
             return
         self._ended = True
@@ -385,13 +369,14 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.end("FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        """The run ends FINISHED, KILLED (Ctrl-C, SIGTERM: fit saved a checkpoint) or FAILED."""
+        stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, TrainingInterrupted))
+        self.end("FINISHED" if exc_type is None else "KILLED" if stopped else "FAILED")
 
     # -- internals -----------------------------------------------------------------------------
 
     def _log_trace(self, trace: Mapping[str, list], when: str) -> None:
-        """fit's gradient trace {state: mean norm by distance} as gradient/log10_dL_d<state>_<when>
-        series (state a: the hidden state, c: the LSTM's memory cell)."""
+        """fit's trace {state (a: hidden, c: LSTM memory): mean norm by distance} as gradient/ series."""
         self._first_trace_logged |= when == "first_epoch"
         for state in sorted(trace):
             self.log_series(f"gradient/log10_dL_d{state}_{when}", trace[state])
@@ -470,7 +455,7 @@ def _continued_run(client: Any, run_file: Path) -> Any:
     try:
         record = json.loads(run_file.read_text(encoding="utf-8"))
         if record["tracking_uri"] != client.tracking_uri:
-            raise ValueError(f"run {record['run_id']} was logged to {record['tracking_uri']}, not {client.tracking_uri}")
+            raise ValueError(f"its run was logged to {record['tracking_uri']}, not {client.tracking_uri}")
         run = client.get_run(record["run_id"])
         client.update_run(run.info.run_id, status="RUNNING")
         return run

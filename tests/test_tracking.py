@@ -783,6 +783,7 @@ def test_logged_model_answers_invocations_on_loopback(project, tmp_path):
     # Not a review: refused with 400 naming the field, before anything is tokenized.
     for bad, (status, answer) in refused.items():
         assert status == 400 and "field 'text' of row 1" in answer["message"], (bad, answer)
+    assert "not null" in refused["None"][1]["message"] and "not int 5" in refused["5"][1]["message"]
     assert "at most 1048576 bytes" in refused[repr(too_long)[:20]][1]["message"]
 
 
