@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from rnn.cli import TrackingUnavailable, check_store as check_uri, resolve_root, tracking_location  # noqa: F401
+from rnn.cli import TrackingUnavailable, check_store as check_uri, resolve_root, tracking_location
 
 # Marks an experiment as model training: MLflow 3's UI then opens it on its runs, charts and models
 # (without it, a fresh browser shows the GenAI view of traces). A kind chosen in the UI is kept.
