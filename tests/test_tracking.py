@@ -622,9 +622,8 @@ def test_disabled_tracking_creates_no_store_and_imports_no_mlflow(tmp_path):
         t.set_model_digest(Path("x")); t.log_model(Path("x")); t.log_summary({{}}, [])
         t.log_test_metrics({{}}, []); t.log_artifact("x"); t.log_artifacts("x"); t.end()
         assert Tracker.for_model(params, "x", "evaluate@lstm").client is None
-        with Tracker.start(params, "lstm", "probe@lstm") as t:
+        with Tracker.start(params, "lstm", "probe@lstm") as t:     # what the probe stage does
             t.log_metrics({{"m": 1.0}})
-        assert not t.lost
         print("mlflow" in sys.modules)
     """)
     env = {**os.environ, "DVC_ROOT": str(tmp_path)}
