@@ -30,7 +30,7 @@ from .text import tokenize
 
 LABEL_VALUES = {"1": 1, "1.0": 1, "pos": 1, "positive": 1, "0": 0, "0.0": 0, "neg": 0, "negative": 0}
 DEFAULT_EXPERIMENT = "imdb-sentiment"
-STORE_TIMEOUT_S = 5.0          # `rnn runs` gives up on a store that does not answer within this
+STORE_TIMEOUT_S = 5.0          # check_store gives up on a store that does not answer within this
 # Columns of `rnn runs`: the train settings each run trained with (the tracker logs them with the
 # cell's overrides merged, as "train.<name>"), then metrics as logged by train and evaluate.
 RUN_PARAMS = ("optimizer", "lr", "hidden_size", "num_layers", "pooling", "dropout")
@@ -310,13 +310,120 @@ def _generate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------- runs
+# Where runs go and whether that store answers: `rnn runs`, `rnn ui` and the stages (stages/mlstore.py)
+# share these, without importing MLflow.
+
+# MLflow's usage telemetry sets and removes an environment variable from a thread of its own while
+# the HTTP client reads the environment for proxy settings; with a server under load a stage lost
+# its params to "log-batch failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'" (seen in a sweep
+# on two machines). The runs here never need it, and machines without internet cannot send it.
+# Set before MLflow is first imported: `runs`, `ui` and stages/mlstore.py import this module first.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+QUEUED_EXP_DIR = "/.dvc/tmp/exps/"
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow store cannot be reached or used."""
+
+
+def resolve_root(environ: dict[str, str] | None = None, cwd: str | Path | None = None) -> Path:
+    """The absolute project root runs are stored under: `DVC_ROOT` when set, else the nearest
+    directory upward from `cwd` holding params.yaml (FileNotFoundError if none).
+
+    Queued (`dvc exp run --queue`) and `--temp` experiments run in a throw-away copy
+    `<repo>/.dvc/tmp/exps/[standalone/]tmpXXXX`. DVC 3.67 sets DVC_ROOT to the real repo there (the
+    cwd is the copy); older DVC set it to the copy, so such a root is mapped back to the repo, or
+    the runs would vanish with the copy.
+    """
+    environ = os.environ if environ is None else environ
+    cwd = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    if environ.get("DVC_ROOT"):
+        root = (cwd / environ["DVC_ROOT"]).resolve()          # an absolute DVC_ROOT replaces cwd
+        text = root.as_posix() + "/"
+        return Path(text[:text.index(QUEUED_EXP_DIR)] or "/") if QUEUED_EXP_DIR in text else root
+    marked = (d for d in (cwd, *cwd.parents) if (d / "params.yaml").is_file())
+    root = next(marked, None)
+    if root is None:
+        raise FileNotFoundError(f"params.yaml not found in {cwd} or any parent directory")
+    return root
+
+
+def tracking_location(root: Path, environ: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment, or None for the store's default).
+
+    `MLFLOW_TRACKING_URI` wins, else `sqlite:///<root>/mlflow.db`. SQLite paths are made absolute
+    (a relative one is taken from the root) and artifacts go beside the database in mlartifacts/:
+    both would otherwise follow the cwd, in a queued experiment a copy deleted after the run.
+    """
+    environ = os.environ if environ is None else environ
+    uri = environ.get("MLFLOW_TRACKING_URI", "").strip() or "sqlite:///mlflow.db"
+    if not uri.startswith("sqlite:///"):
+        return uri, None
+    path, query = uri[len("sqlite:///"):].partition("?")[::2]
+    db = root / path                   # an absolute path replaces root
+    return f"sqlite:///{db.as_posix()}" + (f"?{query}" if query else ""), (db.parent / "mlartifacts").as_uri()
+
+
+def check_store(uri: str, writing: bool = False) -> Path | None:
+    """Fail in one line, within STORE_TIMEOUT_S, when the store at `uri` cannot be used: no server
+    answers at an http(s) URI; an SQLite file is no readable database, or (`writing`, as the stages
+    do) cannot be created or written, or (reading) is missing or without MLflow's tables. Returns the
+    SQLite file, if any. Raises TrackingUnavailable."""
+    fix = "fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml" if writing else \
+        "fix --tracking-uri / MLFLOW_TRACKING_URI"
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+        url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=probe"
+        try:
+            with urllib.request.urlopen(url, timeout=STORE_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            pass                                   # any HTTP status is an answer
+        except OSError as e:                       # URLError, refused, timed out
+            reason = " ".join(str(getattr(e, "reason", e)).split())
+            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); start it, {fix}") \
+                from None
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):].partition("?")[0])
+    folder = next(p for p in (db.parent, *db.parent.parents) if p.exists())
+    if not writing and not db.is_file():
+        raise TrackingUnavailable(f"no MLflow store at {db}: nothing tracked yet")
+    if not folder.is_dir():
+        raise TrackingUnavailable(f"MLflow store {uri}: {folder} is not a folder; {fix}")
+    if db.exists():
+        if not db.is_file():
+            raise TrackingUnavailable(f"MLflow store {uri}: {db} is not a file; {fix}")
+        import contextlib
+        import sqlite3
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True,
+                                                    timeout=STORE_TIMEOUT_S)) as con:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if "experiments" in tables:
+                    con.execute("SELECT count(*) FROM experiments").fetchone()
+        except sqlite3.Error as e:
+            raise TrackingUnavailable(f"MLflow store {uri}: {db} is not a usable SQLite database "
+                                      f"({' '.join(str(e).split())}); move it away, {fix}") from None
+        if not writing and "experiments" not in tables:
+            raise TrackingUnavailable(f"MLflow store {uri}: {db} is an SQLite database without MLflow's tables")
+    # (the folder too: SQLite writes a journal beside the database)
+    unwritable = [p for p in (folder, db) if p.exists() and not os.access(p, os.W_OK)]
+    if writing and unwritable:
+        raise TrackingUnavailable(f"MLflow store {uri}: {unwritable[-1]} is not writable; {fix}")
+    return db
+
+
 def _store(args) -> tuple[Path, str, str]:
     """(project root, tracking URI, experiment name) of `runs` and `ui`."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")   # why: stages/mlstore.py
-    root = _project_root()
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        root = resolve_root()
+    except FileNotFoundError:          # outside a project: --tracking-uri or MLFLOW_TRACKING_URI names the store
+        root = Path.cwd().resolve()
+    uri = args.tracking_uri or tracking_location(root)[0]
     experiment = args.experiment or _params_experiment(root) or DEFAULT_EXPERIMENT
-    _check_store(uri)
+    check_store(uri)
     return root, uri, experiment
 
 
@@ -421,50 +528,6 @@ def _stop_group(proc) -> None:
             return
         except subprocess.TimeoutExpired:
             pass
-
-
-def _check_store(uri: str) -> None:
-    """Fail in one line, within STORE_TIMEOUT_S, when the store cannot be read: no server answers at
-    an http(s) URI, or an SQLite file is missing or no MLflow database (what the pipeline's check
-    stage does too, stages/mlstore.py)."""
-    if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-        url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=probe"
-        try:
-            with urllib.request.urlopen(url, timeout=STORE_TIMEOUT_S):
-                pass
-        except urllib.error.HTTPError:
-            pass                                   # any HTTP status is an answer
-        except OSError as e:                       # URLError, refused, timed out
-            reason = getattr(e, "reason", e)
-            raise ValueError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, "
-                             "or fix --tracking-uri / MLFLOW_TRACKING_URI") from None
-    elif uri.startswith("sqlite:///"):
-        import contextlib
-        import sqlite3
-        db = Path(uri[len("sqlite:///"):].partition("?")[0])
-        if not db.is_file():
-            raise ValueError(f"no MLflow store at {db}: nothing tracked yet")
-        try:
-            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True,
-                                                    timeout=STORE_TIMEOUT_S)) as con:
-                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if "experiments" in tables:
-                    con.execute("SELECT count(*) FROM experiments").fetchone()
-        except sqlite3.Error as e:
-            raise ValueError(f"MLflow store {uri}: {db} is not a usable SQLite database ({e})") from None
-        if "experiments" not in tables:
-            raise ValueError(f"MLflow store {uri}: {db} is an SQLite database without MLflow's tables")
-
-
-def _project_root() -> Path:
-    """$DVC_ROOT, else the nearest directory upward from here holding params.yaml or dvc.yaml."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    cwd = Path.cwd().resolve()
-    marked = (d for d in (cwd, *cwd.parents) if (d / "params.yaml").is_file() or (d / "dvc.yaml").is_file())
-    return next(marked, cwd)
 
 
 def _params_experiment(root: Path) -> str | None:

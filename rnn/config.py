@@ -17,6 +17,9 @@ CLIP_MODES = ("none", "value", "norm")
 TRUNCATE_MODES = ("head", "tail", "both")          # which tokens of a long review are kept
 PROBE_VARIANTS = ("signal", "order")               # the memory probe's tasks (rnn/probe.py)
 MAX_LEN = 10_000                                   # tokens per review at most (IMDB's longest: ~2,500)
+# Bytes of UTF-8 a review may have, in an archive or sent to a served model (IMDB's largest: 14 KB):
+# reading or tokenizing more would only use memory.
+MAX_REVIEW_BYTES = 1 << 20
 
 
 def cell_kind(cell: str, reset_after: bool = False) -> str:

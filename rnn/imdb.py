@@ -15,12 +15,12 @@ import tarfile
 import zlib
 from pathlib import Path
 
+from rnn.config import MAX_REVIEW_BYTES
 from rnn.errors import InputError
 
 # (split, class dir) pairs that must exist and be non-empty; label per class.
 SPLITS = {"train": ("pos", "neg", "unsup"), "test": ("pos", "neg")}
 LABELS = {"pos": 1, "neg": 0, "unsup": -1}
-MAX_REVIEW_BYTES = 1 << 20
 MAX_UNPACKED_BYTES = 1 << 30
 MAX_RATING = 10                       # IMDB's scale; unlabelled reviews have 0
 MAX_ID = 2**63 - 1                    # ids are stored as int64

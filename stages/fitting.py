@@ -15,8 +15,9 @@ from pathlib import Path
 from rnn.train import TrainingDiverged, TrainingInterrupted
 from stages import outputs
 
-# What the MLflow logging loads: it changes what is logged, not the weights (nor a DVC dependency).
-LOGGING_ONLY = {"tracking.py", "mlstore.py", "pyfunc_model.py"}
+# What the MLflow logging loads (rnn/cli.py: where the store is): it changes what is logged, not the
+# weights (nor a DVC dependency).
+LOGGING_ONLY = {"tracking.py", "mlstore.py", "pyfunc_model.py", "cli.py"}
 
 
 def checkpoint_folder(root: Path, cell: str, key: str) -> tuple[Path, bool]:
@@ -46,23 +47,18 @@ def code_digest(stage_file: str) -> str:
 
 @contextmanager
 def finishing(tracker, what: str, advice: str) -> Iterator[None]:
-    """Close the MLflow run with the training's outcome. A diverged training exits 2 and an
-    interrupted one (checkpoint saved) 130, each with one line; `what` names the model, `advice`
-    says what to change when it diverges."""
+    """Close the MLflow run with the training's outcome (the tracker's `with`). A diverged training
+    exits 2 and an interrupted one (checkpoint saved) 130, each with one line; `what` names the
+    model, `advice` says what to change when it diverges."""
     try:
-        yield
+        with tracker:
+            yield
     except TrainingDiverged as exc:
-        tracker.end(status="FAILED")
         print(f"error: {what} diverged: {exc}; no model saved ({advice})", file=sys.stderr)
         sys.exit(2)
     except TrainingInterrupted as exc:
-        tracker.end(status="KILLED")
         print(f"error: {exc}; rerun the stage to resume", file=sys.stderr)
         sys.exit(130)
-    except BaseException:
-        tracker.end(status="FAILED")
-        raise
-    tracker.end()
 
 
 class Progress:

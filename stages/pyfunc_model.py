@@ -12,8 +12,32 @@ package as the model's code, so a fresh process loads it with only mlflow, numpy
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 import rnn      # the copy logged with the model (its code path) comes first on sys.path
+from rnn.config import MAX_REVIEW_BYTES
+
+
+def reviews(model_input: pd.DataFrame) -> list[str]:
+    """The `text` column, each a string of at most MAX_REVIEW_BYTES of UTF-8; anything else raises an
+    MlflowException naming the field, which the scoring server answers with HTTP 400. (The signature's
+    string column refuses a missing column or one of numbers only, but lets a mix through: pandas
+    holds it as objects, a null among strings as NaN.)"""
+    if "text" not in model_input.columns:
+        fields = ", ".join(map(str, model_input.columns))
+        raise MlflowException.invalid_parameter_value(f"no field 'text' (fields: {fields})")
+    texts = model_input["text"].tolist()
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            what = "null" if text is None or text != text else f"{type(text).__name__} {text!r:.40}"
+            raise MlflowException.invalid_parameter_value(
+                f"field 'text' of row {row}: a review must be a string, not {what}")
+        # len() first: a string with more characters has more bytes, and is not encoded for nothing.
+        if len(text) > MAX_REVIEW_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_REVIEW_BYTES:
+            raise MlflowException.invalid_parameter_value(
+                f"field 'text' of row {row}: a review may have at most {MAX_REVIEW_BYTES} bytes of UTF-8 "
+                f"({MAX_REVIEW_BYTES >> 20} MiB), this one has more")
+    return texts
 
 
 class SentimentModel(mlflow.pyfunc.PythonModel):
@@ -24,7 +48,7 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         """model_input: a `text` column (the signature's input). Returns P(positive) (N,) float64."""
-        return self.predictor.predict_proba([str(t) for t in model_input["text"]])
+        return self.predictor.predict_proba(reviews(model_input))
 
 
 mlflow.models.set_model(SentimentModel())

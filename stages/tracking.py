@@ -1,32 +1,28 @@
-"""What an MLflow run logs, for the train, evaluate, pretrain and probe stages (where runs go: stages/mlstore.py).
+"""What an MLflow run logs, for the train, evaluate, pretrain and probe stages (the store: stages/mlstore.py).
 
-One MLflow run per `train@<cell>`: its settings, the datasets it read (with their DVC hashes), per-epoch
-and per-step metrics, CPU and memory, the gradient trace (as metric series and as table and figure)
-and the trained model as an MLflow model (stages/pyfunc_model.py: raw text in, P(positive) out).
-`evaluate@<cell>` finds the run that produced models/<cell>/ by the folder's digest (tag
-`model_digest`) and adds the test metrics to it, so one run holds everything about one model; no run
-id is written into the model folder, which stays byte-identical for identical training.
+One run per `train@<cell>`: its settings, the datasets it read (digest: their DVC md5), per-epoch and
+per-step metrics, system metrics, the gradient trace as metric series (step = distance from the last
+token) and the model as an MLflow pyfunc (stages/pyfunc_model.py: raw text in, P(positive) out).
+`evaluate@<cell>` finds that run by the model folder's digest (tag `model_digest`) and adds to it; no
+run id goes into the model folder, which stays byte-identical for identical training.
 
     tracker = Tracker.start(params, cell="lstm", stage="train@lstm", run_hash=..., run_file=...)
     fit(..., callbacks=[tracker])            # on_step / on_epoch
-    tracker.log_summary(metrics, traces); tracker.log_model(model_dir)
-    tracker.end()
+    tracker.log_model(model_dir); tracker.log_summary(metrics, traces); tracker.end()
 
-Metric names are chosen for MLflow's chart view, which makes one section per prefix before "/" and
-sorts the sections by name, system metrics last (MLflow 3.17, RunsChartsCardConfig.
-getBaseChartAndSectionConfigs): accuracy/ (test, and the train and val curves by epoch), gradient/
-(log10 |dL/da| by distance from the last token: the three cells' curves overlay in one chart),
-loss/, probe/, test/, train/ (per-step and per-epoch diagnostics), val/, system/.
-
-`mlflow.enabled: false` gives a `NullTracker` with the same methods that does nothing (mlflow is
-not even imported). Tracking never kills training: once a run has started, a failing store is
-warned about once, what could not be logged is counted, and `end()` reports it.
+Metric names suit MLflow's chart view: one section per prefix before "/", sorted by name, system/
+last (MLflow 3.17). With `mlflow.enabled: false` the tracker has no client, its methods do nothing
+and MLflow is never imported. Tracking never stops training: a failing store is warned about once,
+what could not be logged is counted in `lost`, and `end()` reports it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,87 +30,51 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rnn.train import TrainingInterrupted
 from stages import outputs, settings
-from stages.mlstore import TrackingUnavailable, connect, one_line
-from stages.plots import grad_trace_figure
+from stages.mlstore import TrackingUnavailable, connect, one_line    # (it turns MLflow's telemetry off)
 
-# rnn.train.fit's per-step record -> metric (step = optimizer step).
+# rnn.train.fit's per-step record -> metric (step = optimizer step), per-epoch record (step = epoch),
+# metrics/<cell>/train.json (step 0, at the end) and rnn.metrics.binary_metrics (evaluate).
 STEP_METRICS = {"loss": "train/step_loss", "grad_norm": "train/step_grad_norm",
                 "grad_norm_clipped": "train/step_grad_norm_clipped", "clipped": "train/step_clipped"}
-# fit's per-epoch record -> metric (step = epoch): the learning curves first.
-EPOCH_METRICS = {
-    "train_accuracy": "accuracy/train",
-    "val_accuracy": "accuracy/val",
-    "val_perplexity": "perplexity/val",
-    "train_loss": "loss/train",
-    "val_loss": "loss/val",
-    "lr": "train/lr",
-    "seconds": "train/epoch_seconds",
-    "tokens_per_s": "train/tokens_per_s",
-    "grad_norm_mean": "train/grad_norm_mean",
-    "grad_norm_max": "train/grad_norm_max",
-    "clipped_fraction": "train/clipped_fraction",
-    "val_seconds": "val/seconds",
-}
-# metrics/<cell>/train.json -> metric (step 0), when training ends.
-SUMMARY_METRICS = {
-    "best_val_accuracy": "accuracy/val_best",
-    "best_epoch": "train/best_epoch",
-    "epochs_run": "train/epochs_run",
-    "stopped_early": "train/stopped_early",
-    "steps": "train/steps",
-    "train_seconds": "train/seconds",
-    "wall_seconds": "train/wall_seconds",
-    "num_parameters": "train/num_parameters",
-    "resumed": "train/resumed",
-}
-# rnn.metrics.binary_metrics -> metric (step 0), logged by evaluate.
+EPOCH_METRICS = {"train_accuracy": "accuracy/train", "val_accuracy": "accuracy/val", "val_perplexity": "perplexity/val",
+                 "train_loss": "loss/train", "val_loss": "loss/val", "lr": "train/lr", "seconds": "train/epoch_seconds",
+                 "tokens_per_s": "train/tokens_per_s", "grad_norm_mean": "train/grad_norm_mean",
+                 "grad_norm_max": "train/grad_norm_max", "clipped_fraction": "train/clipped_fraction",
+                 "val_seconds": "val/seconds"}
+SUMMARY_METRICS = {"best_val_accuracy": "accuracy/val_best", "best_epoch": "train/best_epoch",
+                   "epochs_run": "train/epochs_run", "stopped_early": "train/stopped_early", "steps": "train/steps",
+                   "train_seconds": "train/seconds", "wall_seconds": "train/wall_seconds",
+                   "num_parameters": "train/num_parameters", "resumed": "train/resumed"}
 TEST_METRICS = {"accuracy": "accuracy/test", "log_loss": "loss/test", "f1": "test/f1",
                 "precision": "test/precision", "recall": "test/recall", "roc_auc": "test/roc_auc"}
 ACCURACY_BY_LENGTH = "test/accuracy_by_length"      # step = the bucket's shortest review (tokens)
 
-
-def grad_metric(state: str, when: str) -> str:
-    """Metric of log10 |dL/d<state>| by distance from the last token, e.g. gradient/log10_dL_da_last_epoch
-    (state a: the hidden state; c: the LSTM's memory cell). when: first_epoch | last_epoch."""
-    return f"gradient/log10_dL_d{state}_{when}"
-
-
-# The UI draws a run in the colour of its `mlflow.runColor` tag, else in one hashed from its id (two
-# cells may then share one). These are the cells' colours in reports/*.png (matplotlib's C0-C2).
-RUN_COLOR = "mlflow.runColor"
+# The UI draws a run in its `mlflow.runColor`, else in one hashed from its id (two cells may then
+# share one): the cells' colours in reports/*.png (matplotlib's C0-C2).
 CELL_COLORS = {"rnn": "#1f77b4", "gru": "#ff7f0e", "lstm": "#2ca02c"}
-# The experiments' descriptions in the UI (set once; an edit made in the UI is kept).
-NOTE = "mlflow.note.content"
-EXPERIMENT_NOTES = {
-    "train": "One run per `train@<cell>` stage of the DVC pipeline; `evaluate@<cell>` adds the test "
-             "metrics to it. Chart sections: `accuracy/` and `loss/` by epoch (bars: test, best "
-             "validation), `gradient/` log10 of the mean gradient norm by distance from the last token "
-             "(the chart's step is the distance: the vanishing gradient), `test/`, `train/` by step and "
-             "by epoch, system metrics. Sweeps: group by the tag `dvc.exp_name` or by a param.",
-    "pretrain": "One run per `pretrain@<cell>` stage: the cell trained as a next-token language model "
-                "on the training part and the unlabelled reviews. `perplexity/val` by epoch (full "
-                "softmax on validation reviews), `loss/train` (sampled softmax), `train/` by step.",
-    "probe": "One run per `probe@<cell>` stage: the memory probe. `probe/accuracy` by distance of the "
-             "decisive token from the end (the chart's step is the distance), `probe/log10_dL_d*` the "
-             "gradient by steps from the end at the largest distance, over the first and last steps.",
+EXPERIMENT_NOTES = {     # the experiments' descriptions in the UI (set once; an edit made there is kept)
+    "train": "One run per `train@<cell>` stage; `evaluate@<cell>` adds the test metrics to it. `gradient/`: "
+             "log10 of the mean gradient norm by distance from the last token (the chart's step is the "
+             "distance: the vanishing gradient). Sweeps: group by the tag `dvc.exp_name` or by a param.",
+    "pretrain": "One run per `pretrain@<cell>` stage: the cell trained as a next-token language model. "
+                "`perplexity/val` by epoch (full softmax), `loss/train` (sampled softmax), `train/` by step.",
+    "probe": "One run per `probe@<cell>` stage: the memory probe. `probe/accuracy` by distance of the decisive "
+             "token from the end (the chart's step), `probe/log10_dL_d*` the gradient by steps from the end.",
 }
-TRACE_DIR = "grad_trace"
-MODEL_NAME = "model"         # `runs:/<run id>/model` loads the logged model of that name
+MODEL_NAME = "model"         # `runs:/<run id>/model` loads the logged model
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_EXAMPLE = ["A wonderful, moving film with a great cast.", "Two hours I will never get back."]
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
-
-# MLflow's limits (mlflow.utils.validation), repeated so that importing this module stays cheap.
-MAX_PARAM_VALUE = 6000
-MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
-# Step metrics kept while the store is failing, before the oldest are dropped (and counted lost).
-MAX_PENDING_METRICS = 400_000
+# MLflow's limits (mlflow.utils.validation), and how many step metrics wait for a failing store
+# before the oldest are dropped (counted lost).
+MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PENDING_METRICS = 6000, 100, 1000, 400_000
 
 
 def _param_value(value: Any) -> str:
@@ -123,29 +83,13 @@ def _param_value(value: Any) -> str:
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mapping -> {"train.clip.mode": "norm", ...} with MLflow-sized string values.
-
-    Lists and scalars are JSON (`true`, `null`, `[64, 128]`); strings stay as they are.
-    """
+    """Nested mapping -> {"train.clip.mode": "norm", ...} with MLflow-sized string values: lists and
+    scalars as JSON (`true`, `null`, `[64, 128]`), strings as they are."""
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = _param_value(value)
+        flat.update(flatten(value, name) if isinstance(value, Mapping) and value else {name: _param_value(value)})
     return flat
-
-
-def _git_commit(cwd: str | Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 def model_digest(folder: str | Path) -> str:
@@ -161,266 +105,122 @@ def model_digest(folder: str | Path) -> str:
 
 def dvc_md5(path: str | Path) -> str:
     """md5 of a file's bytes: the hash DVC 3 records for it in dvc.lock."""
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
-def log10_series(values: Sequence[float | None]) -> list[tuple[int, float]]:
-    """(index, log10 value) of the positive entries: a gradient trace by distance as metric points.
-    Distances no sequence reached (None) and norms flushed to 0 have no logarithm and are left out."""
-    return [(i, math.log10(v)) for i, v in enumerate(values) if v is not None and v > 0]
+def _logging(method):
+    """A Tracker method that does nothing when tracking is off (no client)."""
+    @functools.wraps(method)
+    def when_tracking(self, *args, **kwargs):
+        if self.client is not None:
+            return method(self, *args, **kwargs)
+    return when_tracking
 
 
-class NullTracker:
-    """What `Tracker.start`/`for_model` return when `mlflow.enabled` is false: does nothing."""
+class Tracker:
+    """One MLflow run written through an `MlflowClient` (no global active run); nothing at all when
+    `client` is None. Step metrics go out with `log_batch` every `log_every_steps` steps and at each
+    epoch end: one request per step would cost ~3-8 ms against SQLite and more over HTTP."""
 
-    run_id: str | None = None
-    tracking_uri: str | None = None
-    experiment_id: str | None = None
-    model_id: str | None = None
-
-    def log_params(self, flat: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        pass
-
-    def log_series(self, key: str, values: Sequence[float | None]) -> None:
-        pass
-
-    def log_datasets(self, root: Path, rows: Mapping[str, int]) -> None:
-        pass
-
-    def on_step(self, info: Mapping[str, Any]) -> None:
-        pass
-
-    def on_epoch(self, info: Mapping[str, Any]) -> None:
-        pass
-
-    def log_summary(self, metrics: Mapping[str, Any], traces: Sequence[Mapping[str, list]]) -> None:
-        pass
-
-    def log_model(self, folder: Path) -> None:
-        pass
-
-    def log_test_metrics(self, scores: Mapping[str, Any], buckets: Sequence[Mapping[str, Any]]) -> None:
-        pass
-
-    def set_model_digest(self, folder: Path) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def end(self, status: str = "FINISHED") -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.end(_exit_status(exc_type))
-
-
-def _exit_status(exc_type) -> str:
-    if exc_type is None:
-        return "FINISHED"
-    return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-
-
-class Tracker(NullTracker):
-    """One MLflow run, written through `MlflowClient` (no global active-run state).
-
-    Per-step metrics are buffered and sent with `log_batch` every `log_every_steps` steps and at
-    each epoch end: one request per call costs ~3-8 ms against SQLite and more over HTTP.
-    """
-
-    def __init__(self, client: Any, run_id: str, experiment_id: str, tracking_uri: str, cell: str,
-                 log_every_steps: int, resumed: bool = False, continued: bool = False) -> None:
-        self.client = client
-        self.run_id = run_id
-        self.experiment_id = experiment_id
-        self.tracking_uri = tracking_uri
-        self.cell = cell
-        self.log_every_steps = log_every_steps
+    def __init__(self, client: Any = None, run: Any = None, cell: str = "", log_every_steps: int = 1,
+                 resumed: bool = False, continued: bool = False) -> None:
+        self.client, self.cell, self.log_every_steps = client, cell, log_every_steps
+        self.run_id = run.info.run_id if run else None
+        self.experiment_id = run.info.experiment_id if run else None
+        self.tracking_uri = client.tracking_uri if client else None
         self.resumed = resumed            # another stage's run: its status is left alone
-        self.continued = continued        # this stage's own run from an interrupted attempt
-        self.lost = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "datasets": 0, "models": 0,
-                     "status updates": 0}
+        self.continued = continued        # this stage's own run, from an interrupted attempt
+        self.lost: Counter[str] = Counter()       # what could not be logged, by kind
         self.first_error: str | None = None
-        self.model_id: str | None = None          # the run's logged model
+        models = run.outputs.model_outputs if run and run.outputs else []
+        self.model_id: str | None = models[-1].model_id if models else None     # the run's logged model
         self.register_as: str | None = None       # registered model name for log_model, if any
         self.datasets: dict[str, tuple[str, str]] = {}    # split -> (name, digest) as logged
         self._pending: list = []          # mlflow.entities.Metric not yet sent
         self._steps_since_flush = 0
-        self._failing = False             # after a failed flush only epoch ends / end() retry
-        self._traces: dict[int, dict] = {}       # epoch -> fit's trace of that epoch
-        self._monitor = None              # mlflow's SystemMetricsMonitor while training
+        self._failing = False             # after a failed flush only epoch ends and end() retry
+        self._first_trace_logged = False
+        self._monitor = None              # MLflow's SystemMetricsMonitor while training
         self._ended = False
-
-    # -- construction -------------------------------------------------------------------------
 
     @classmethod
     def start(cls, params: settings.Params, cell: str, stage: str, run_hash: str | None = None,
-              run_file: str | Path | None = None, resume: bool = False) -> NullTracker:
-        """The run of `stage` (e.g. "train@lstm") for `cell`, or a NullTracker if disabled.
-        `run_hash` (settings.run_hash) becomes the `params_hash` tag: equal hash, same setup.
-
-        run_file: where the run's id is kept (beside the training checkpoint). With `resume` (a
-        checkpoint is being resumed) the run named there continues, if the current store has it;
-        otherwise a new run starts and the file is (re)written.
-
-        Raises TrackingUnavailable (one line) when the store cannot be reached or used.
-        """
+              run_file: str | Path | None = None, resume: bool = False) -> Tracker:
+        """The run of `stage` (e.g. "train@lstm"), tagged `params_hash` = run_hash. With `resume` the
+        run named in run_file (kept beside the checkpoint) continues if the store has it; else a new
+        run starts and run_file names it. Raises TrackingUnavailable when the store is unusable."""
         cfg = params["mlflow"]
         if not cfg["enabled"]:
-            return NullTracker()
+            return cls()
         kind = stage.partition("@")[0] if stage.startswith(("probe@", "pretrain@")) else "train"
-        experiment = {"probe": cfg["probe_experiment"], "pretrain": cfg["pretrain_experiment"]}.get(kind, cfg["experiment"])
-        client, uri, experiment_id = connect(experiment)
-        _describe(client, experiment_id, EXPERIMENT_NOTES[kind])
-        tracker = None
-        if resume and run_file is not None:
-            tracker = cls._continue(client, uri, Path(run_file), cell, cfg["log_every_steps"])
-        if tracker is None:
-            tracker = cls._create(client, uri, experiment_id, params, cell, stage, run_hash)
+        client, experiment_id = connect(cfg.get(f"{kind}_experiment", cfg["experiment"]),
+                                        {"mlflow.note.content": EXPERIMENT_NOTES[kind]})
+        run = _continued_run(client, Path(run_file)) if resume and run_file else None
+        if run is not None:
+            print(f"{cell}: continuing MLflow run {run.info.run_id}", flush=True)
+            tracker = cls(client, run, cell, cfg["log_every_steps"], continued=True)
+        else:
+            tracker = cls(client, _new_run(client, experiment_id, cell, stage, run_hash), cell, cfg["log_every_steps"])
+            if stage.startswith("train@"):     # probe and pretrain log their own settings
+                # Effective values, so runs of different cells compare key by key; what this cell
+                # overrides is kept as one param to show why its values differ.
+                flat = flatten(settings.cell_settings(params, cell), "train")
+                flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
+                flat["train.workers"] = _param_value(params["train"]["workers"])
+                tracker.log_params(flat)
             if run_file is not None:
                 from rnn.io import write_json
 
-                write_json(run_file, {"run_id": tracker.run_id, "tracking_uri": uri,
-                                      "experiment_id": tracker.experiment_id})
+                write_json(run_file, {"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
+                                      "experiment_id": experiment_id})
         if cfg["register"] and stage.startswith("train@"):
             tracker.register_as = f"{cfg['experiment']}-{cell}"
-        if stage.startswith(("train@", "probe@", "pretrain@")):
-            tracker._start_system_metrics(cfg["system_metrics_every"])
+        every = cfg["system_metrics_every"]
+        if every > 0 and not stage.startswith("evaluate@") and importlib.util.find_spec("psutil"):
+            # CPU, memory, disk and network as system/ metrics, by MLflow's own monitor (a thread
+            # that needs psutil, optional in MLflow; `end` stops it).
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            tracker._monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=every, tracking_uri=
+                                                    tracker.tracking_uri, resume_logging=tracker.continued)
+            tracker._monitor.start()
         return tracker
 
     @classmethod
-    def _create(cls, client: Any, uri: str, experiment_id: str, params: settings.Params, cell: str,
-                stage: str, run_hash: str | None) -> "Tracker":
-        exp_name = os.environ.get("DVC_EXP_NAME") or None
-        tags = {
-            "cell": cell,
-            RUN_COLOR: CELL_COLORS.get(cell, "#7f7f7f"),
-            "dvc.stage": stage,
-            "dvc.stages": stage,
-            "mlflow.source.type": "LOCAL",
-            "mlflow.source.name": stage,
-        }
-        if run_hash:
-            tags["params_hash"] = run_hash
-        if exp_name:
-            tags["dvc.exp_name"] = exp_name
-        if os.environ.get("DVC_EXP_BASELINE_REV"):
-            tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-        # The client API does not set it (only the fluent API's context providers do). Taken in
-        # cwd: in a queued experiment that is the copy being run, whose HEAD is the baseline.
-        commit = _git_commit(os.getcwd()) or os.environ.get("DVC_EXP_BASELINE_REV")
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        train_run = stage.startswith("train@")
-        base_name = cell if train_run else stage          # e.g. "probe@lstm" beside "lstm"
-        run_name = f"{base_name} ({exp_name})" if exp_name else base_name
-        try:
-            run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        except Exception as exc:
-            raise TrackingUnavailable(f"MLflow store {uri}: cannot create a run: {one_line(exc)}") from None
-        tracker = cls(client, run.info.run_id, experiment_id, uri, cell, params["mlflow"]["log_every_steps"])
-        if train_run:     # other stages (probe, pretrain) log their own settings
-            # Effective values, so runs of different cells compare key by key; what this cell
-            # overrides is kept as one param to show why its values differ.
-            flat = flatten(settings.cell_settings(params, cell), "train")
-            flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
-            flat["train.workers"] = _param_value(params["train"]["workers"])
-            tracker.log_params(flat)
-        return tracker
-
-    @classmethod
-    def _continue(cls, client: Any, uri: str, run_file: Path, cell: str, log_every_steps: int) -> "Tracker | None":
-        """The run an interrupted training attempt recorded in `run_file`, set running again; None
-        (with a warning) when there is no usable record or the store does not have that run."""
-        try:
-            record = json.loads(run_file.read_text(encoding="utf-8"))
-            run_id = record["run_id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            _warn(f"{run_file}: no usable run record; the resumed training starts a new run")
-            return None
-        if record.get("tracking_uri") != uri:
-            _warn(f"run {run_id} was logged to {record.get('tracking_uri')}, not {uri}; the resumed "
-                  "training starts a new run")
-            return None
-        try:
-            run = client.get_run(run_id)
-            client.update_run(run_id, status="RUNNING")
-        except Exception as exc:
-            _warn(f"cannot continue run {run_id} ({one_line(exc)}); the resumed training starts a new run")
-            return None
-        print(f"{cell}: continuing MLflow run {run_id}", flush=True)
-        return cls(client, run_id, run.info.experiment_id, uri, cell, log_every_steps, continued=True)
-
-    @classmethod
-    def for_model(cls, params: settings.Params, model_dir: str | Path, stage: str) -> NullTracker:
-        """The run that trained the model in `model_dir` (the newest run tagged with its
-        `model_digest`), to add to it; a new run with a warning when the store has none (tracking
-        was off when training, another store, or a model folder from elsewhere)."""
+    def for_model(cls, params: settings.Params, model_dir: str | Path, stage: str) -> Tracker:
+        """The newest run tagged with the digest of the model in `model_dir` (the run that trained it),
+        to add to; else, with a warning, a new run (tracking was off, another store, a copied model)."""
         cfg = params["mlflow"]
         if not cfg["enabled"]:
-            return NullTracker()
-        cell = stage.partition("@")[2] or stage
-        digest = model_digest(model_dir)
-        client, uri, experiment_id = connect(cfg["experiment"])
+            return cls()
+        cell, digest = stage.partition("@")[2] or stage, model_digest(model_dir)
+        client, experiment_id = connect(cfg["experiment"])
+        uri = client.tracking_uri
         try:
             runs = client.search_runs([experiment_id], filter_string=f"tags.model_digest = '{digest}'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
+            run = client.get_run(runs[0].info.run_id) if runs else None     # search results carry no outputs
         except Exception as exc:
             raise TrackingUnavailable(f"MLflow store {uri}: cannot search runs: {one_line(exc)}") from None
-        if not runs:
+        if run is None:
             _warn(f"no run in {uri} (experiment {cfg['experiment']!r}) trained the model in {model_dir} "
                   f"(tag model_digest = {digest[:12]}...); starting a new run")
             tracker = cls.start(params, cell, stage)
             tracker._set_tags({"model_digest": digest})
             return tracker
-        run = client.get_run(runs[0].info.run_id)       # search results carry no outputs
-        tracker = cls(client, run.info.run_id, run.info.experiment_id, uri, run.data.tags.get("cell", cell),
-                      cfg["log_every_steps"], resumed=True)
-        outputs_ = run.outputs.model_outputs if run.outputs else []
-        tracker.model_id = outputs_[-1].model_id if outputs_ else None
+        tracker = cls(client, run, run.data.tags.get("cell", cell), cfg["log_every_steps"], resumed=True)
         stages = run.data.tags.get("dvc.stages", "")
         if stage not in stages.split(","):
             tracker._set_tags({"dvc.stages": f"{stages},{stage}" if stages else stage})
         return tracker
 
-    def _start_system_metrics(self, every: float) -> None:
-        """CPU, memory, disk and network every `every` seconds as system/... metrics, by MLflow's
-        own monitor (a thread; it needs psutil and stops when the run ends)."""
-        if every <= 0:
-            return
-        try:
-            import logging
+    # -- logging -------------------------------------------------------------------------------
 
-            import psutil  # noqa: F401 - the monitor's dependency, optional in MLflow
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every,
-                                                 resume_logging=self.continued, tracking_uri=self.tracking_uri)
-            self._monitor.start()
-        except ImportError:
-            self._monitor = None
-        except Exception as exc:  # noqa: BLE001 - training goes on without system metrics
-            self._monitor = None
-            _warn(f"no system metrics: {one_line(exc)}")
-
-    # -- logging ------------------------------------------------------------------------------
-
+    @_logging
     def log_params(self, flat: Mapping[str, Any]) -> None:
-        """Log params (values made strings of at most 6000 chars), 100 per request."""
+        """Params (values made strings of at most 6000 chars), 100 per request."""
         from mlflow.entities import Param
 
         items = [Param(str(k), _param_value(v)) for k, v in flat.items()]
@@ -428,34 +228,39 @@ class Tracker(NullTracker):
             chunk = items[i:i + MAX_PARAMS_PER_BATCH]
             self._call("params", len(chunk), self.client.log_batch, self.run_id, params=chunk)
 
+    @_logging
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log metrics now (e.g. the test metrics); non-numbers raise TypeError."""
+        """Metrics, sent now (e.g. the test metrics); non-numbers raise TypeError."""
         self._add(metrics, step or 0)
         self._flush()
 
+    @_logging
     def log_series(self, key: str, values: Sequence[float | None]) -> None:
-        """A curve as one metric with step = index, in log10 (see `log10_series`): e.g. a gradient
-        trace with step = distance from the last token."""
-        for step, value in log10_series(values):
-            self._add({key: value}, step)
+        """A curve as one metric of log10 values with step = index: e.g. a gradient trace with step =
+        distance from the last token. Entries with no logarithm (None: a distance no sequence
+        reached; 0: a norm flushed to zero) are left out."""
+        for step, value in enumerate(values):
+            if value is not None and value > 0:
+                self._add({key: math.log10(value)}, step)
         self._flush()
 
+    @_logging
     def log_datasets(self, root: Path, rows: Mapping[str, int]) -> None:
-        """data/prepared/<split>.npz as the run's dataset inputs imdb-<split>, digest = the file's
-        DVC hash: the run links to the data version (the same digest as in dvc.lock).
-        rows: {split: number of reviews}."""
+        """data/prepared/<split>.npz as dataset inputs imdb-<split> of {split: reviews}, digest = the
+        file's DVC md5 (as in dvc.lock): the run names its data version."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         inputs = []
         for split, n in rows.items():
             rel = f"data/prepared/{split}.npz"
             name, digest = f"imdb-{split}", dvc_md5(root / rel)
+            self.datasets[split] = (name, digest)
             dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": rel}),
                               profile=json.dumps({"num_rows": int(n), "dvc_md5": digest}))
-            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", DATASET_CONTEXT[split])]))
-            self.datasets[split] = (name, digest)
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", DATASET_CONTEXT[split])]))
         self._call("datasets", len(inputs), self.client.log_inputs, self.run_id, datasets=inputs)
 
+    @_logging
     def on_step(self, info: Mapping[str, Any]) -> None:
         """rnn.train.fit callback: buffer the step's loss, gradient norms and clipping (step = global step)."""
         self._add({name: info[key] for key, name in STEP_METRICS.items()}, int(info["step"]))
@@ -463,142 +268,125 @@ class Tracker(NullTracker):
         if self._steps_since_flush >= self.log_every_steps and not self._failing:
             self._flush()
 
+    @_logging
     def on_epoch(self, info: Mapping[str, Any]) -> None:
-        """rnn.train.fit callback: epoch metrics (step = epoch), flush, and the gradient trace (the
-        first epoch's also as metric series)."""
-        epoch = int(info["epoch"])
-        self._add({name: info[key] for key, name in EPOCH_METRICS.items() if key in info}, epoch)
+        """rnn.train.fit callback: the epoch's metrics (step = epoch), and the first epoch's gradient trace."""
+        self._add({name: info[key] for key, name in EPOCH_METRICS.items() if key in info}, int(info["epoch"]))
         self._flush()
-        if info.get("trace"):
-            self._traces[epoch] = dict(info["trace"])
-            if epoch == 1:
-                self._log_trace_series(info["trace"], "first_epoch")
-            self._log_trace()
+        if info.get("trace") and int(info["epoch"]) == 1:
+            self._log_trace(info["trace"], "first_epoch")
 
+    @_logging
     def log_summary(self, metrics: Mapping[str, Any], traces: Sequence[Mapping[str, list]]) -> None:
-        """When training ends (after `log_model`): metrics/<cell>/train.json's figures, the best
-        validation accuracy linked to the logged model, and the last epoch's gradient trace as
-        metric series (the first epoch's too if this run missed it)."""
+        """After `log_model`: metrics/<cell>/train.json's figures (the best validation accuracy linked
+        to the model) and the last epoch's gradient trace (the first's too if this run missed it)."""
         summary = {name: metrics[key] for key, name in SUMMARY_METRICS.items() if key in metrics}
         best = {"accuracy/val_best": summary.pop("accuracy/val_best")} if "accuracy/val_best" in summary else {}
         self._add(summary, 0)
         self._add(best, 0, model_id=self.model_id, dataset=self.datasets.get("val"))    # the model's score
         self._flush()
         if traces:
-            if 1 not in self._traces and not self.continued:
-                self._log_trace_series(traces[0], "first_epoch")
-            self._log_trace_series(traces[-1], "last_epoch")
+            if not self._first_trace_logged and not self.continued:
+                self._log_trace(traces[0], "first_epoch")
+            self._log_trace(traces[-1], "last_epoch")
 
-    def log_model(self, folder: Path) -> None:
-        """The model folder as this run's MLflow model "model": pyfunc from code (stages/pyfunc_model.py)
-        with the folder as its artifact and the `rnn` package as its code, a signature (a `text`
-        column in, P(positive) out) and an input example. Registered as <experiment>-<cell> when
-        `mlflow.register` is set."""
-        try:
-            self._log_model(Path(folder))
-        except Exception as exc:  # noqa: BLE001 - a model that cannot be logged must not fail training
-            self._failed("models", 1, exc)
-
+    @_logging
     def log_test_metrics(self, scores: Mapping[str, Any], buckets: Sequence[Mapping[str, Any]]) -> None:
-        """evaluate's scores (rnn.metrics.binary_metrics) and accuracy by review length (step = the
-        bucket's shortest length), linked to the run's model and the test dataset."""
+        """evaluate's scores (binary_metrics) linked to the model and the test data; accuracy by length."""
         numbers = {name: scores[key] for key, name in TEST_METRICS.items() if scores.get(key) is not None}
         self._add(numbers, 0, model_id=self.model_id, dataset=self.datasets.get("test"))
         for row in buckets:
             self._add({ACCURACY_BY_LENGTH: row["accuracy"]}, int(row["min_length"]))
         self._flush()
 
+    @_logging
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("artifacts", 1, self.client.log_artifact, self.run_id, str(path), artifact_path)
 
+    @_logging
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         self._call("artifacts", 1, self.client.log_artifacts, self.run_id, str(directory), artifact_path)
 
+    @_logging
     def set_model_digest(self, folder: Path) -> None:
         """Tag the run with the digest of the model folder it wrote (how evaluate finds it)."""
         self._set_tags({"model_digest": model_digest(folder)})
 
-    def _log_trace_series(self, trace: Mapping[str, list], when: str) -> None:
-        for state in sorted(trace):
-            self.log_series(grad_metric(state, when), trace[state])
-
-    def _log_trace(self) -> None:
-        """The traces so far as grad_trace/grad_trace.csv (schema: stages/outputs.py) and .png, so
-        that a run stopped in a later epoch still shows them."""
-        rows = outputs.trace_rows(self._traces)
-        epochs = sorted({min(self._traces), outputs.last_epoch(rows)})
-        fig = grad_trace_figure({f"epoch {e}": outputs.trace_series(rows, e) for e in epochs},
-                                f"{self.cell}: gradient norm by distance from the last token")
-        with tempfile.TemporaryDirectory(prefix="rnn-trace-") as tmp:
-            folder = Path(tmp) / TRACE_DIR
-            folder.mkdir()
-            (folder / "grad_trace.csv").write_text(outputs.trace_csv(rows), encoding="utf-8")
-            fig.savefig(folder / "grad_trace.png", dpi=110, bbox_inches="tight")
-            self.log_artifacts(folder, TRACE_DIR)
+    @_logging
+    def log_model(self, folder: Path) -> None:
+        """The folder as the run's model "model": pyfunc from code (stages/pyfunc_model.py), the folder
+        and a copy of `rnn` inside, a signature (string column `text` in, P(positive) out), an input
+        example; registered as <experiment>-<cell> with `mlflow.register`."""
+        self._call("models", 1, self._log_model, Path(folder))
 
     def _log_model(self, folder: Path) -> None:
         import mlflow
         import numpy as np
         import pandas as pd
         from mlflow.entities import LoggedModelOutput
-        from mlflow.models import Model, ModelSignature
+        from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
 
         import rnn
 
-        mlflow.set_tracking_uri(self.tracking_uri)     # Model.log and registering read the global URI
-        run = self.client.get_run(self.run_id)
-        params = {k: v for k, v in run.data.params.items() if k.startswith("train.")}
+        mlflow.set_tracking_uri(self.tracking_uri)     # logging the files and registering read the global URI
+        params = {k: v for k, v in self.client.get_run(self.run_id).data.params.items() if k.startswith("train.")}
         model = self.client.create_logged_model(
             self.experiment_id, name=MODEL_NAME, source_run_id=self.run_id, params=params,
             tags={"cell": self.cell, "model_digest": model_digest(folder)}, model_type="sentiment-classifier")
-        signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
-                                   outputs=Schema([ColSpec("double", "p_positive")]))
         with tempfile.TemporaryDirectory(prefix="rnn-code-") as tmp:
-            code = Path(tmp) / "rnn"
-            shutil.copytree(Path(rnn.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
-            # run_id left out on purpose: Model.log would copy every metric at step 0 onto the model
-            # (gradient at distance 0 included); the run links to the model below instead.
-            Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, model_id=model.model_id,
-                      python_model=str(PYFUNC_FILE), artifacts={"model_dir": str(folder)},
-                      code_paths=[str(code)], signature=signature,
-                      input_example=pd.DataFrame({"text": INPUT_EXAMPLE}),
-                      pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}",
-                                        f"pandas=={pd.__version__}"],
-                      registered_model_name=self.register_as)
+            code = shutil.copytree(Path(rnn.__file__).parent, Path(tmp) / "rnn",
+                                   ignore=shutil.ignore_patterns("__pycache__"))
+            # No run_id: MLflow would copy every metric at step 0 onto the model (the gradient at
+            # distance 0 too); the run is linked to the model below instead.
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME, model_id=model.model_id, python_model=str(PYFUNC_FILE),
+                artifacts={"model_dir": str(folder)}, code_paths=[str(code)],
+                signature=ModelSignature(Schema([ColSpec("string", "text")]),
+                                         Schema([ColSpec("double", "p_positive")])),
+                input_example=pd.DataFrame({"text": INPUT_EXAMPLE}), registered_model_name=self.register_as,
+                pip_requirements=[f"{m.__name__}=={m.__version__}" for m in (mlflow, np, pd)])
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
         self.model_id = model.model_id
 
+    @_logging
     def end(self, status: str = "FINISHED") -> None:
-        """Stop the system metrics, send what is buffered, close the run (a resumed run keeps the
-        train stage's status) and report on stderr anything that could not be logged. Safe to
-        call twice."""
+        """Stop the system metrics, send what is buffered, close the run (a resumed one keeps its
+        status) and report on stderr what could not be logged. Safe to call twice."""
         if self._ended:
             return
         self._ended = True
         if self._monitor is not None:
             self._monitor.finish()
-            self._monitor = None
         self._flush()
         if not self.resumed:
             self._call("status updates", 1, self.client.set_terminated, self.run_id, status)
-        lost = {k: v for k, v in self.lost.items() if v}
-        if lost:
-            what = ", ".join(f"{v} {k}" for k, v in lost.items())
-            _warn(f"could not log {what} to run {self.run_id} at {self.tracking_uri} "
-                  f"(first error: {self.first_error}); the local outputs are complete")
+        if +self.lost:      # (unary + drops the kinds counted 0)
+            _warn(f"could not log {', '.join(f'{v} {k}' for k, v in (+self.lost).items())} to run {self.run_id} "
+                  f"at {self.tracking_uri} (first error: {self.first_error}); the local outputs are complete")
 
-    # -- internals ----------------------------------------------------------------------------
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """The run ends FINISHED, KILLED (Ctrl-C, SIGTERM: fit saved a checkpoint) or FAILED."""
+        stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, TrainingInterrupted))
+        self.end("FINISHED" if exc_type is None else "KILLED" if stopped else "FAILED")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _log_trace(self, trace: Mapping[str, list], when: str) -> None:
+        """fit's trace {state (a: hidden, c: LSTM memory): mean norm by distance} as gradient/ series."""
+        self._first_trace_logged |= when == "first_epoch"
+        for state in sorted(trace):
+            self.log_series(f"gradient/log10_dL_d{state}_{when}", trace[state])
 
     def _add(self, metrics: Mapping[str, Any], step: int, model_id: str | None = None,
              dataset: tuple[str, str] | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        name, digest = dataset or (None, None)
+        now, (name, digest) = int(time.time() * 1000), dataset or (None, None)
         for key, value in metrics.items():
-            if isinstance(value, bool):
-                value = int(value)
             if isinstance(value, str) or not hasattr(value, "__float__"):
                 raise TypeError(f"metric {key} = {value!r} is not a number")
             self._pending.append(Metric(key, float(value), now, step, model_id=model_id,
@@ -613,7 +401,7 @@ class Tracker(NullTracker):
         while self._pending:
             chunk = self._pending[:MAX_METRICS_PER_BATCH]
             if not self._call("metrics", 0, self.client.log_batch, self.run_id, metrics=chunk):
-                self._failing = True       # keep them; retried at the epoch end, lost at end()
+                self._failing = True       # kept for a retry at the epoch end; lost at end()
                 if self._ended:
                     self.lost["metrics"] += len(self._pending)
                     self._pending.clear()
@@ -624,32 +412,56 @@ class Tracker(NullTracker):
     def _set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._call("tags", len(tags), self.client.log_batch, self.run_id,
-                   tags=[RunTag(k, v) for k, v in tags.items()])
+        self._call("tags", len(tags), self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _call(self, kind: str, count: int, fn, *args, **kwargs) -> bool:
         """Run one store call; a failure is counted under `kind`, warned about once, not raised."""
         try:
             fn(*args, **kwargs)
             return True
-        except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
-            self._failed(kind, count, exc)
+        except Exception as exc:  # noqa: BLE001 - no store failure may stop training
+            self.lost[kind] += count
+            if self.first_error is None:
+                self.first_error = one_line(exc)
+                _warn(f"logging to {self.tracking_uri} failed ({self.first_error}); training goes on, "
+                      "what cannot be logged is counted and reported at the end")
             return False
 
-    def _failed(self, kind: str, count: int, exc: BaseException) -> None:
-        self.lost[kind] += count
-        if self.first_error is None:
-            self.first_error = one_line(exc)
-            _warn(f"logging to {self.tracking_uri} failed ({self.first_error}); training goes on, "
-                  "what cannot be logged is counted and reported at the end")
 
-
-def _describe(client: Any, experiment_id: str, note: str) -> None:
+def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: str | None) -> Any:
+    """A new run of `stage` with the tags that place it: cell and colour, DVC stage and experiment, commit."""
+    exp_name, base_rev = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
+    try:    # (The fluent API would set the commit.) Taken in cwd: in a queued experiment the copy
+        # being run, whose HEAD is the baseline.
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = git.stdout.strip() if git.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    tags = {"cell": cell, "mlflow.runColor": CELL_COLORS.get(cell, "#7f7f7f"), "dvc.stage": stage,
+            "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
+            "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
+            "mlflow.source.git.commit": commit or base_rev}
+    name = cell if stage.startswith("train@") else stage          # e.g. "probe@lstm" beside "lstm"
     try:
-        if NOTE not in client.get_experiment(experiment_id).tags:
-            client.set_experiment_tag(experiment_id, NOTE, note)
-    except Exception as exc:  # noqa: BLE001 - a description is not worth failing a stage for
-        _warn(f"cannot describe experiment {experiment_id}: {one_line(exc)}")
+        return client.create_run(experiment_id, run_name=f"{name} ({exp_name})" if exp_name else name,
+                                 tags={k: v for k, v in tags.items() if v})
+    except Exception as exc:
+        raise TrackingUnavailable(f"MLflow store {client.tracking_uri}: cannot create a run: {one_line(exc)}") from None
+
+
+def _continued_run(client: Any, run_file: Path) -> Any:
+    """The run an interrupted training recorded in `run_file`, set running again; None (with a
+    warning) when there is no usable record or the store does not have that run."""
+    try:
+        record = json.loads(run_file.read_text(encoding="utf-8"))
+        if record["tracking_uri"] != client.tracking_uri:
+            raise ValueError(f"its run was logged to {record['tracking_uri']}, not {client.tracking_uri}")
+        run = client.get_run(record["run_id"])
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run
+    except Exception as exc:  # noqa: BLE001 - no usable record or run: a new run instead
+        _warn(f"{run_file}: cannot continue its run ({one_line(exc)}); the resumed training starts a new run")
+        return None
 
 
 def _warn(message: str) -> None:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -29,9 +30,10 @@ from mlflow import MlflowClient  # noqa: E402
 import rnn  # noqa: E402
 from rnn.io import save_model  # noqa: E402
 from rnn.model import ModelConfig, SentimentModel  # noqa: E402
+from rnn.config import MAX_REVIEW_BYTES  # noqa: E402
 from stages import evaluate, outputs, settings, train  # noqa: E402
 from stages.mlstore import TrackingUnavailable, resolve_root, tracking_location  # noqa: E402
-from stages.tracking import NullTracker, Tracker, dvc_md5, model_digest  # noqa: E402
+from stages.tracking import Tracker, dvc_md5, model_digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -157,7 +159,7 @@ SUMMARY = {"best_val_accuracy": 0.7, "best_epoch": 2, "epochs_run": 3, "stopped_
            "train_seconds": 5.0, "wall_seconds": 6.0, "num_parameters": 123, "resumed": False}
 
 
-def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, monkeypatch, tmp_path):
+def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, monkeypatch):
     root, commit = project
     write_prepared(root, {"train": 64, "val": 16, "test": 40})
     calls = count_log_batch(monkeypatch)
@@ -236,13 +238,6 @@ def test_training_run_lands_in_sqlite_store_and_evaluate_adds_to_it(project, mon
     assert [t.value for t in inputs["imdb-val"].tags] == ["validation"]
     assert json.loads(inputs["imdb-val"].dataset.profile)["num_rows"] == 16
 
-    names = {a.path for a in client.list_artifacts(run.info.run_id, "grad_trace")}
-    assert names == {"grad_trace/grad_trace.csv", "grad_trace/grad_trace.png"}
-    local = Path(client.download_artifacts(run.info.run_id, "grad_trace", str(tmp_path / "dl")))
-    assert (local / "grad_trace.png").read_bytes()[:8] == PNG_MAGIC
-    rows = outputs.read_csv(local / "grad_trace.csv", "train", outputs.TRACE_COLUMNS)
-    assert {r["epoch"] for r in rows} == {"1", "2", "3"} and {r["state"] for r in rows} == {"a", "c"}
-
     # The model: a logged model of the run, predicting on raw text what rnn.load_model predicts.
     [output] = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
@@ -291,7 +286,9 @@ def test_store_failure_during_training_is_counted_not_raised(project, monkeypatc
     monkeypatch.setattr(tracker.client, "log_artifacts", down)
     monkeypatch.setattr(tracker.client, "create_logged_model", down)
     traces = simulate_fit(tracker, epochs=2, steps_per_epoch=100)      # must not raise
-    tracker.log_model(model_folder(project[0] / "model"))
+    folder = model_folder(project[0] / "model")
+    tracker.log_model(folder)
+    tracker.log_artifacts(folder, "model_files")
     tracker.log_summary(SUMMARY, traces)
     tracker.end()
     err = capfd.readouterr().err
@@ -300,7 +297,7 @@ def test_store_failure_during_training_is_counted_not_raised(project, monkeypatc
     # Unsent metrics are kept for a retry at each epoch end and counted once, at the end: steps,
     # epoch metrics, the first epoch's gradient trace, the summary and the last epoch's trace.
     assert tracker.lost["metrics"] == 200 * 4 + 2 * 11 + 22 + len(SUMMARY) + 22
-    assert tracker.lost["artifacts"] == 2 and tracker.lost["models"] == 1
+    assert tracker.lost["artifacts"] == 1 and tracker.lost["models"] == 1
 
 
 def test_metric_buffer_survives_a_temporary_outage(project, monkeypatch):
@@ -508,6 +505,7 @@ def test_runs_logged_over_http_are_found_through_the_rest_api(project, mlflow_se
     folder = model_folder(project[0] / "models" / "gru", "gru")
     tracker.set_model_digest(folder)
     tracker.log_model(folder)           # its files go through the server (mlflow-artifacts:)
+    tracker.log_artifacts(folder, "model_files")
     tracker.end()
     assert tracker.lost == dict.fromkeys(tracker.lost, 0)
 
@@ -523,8 +521,8 @@ def test_runs_logged_over_http_are_found_through_the_rest_api(project, mlflow_se
     # Another machine sharing the server finds the run by the model folder (after `dvc pull`).
     assert Tracker.for_model(make_params(), folder, "evaluate@gru").run_id == tracker.run_id
     assert len(rest(base, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]) == 1
-    files = rest(base, "artifacts/list", run_id=tracker.run_id, path="grad_trace")["files"]
-    assert {f["path"] for f in files} == {"grad_trace/grad_trace.csv", "grad_trace/grad_trace.png"}
+    files = rest(base, "artifacts/list", run_id=tracker.run_id, path="model_files")["files"]
+    assert {f["path"] for f in files} == {f"model_files/{f.name}" for f in folder.iterdir()}
     local = MlflowClient(f"sqlite:///{project[0]}/mlflow.db")
     assert local.get_experiment_by_name("imdb-sentiment") is None      # nothing went to the local store
 
@@ -535,6 +533,7 @@ def test_runs_logged_over_http_are_found_through_the_rest_api(project, mlflow_se
     stop_group(proc)
     t0 = time.monotonic()
     simulate_fit(tracker, epochs=1, steps_per_epoch=30)
+    tracker.log_artifacts(folder, "model_files")
     tracker.end()
     assert time.monotonic() - t0 < 20
     assert tracker.lost["metrics"] == 30 * 4 + 11 + 22 and tracker.lost["artifacts"] == 1
@@ -614,15 +613,17 @@ def test_disabled_tracking_creates_no_store_and_imports_no_mlflow(tmp_path):
         sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
         from stages import settings
-        from stages.tracking import NullTracker, Tracker
+        from stages.tracking import Tracker
         params = settings.validate({{"mlflow": {{"enabled": False}}, "train": {{"lr": 0.1}}}})
         t = Tracker.start(params, "lstm", "train@lstm", run_file="run.json")
-        assert type(t) is NullTracker and t.run_id is None
+        assert t.client is None and t.run_id is None
         t.log_params({{"a": 1}}); t.log_metrics({{"m": 1.0}}, step=1); t.log_series("s", [1.0])
         t.log_datasets(Path("."), {{"train": 1}}); t.on_step({{}}); t.on_epoch({{}})
         t.set_model_digest(Path("x")); t.log_model(Path("x")); t.log_summary({{}}, [])
         t.log_test_metrics({{}}, []); t.log_artifact("x"); t.log_artifacts("x"); t.end()
-        assert type(Tracker.for_model(params, "x", "evaluate@lstm")) is NullTracker
+        assert Tracker.for_model(params, "x", "evaluate@lstm").client is None
+        with Tracker.start(params, "lstm", "probe@lstm") as t:     # what the probe stage does
+            t.log_metrics({{"m": 1.0}})
         print("mlflow" in sys.modules)
     """)
     env = {**os.environ, "DVC_ROOT": str(tmp_path)}
@@ -657,11 +658,6 @@ def test_stages_turn_off_mlflow_telemetry_before_importing_mlflow(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True", "None"]
-
-
-def test_null_tracker_is_a_context_manager():
-    with NullTracker() as t:
-        t.end("FAILED")
 
 
 # ------------------------------------------------------------------------------------------
@@ -722,6 +718,13 @@ def test_identical_training_writes_identical_model_folders_and_evaluate_finds_th
     assert newer.data.tags["dvc.stages"] == "train@rnn,evaluate@rnn" and newer.info.status == "FINISHED"
     datasets = {d.dataset.name: d.dataset.digest for d in newer.inputs.dataset_inputs}
     assert datasets == {f"imdb-{s}": dvc_md5(root / f"data/prepared/{s}.npz") for s in ("train", "val", "test")}
+    # The gradient trace as table and figure (the stage's plots/rnn/grad_trace.*), every epoch.
+    names = {a.path for a in client.list_artifacts(newer.info.run_id, "grad_trace")}
+    assert names == {"grad_trace/grad_trace.csv", "grad_trace/grad_trace.png"}
+    local = Path(client.download_artifacts(newer.info.run_id, "grad_trace", str(root / "dl")))
+    assert (local / "grad_trace.png").read_bytes()[:8] == PNG_MAGIC
+    rows = outputs.read_csv(local / "grad_trace.csv", "train", outputs.TRACE_COLUMNS)
+    assert {r["epoch"] for r in rows} == {"1", "2"} and {r["state"] for r in rows} == {"a"}
 
 
 def test_register_setting_makes_each_trained_model_a_registered_version(project):
@@ -755,16 +758,32 @@ def test_logged_model_answers_invocations_on_loopback(project, tmp_path):
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                             cwd=away, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+
+    def invoke(texts: list) -> tuple[int, dict]:
+        body = json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    too_long = "good " * (MAX_REVIEW_BYTES // 5) + "film"          # 1 MiB and 4 bytes
     try:
         wait_until_answers(f"{base}/ping", proc, away / "serve.log", "mlflow models serve")
-        body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
-        request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            predictions = json.loads(response.read())["predictions"]
+        status, answer = invoke(TEXTS)
+        refused = {repr(bad)[:20]: invoke(["good film", bad]) for bad in (5, None, ["good", "film"], too_long)}
+        again = invoke(TEXTS)
     finally:
         stop_group(proc)
         log.close()
-    assert np.allclose(predictions, rnn.load_model(folder).predict_proba(TEXTS), rtol=0, atol=1e-12)
+    assert status == 200 and again == (status, answer)
+    assert np.allclose(answer["predictions"], rnn.load_model(folder).predict_proba(TEXTS), rtol=0, atol=1e-12)
+    # Not a review: refused with 400 naming the field, before anything is tokenized.
+    for bad, (status, answer) in refused.items():
+        assert status == 400 and "field 'text' of row 1" in answer["message"], (bad, answer)
+    assert "not null" in refused["None"][1]["message"] and "not int 5" in refused["5"][1]["message"]
+    assert "at most 1048576 bytes" in refused[repr(too_long)[:20]][1]["message"]
 
 
 def test_rnn_ui_links_to_the_experiment_as_model_training_charts(project, monkeypatch, capsys):
