@@ -16,7 +16,7 @@ reports validation accuracy (for choosing `baseline.*` settings; test accuracy m
 them) and scores the 25,000 test reviews of data/raw/test.parquet.
 
 Writes metrics/baseline/eval.json (accuracy, f1, roc_auc, ..., train_seconds, features, settings)
-and data/predictions/baseline.npz: `labels` (N,) int8, `p_positive` (N,) float32 and `review_ids`
+and data/predictions/baseline.npz: `labels` (N,) int8, `probabilities` (N,) float32 (P(positive)) and `review_ids`
 (N,) int64, one row per test review in the order of data/raw/test.parquet, which is the order of
 data/prepared/test.npz (checked here): the recurrent models' predictions pair with them row by row.
 """
@@ -133,7 +133,7 @@ def run(cfg: dict, root: Path) -> dict:
                "features": model.num_features, "settings": cfg}
     with Outputs(root) as out:
         out.write_json(METRICS, metrics)
-        out.save_npz(PREDICTIONS, labels=test[1], p_positive=probs, review_ids=test[2])
+        out.save_npz(PREDICTIONS, labels=test[1], probabilities=probs, review_ids=test[2])
     return metrics
 
 

@@ -146,8 +146,9 @@ class Tracker:
 
     @classmethod
     def start(cls, params: settings.Params, cell: str, stage: str, run_hash: str | None = None,
-              run_file: str | Path | None = None, resume: bool = False) -> Tracker:
-        """The run of `stage` (e.g. "train@lstm"), tagged `params_hash` = run_hash. With `resume` the
+              run_file: str | Path | None = None, resume: bool = False, seed: int | None = None) -> Tracker:
+        """The run of `stage` (e.g. "train@lstm-0"), tagged `params_hash` = run_hash and, for a
+        replicate, `seed` (the UI groups a cell's replicates by the tag `cell`). With `resume` the
         run named in run_file (kept beside the checkpoint) continues if the store has it; else a new
         run starts and run_file names it. Raises TrackingUnavailable when the store is unusable."""
         cfg = params["mlflow"]
@@ -161,11 +162,12 @@ class Tracker:
             print(f"{cell}: continuing MLflow run {run.info.run_id}", flush=True)
             tracker = cls(client, run, cell, cfg["log_every_steps"], continued=True)
         else:
-            tracker = cls(client, _new_run(client, experiment_id, cell, stage, run_hash), cell, cfg["log_every_steps"])
+            tracker = cls(client, _new_run(client, experiment_id, cell, stage, run_hash, seed), cell,
+                          cfg["log_every_steps"])
             if stage.startswith("train@"):     # probe and pretrain log their own settings
                 # Effective values, so runs of different cells compare key by key; what this cell
                 # overrides is kept as one param to show why its values differ.
-                flat = flatten(settings.cell_settings(params, cell), "train")
+                flat = flatten(settings.cell_settings(params, cell, seed), "train")
                 flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
                 flat["train.workers"] = _param_value(params["train"]["workers"])
                 tracker.log_params(flat)
@@ -428,8 +430,10 @@ class Tracker:
             return False
 
 
-def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: str | None) -> Any:
-    """A new run of `stage` with the tags that place it: cell and colour, DVC stage and experiment, commit."""
+def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: str | None,
+             seed: int | None = None) -> Any:
+    """A new run of `stage` with the tags that place it: cell, seed and colour, DVC stage and
+    experiment, commit, and the sweep's study and trial when a sweep worker runs it."""
     exp_name, base_rev = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
     try:    # (The fluent API would set the commit.) Taken in cwd: in a queued experiment the copy
         # being run, whose HEAD is the baseline.
@@ -440,8 +444,10 @@ def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: s
     tags = {"cell": cell, "mlflow.runColor": CELL_COLORS.get(cell, "#7f7f7f"), "dvc.stage": stage,
             "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
             "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
-            "mlflow.source.git.commit": commit or base_rev}
-    name = cell if stage.startswith("train@") else stage          # e.g. "probe@lstm" beside "lstm"
+            "mlflow.source.git.commit": commit or base_rev, "seed": None if seed is None else str(seed),
+            "sweep.study": os.environ.get("RNN_SWEEP_STUDY"), "sweep.trial": os.environ.get("RNN_SWEEP_TRIAL_NUMBER")}
+    # e.g. "lstm-1" (seed 1) beside "probe@lstm"
+    name = (cell if seed is None else f"{cell}-{seed}") if stage.startswith(("train@", "baseline")) else stage
     try:
         return client.create_run(experiment_id, run_name=f"{name} ({exp_name})" if exp_name else name,
                                  tags={k: v for k, v in tags.items() if v})

@@ -47,7 +47,8 @@ def main() -> None:
     from stages.tracking import Tracker      # MLflow is imported only when tracking is on
 
     # The run's id is kept beside the checkpoint: a resumed training continues the same run.
-    tracker = Tracker.start(params, cell, f"train@{cell}-{seed}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
+    tracker = Tracker.start(params, cell, f"train@{cell}-{seed}", run_hash, checkpoint_dir / "mlflow_run.json",
+                            resumed, seed)
     with finishing(tracker, f"{cell} training", "try a lower train.lr or train.clip"):
         model, result, seconds = train(cell, cfg, inputs, root, checkpoint_dir, resumed, workers, tracker)
         write_outputs(root, cell, seed, cfg, run_hash, model, result, seconds, inputs["encoder"], tracker)

@@ -52,11 +52,11 @@ def test_stage_writes_its_outputs_in_the_test_order_and_beats_chance(project):
         pred = {k: npz[k] for k in npz.files}
     test = pd.read_parquet(project / "data/raw/test.parquet")
     prepared = np.load(project / "data/prepared/test.npz")
-    assert pred["p_positive"].dtype == np.float32 and pred["p_positive"].shape == (150,)
-    assert ((pred["p_positive"] >= 0) & (pred["p_positive"] <= 1)).all()
+    assert pred["probabilities"].dtype == np.float32 and pred["probabilities"].shape == (150,)
+    assert ((pred["probabilities"] >= 0) & (pred["probabilities"] <= 1)).all()
     assert pred["labels"].tolist() == test["label"].tolist() == prepared["labels"].tolist()
     assert pred["review_ids"].tolist() == test["id"].tolist() == prepared["review_ids"].tolist()
-    assert ((pred["p_positive"] >= 0.5) == pred["labels"]).mean() == saved["accuracy"]
+    assert ((pred["probabilities"] >= 0.5) == pred["labels"]).mean() == saved["accuracy"]
 
     again = baseline.run(CFG, project)                 # same settings and seed: same numbers
     assert {k: v for k, v in again.items() if "seconds" not in k} == \
