@@ -199,15 +199,19 @@ def _check_mlflow_store(root: Path, uri: str) -> None:
     experiment = client.get_experiment_by_name("imdb-sentiment")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert sorted(runs) == sorted(CELLS + ["baseline"])          # the NBSVM baseline's run beside the cells'
+    # One run per replicate, named <cell>-<seed> and tagged cell (the UI groups by it) and seed;
+    # the NBSVM baseline's run beside them.
+    assert sorted(runs) == sorted([f"{c}-{s}" for c, s in REPLICATES] + ["baseline"])
     assert runs["baseline"].data.metrics["accuracy/test"] == json.loads(
         (root / "metrics" / "baseline" / "eval.json").read_text())["accuracy"]
-    for cell in CELLS:
-        run = runs[cell]
-        assert run.info.status == "FINISHED" and run.data.tags["dvc.stages"] == f"train@{cell},evaluate@{cell}"
-        meta = json.loads((root / "models" / cell / "config.json").read_text())["metadata"]
+    for cell, seed in REPLICATES:
+        run, replicate = runs[f"{cell}-{seed}"], f"{cell}/seed{seed}"
+        assert run.info.status == "FINISHED" and (run.data.tags["cell"], run.data.tags["seed"]) == (cell, str(seed))
+        assert run.data.tags["dvc.stages"] == f"train@{cell}-{seed},evaluate@{cell}-{seed}"
+        assert run.data.params["train.seed"] == str(seed)
+        meta = json.loads((root / "models" / replicate / "config.json").read_text())["metadata"]
         assert run.data.tags["params_hash"] == meta["params_hash"]
-        evaluation = json.loads((root / "metrics" / cell / "eval.json").read_text())
+        evaluation = json.loads((root / "metrics" / replicate / "eval.json").read_text())
         assert run.data.metrics["accuracy/test"] == evaluation["accuracy"]
         assert {"accuracy/val", "loss/train", "gradient/log10_dL_da_last_epoch"} <= set(run.data.metrics)
         assert ("gradient/log10_dL_dc_last_epoch" in run.data.metrics) == (cell == "lstm")
