@@ -61,10 +61,23 @@ class SparseMatrix:
 
     @property
     def T(self) -> SparseMatrix:
-        """The transpose (n, m), as a new CSR matrix (a copy: as much memory again)."""
-        order = np.argsort(self.indices, kind="stable")  # stable: rows stay ascending in each column
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(self.indices, minlength=self.shape[1]))])
-        return SparseMatrix(indptr, self.row_ids()[order], self.data[order], self.shape[::-1])
+        """The transpose (n, m), as a new CSR matrix (as much memory again), built a band of
+        about 2**20 values' worth of columns at a time so that the sort's temporaries stay small."""
+        m, n = self.shape
+        rows = self.row_ids()
+        band = max(1, (n << 20) // max(self.nnz, 1))
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        indices, data = np.empty(self.nnz, dtype=np.int32), np.empty(self.nnz, dtype=self.dtype)
+        for first in range(0, n, band):
+            last = min(n, first + band)
+            in_band = (self.indices >= first) & (self.indices < last)
+            columns = self.indices[in_band]
+            order = np.argsort(columns, kind="stable")  # stable: rows stay ascending in each column
+            at = indptr[first]
+            indices[at : at + len(order)] = rows[in_band][order]
+            data[at : at + len(order)] = self.data[in_band][order]
+            indptr[first + 1 : last + 1] = at + np.cumsum(np.bincount(columns - first, minlength=last - first))
+        return SparseMatrix(indptr, indices, data, (n, m))
 
     def sums(self, axis: int) -> np.ndarray:
         """Float64 sums over `axis` (0: per column (n,), 1: per row (m,)), a row chunk at a time
@@ -119,15 +132,34 @@ class SparseMatrix:
 
 
 def _stream(sequences: Iterable[np.ndarray], vocab_size: int, window: int) -> np.ndarray:
-    """All sequences in one int32 array, `window` PADs before, between and after them,
-    so that no window spans two sequences or runs off either end."""
-    sep = np.full(window, PAD, dtype=np.int32)
-    parts = [sep]
-    for seq in map(np.asarray, sequences):
-        if seq.size and (seq.min() < 0 or seq.max() >= vocab_size):  # before int32 could wrap them
+    """All sequences in one array, `window` PADs before, between and after them, so that
+    no window spans two sequences or runs off either end. Its type is the smallest unsigned
+    one that holds every id (uint16 for a 20,000-word vocabulary: half of int32's memory);
+    it is filled in place, without a converted copy of each sequence."""
+    sequences = [np.asarray(seq) for seq in sequences]
+    stream = np.full(window + sum(len(seq) + window for seq in sequences), PAD,
+                     dtype=np.min_scalar_type(max(vocab_size - 1, 0)))
+    at = window
+    for seq in sequences:
+        if seq.size and (seq.min() < 0 or seq.max() >= vocab_size):  # checked before the cast
             raise ValueError(f"token ids must lie in [0, {vocab_size}), got {seq.min()}..{seq.max()}")
-        parts += [seq.astype(np.int32, copy=False), sep]
-    return np.concatenate(parts)
+        stream[at : at + len(seq)] = seq
+        at += len(seq) + window
+    return stream
+
+
+def _count_rows(stream: np.ndarray, first: int, last: int, C: int, window: int, chunk: int) -> np.ndarray:
+    """Dense float64 counts (last - first, C) of the rows first..last-1 (see cooccurrence)."""
+    block = np.zeros((last - first) * C)
+    for start in range(window, len(stream) - window, chunk):
+        segment = stream[start : start + chunk]
+        here = np.flatnonzero((segment >= first) & (segment < last)) + start
+        cell = (stream[here] - first).astype(np.int64) * C
+        for d in (*range(-window, 0), *range(1, window + 1)):
+            context = stream[here + d]
+            keep = (context >= FIRST_WORD) & (context < C)
+            np.add.at(block, cell[keep] + context[keep], 1.0 / abs(d))
+    return block.reshape(last - first, C)
 
 
 def cooccurrence(
@@ -135,7 +167,7 @@ def cooccurrence(
     vocab_size: int,
     context_size: int,
     window: int,
-    chunk: int = 1 << 20,
+    chunk: int = 1 << 18,
     block_size: int = 1 << 22,
 ) -> SparseMatrix:
     """Counts (V, C) float32, sparse: counts[w, c] = sum over pairs within `window` of 1/distance.
@@ -149,29 +181,32 @@ def cooccurrence(
         raise ValueError(f"window and context_size must be >= 1, got {window}, {context_size}")
     V, C = vocab_size, min(context_size, vocab_size)
     stream = _stream(sequences, V, window)
-    is_context = (stream >= FIRST_WORD) & (stream < C)
-    offsets = [(d, 1.0 / abs(d)) for d in range(-window, window + 1) if d]
+    # Room for every value that can occur (a word meets at most 2 * window contexts per
+    # occurrence): np.empty only reserves it, the pages never written take no memory, and
+    # filling block by block avoids holding the pieces and their concatenation at once.
+    frequency = sum(np.bincount(stream[i : i + chunk], minlength=V) for i in range(0, len(stream), chunk))
+    capacity = int(np.minimum(2 * window * frequency[FIRST_WORD:], max(C - FIRST_WORD, 0)).sum())
+    indptr = np.zeros(V + 1, dtype=np.int64)
+    indices, data = np.empty(capacity, dtype=np.int32), np.empty(capacity, dtype=np.float32)
     rows_per_block = max(1, block_size // C)
-    row_counts, indices, data = [np.zeros(FIRST_WORD, dtype=np.int64)], [], []
     for first in range(FIRST_WORD, V, rows_per_block):
-        last = min(V, first + rows_per_block)
-        block = np.zeros((last - first) * C)
-        for start in range(window, len(stream) - window, chunk):
-            segment = stream[start : start + chunk]
-            here = np.flatnonzero((segment >= first) & (segment < last)) + start
-            cell = (stream[here] - first) * C
-            for d, weight in offsets:
-                there = here + d
-                keep = is_context[there]
-                np.add.at(block, cell[keep] + stream[there[keep]], weight)
-        nonzero = np.flatnonzero(block)
-        row_counts.append(np.bincount(nonzero // C, minlength=last - first))
-        indices.append((nonzero % C).astype(np.int32))
-        data.append(block[nonzero].astype(np.float32))
-    del stream, is_context, block
-    indptr = np.concatenate([[0], np.cumsum(np.concatenate(row_counts))])
-    return SparseMatrix(indptr, np.concatenate([np.zeros(0, np.int32), *indices]),
-                        np.concatenate([np.zeros(0, np.float32), *data]), (V, C))
+        block = _count_rows(stream, first, min(V, first + rows_per_block), C, window, chunk)
+        for row in range(0, len(block), 64):  # 64 rows at a time: small index temporaries
+            top = first + row
+            part = block[row : row + 64].ravel()
+            cells = np.flatnonzero(part)
+            at = indptr[top]
+            indices[at : at + len(cells)] = cells % C
+            data[at : at + len(cells)] = part[cells]
+            rows = np.bincount(cells // C, minlength=len(part) // C)
+            indptr[top + 1 : top + 1 + len(rows)] = at + np.cumsum(rows)
+    return SparseMatrix(indptr, _shrink(indices, indptr[-1]), _shrink(data, indptr[-1]), (V, C))
+
+
+def _shrink(array: np.ndarray, size: int) -> np.ndarray:
+    """The first `size` items of a 1-D array it owns, in place where the allocator can (realloc)."""
+    array.resize(size, refcheck=False)
+    return array
 
 
 def ppmi(counts: SparseMatrix, alpha: float = 0.75, dtype: type = np.float32) -> SparseMatrix:
@@ -182,26 +217,26 @@ def ppmi(counts: SparseMatrix, alpha: float = 0.75, dtype: type = np.float32) ->
     nonzero counts only (PMI is -inf, clipped to 0, wherever the count is 0),
     in row chunks so that the temporaries stay small.
     """
+    V = counts.shape[0]
     row_sums = counts.sums(axis=1)
     ctx = counts.sums(axis=0) ** alpha
     with np.errstate(divide="ignore", invalid="ignore"):  # empty rows/cols: never looked up below
         log_rows = np.log(np.where(row_sums > 0, row_sums, 1.0)).astype(dtype)
         log_ctx = np.log(np.where(ctx > 0, ctx / ctx.sum(), 1.0)).astype(dtype)
-    kept_per_row, indices, data = [], [], []
+    indptr = np.zeros(V + 1, dtype=np.int64)
+    indices, data = np.empty(counts.nnz, dtype=np.int32), np.empty(counts.nnz, dtype=dtype)
     for start, stop in counts.row_chunks(1 << 20):
         lo, hi = counts.indptr[start], counts.indptr[stop]
-        row_sizes = np.diff(counts.indptr[start : stop + 1])
         values = np.log(counts.data[lo:hi], dtype=dtype)
-        values -= np.repeat(log_rows[start:stop], row_sizes)
+        values -= np.repeat(log_rows[start:stop], np.diff(counts.indptr[start : stop + 1]))
         values -= log_ctx[counts.indices[lo:hi]]
         keep = values > 0
         kept_before = np.concatenate([[0], np.cumsum(keep)])  # kept values before each position
-        kept_per_row.append(np.diff(kept_before[counts.indptr[start : stop + 1] - lo]))
-        indices.append(counts.indices[lo:hi][keep])
-        data.append(values[keep])
-    indptr = np.concatenate([[0], np.cumsum(np.concatenate(kept_per_row))])
-    return SparseMatrix(indptr, np.concatenate([np.zeros(0, np.int32), *indices]),
-                        np.concatenate([np.zeros(0, dtype), *data]), counts.shape)
+        at = indptr[start]
+        indices[at : at + kept_before[-1]] = counts.indices[lo:hi][keep]
+        data[at : at + kept_before[-1]] = values[keep]
+        indptr[start + 1 : stop + 1] = at + kept_before[counts.indptr[start + 1 : stop + 1] - lo]
+    return SparseMatrix(indptr, _shrink(indices, indptr[-1]), _shrink(data, indptr[-1]), counts.shape)
 
 
 def randomized_svd(
