@@ -61,11 +61,15 @@ class SparseMatrix:
 
     @property
     def T(self) -> SparseMatrix:
+        return self.transpose()
+
+    def transpose(self, band_values: int = 1 << 20) -> SparseMatrix:
         """The transpose (n, m), as a new CSR matrix (as much memory again), built a band of
-        about 2**20 values' worth of columns at a time so that the sort's temporaries stay small."""
+        columns at a time (about `band_values` values on average) so that the sort's
+        temporaries stay small."""
         m, n = self.shape
         rows = self.row_ids()
-        band = max(1, (n << 20) // max(self.nnz, 1))
+        band = max(1, n * band_values // max(self.nnz, 1))
         indptr = np.zeros(n + 1, dtype=np.int64)
         indices, data = np.empty(self.nnz, dtype=np.int32), np.empty(self.nnz, dtype=self.dtype)
         for first in range(0, n, band):

@@ -109,6 +109,10 @@ def test_sparse_matrix_products_equal_dense(chunk):
     assert M.nnz == (dense != 0).sum() and M.indptr[0] == 0 and M.indptr[-1] == M.nnz
     np.testing.assert_array_equal(M.toarray(), dense)
     np.testing.assert_array_equal(M.T.toarray(), dense.T)
+    for band_values in (1, 4, 10):  # one column per band, a few, one band
+        MT = M.transpose(band_values)
+        np.testing.assert_array_equal(MT.toarray(), dense.T)
+        assert all(np.all(np.diff(MT.indices[a:b]) > 0) for a, b in zip(MT.indptr[:-1], MT.indptr[1:]))
     rng = np.random.default_rng(1)
     X, Y = rng.standard_normal((7, 3)), rng.standard_normal((9, 2))
     np.testing.assert_allclose(M.matmul(X, chunk=chunk), dense @ X, rtol=1e-12, atol=1e-12)
