@@ -201,7 +201,7 @@ def encoder_difference(a: dict, b: dict) -> str | None:
     return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-def encode_tokenized(docs: Sequence[list[str]], encoder: TextEncoder) -> tuple[dict[str, np.ndarray], dict]:
+def encode_tokenized(docs: Iterable[list[str]], encoder: TextEncoder) -> tuple[dict[str, np.ndarray], dict]:
     """Encode tokenized documents as `encoder` does, and describe what the encoding lost.
 
     Returns arrays {ids (N, max_len) int32, lengths (N,) int32, raw_lengths (N,) int32: the length

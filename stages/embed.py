@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow
 
 from rnn.embeddings import build_embeddings, svd_embeddings
 from rnn.errors import InputError
@@ -32,7 +33,10 @@ def corpus(encoder: TextEncoder, root: Path) -> list[np.ndarray]:
     if not unsup_path.is_file():
         raise FileNotFoundError(f"{unsup_path}: not found (needed by embed.method svd)")
     texts = pd.read_parquet(unsup_path, columns=["text"])["text"]
-    return [row[:n] for row, n in zip(train["ids"], train["lengths"])] + [encoder.vocab.encode(tokenize(t)) for t in texts]
+    seqs = [row[:n] for row, n in zip(train["ids"], train["lengths"])] + [encoder.vocab.encode(tokenize(t)) for t in texts]
+    del texts
+    pyarrow.default_memory_pool().release_unused()      # ~180 MB the reader keeps after the text is gone
+    return seqs
 
 
 def run(cfg: dict, dim: int, root: Path) -> dict:

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rnn.embeddings import build_embeddings, cooccurrence, ppmi, randomized_svd, read_vectors, svd_embeddings
+from rnn.embeddings import (SparseMatrix, build_embeddings, cooccurrence, ppmi, randomized_svd, read_vectors,
+                            svd_embeddings)
 from rnn.errors import InputError
 from rnn.io import write_json
 from stages import embed, settings
@@ -37,22 +38,97 @@ for _w, _c, _n in [(2, 3, 1.0), (3, 4, 1.0), (2, 4, 0.5), (5, 3, 0.5)]:
     EXPECTED[_w, _c] = EXPECTED[_c, _w] = _n
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 20])
-def test_cooccurrence_hand_checked(chunk):
-    counts = cooccurrence(SEQS, 6, 100, 2, chunk=chunk)  # context_size 100 > V: clipped to 6
-    assert counts.shape == (6, 6) and counts.dtype == np.float64
-    np.testing.assert_array_equal(counts, EXPECTED)
+@pytest.mark.parametrize("chunk, block_size", [(1, 1), (2, 6), (3, 12), (1 << 20, 1 << 22)])
+def test_cooccurrence_hand_checked(chunk, block_size):
+    # block_size 1 and 6: one row per block; 12: two rows per block, the last block short.
+    counts = cooccurrence(SEQS, 6, 100, 2, chunk=chunk, block_size=block_size)  # context_size 100 > V: 6
+    assert isinstance(counts, SparseMatrix) and counts.shape == (6, 6) and counts.dtype == np.float32
+    assert counts.nnz == (EXPECTED != 0).sum()  # zeros are not stored
+    np.testing.assert_array_equal(counts.toarray(), EXPECTED)
 
 
 def test_cooccurrence_window_context_clip_and_pad():
-    np.testing.assert_array_equal(cooccurrence(SEQS, 6, 4, 2), EXPECTED[:, :4])  # 4 and 5 are not contexts
+    np.testing.assert_array_equal(cooccurrence(SEQS, 6, 4, 2).toarray(), EXPECTED[:, :4])  # 4, 5: no contexts
     near = cooccurrence([np.array([2, 3, 0, 4, 5])], 6, 6, 1)  # window 1; a PAD inside is skipped
     expected = np.zeros((6, 6))
     expected[2, 3] = expected[3, 2] = expected[4, 5] = expected[5, 4] = 1.0
-    np.testing.assert_array_equal(near, expected)
-    assert not cooccurrence([], 6, 6, 3).any()
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 6\), got 0..6"):
+    np.testing.assert_array_equal(near.toarray(), expected)
+    empty = cooccurrence([], 6, 6, 3)
+    assert empty.nnz == 0 and empty.indptr.tolist() == [0] * 7
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 6\), got 2..6"):
         cooccurrence([np.array([2, 6])], 6, 6, 2)
+    with pytest.raises(ValueError, match=r"got -1..3"):
+        cooccurrence([np.array([2, 3]), np.array([-1, 3])], 6, 6, 2)
+
+
+def brute_force_counts(seqs: list[np.ndarray], V: int, C: int, window: int) -> np.ndarray:
+    """The definition, pair by pair: the dense reference the sparse counts must equal."""
+    counts = np.zeros((V, C))
+    for seq in seqs:
+        for i, w in enumerate(seq):
+            for j in range(max(0, i - window), min(len(seq), i + window + 1)):
+                if j != i and w >= 2 and 2 <= seq[j] < C:
+                    counts[w, seq[j]] += 1.0 / abs(i - j)
+    return counts
+
+
+@pytest.mark.parametrize("chunk, block_size", [(7, 40), (1 << 20, 1 << 22)])
+def test_cooccurrence_equals_the_definition_on_random_text(chunk, block_size):
+    rng = np.random.default_rng(3)
+    # Zipf-like ids as in a frequency-ordered vocabulary, PAD and UNK among them; some
+    # sequences shorter than the window, one empty.
+    seqs = [np.minimum(rng.zipf(1.3, size=n), 29) for n in (0, 1, 3, 40, 17, 60)]
+    counts = cooccurrence(seqs, 30, 12, 3, chunk=chunk, block_size=block_size)
+    expected = brute_force_counts(seqs, 30, 12, 3)
+    assert counts.nnz == (expected != 0).sum() > 50
+    np.testing.assert_allclose(counts.toarray(), expected, rtol=1e-6)
+    assert np.all(np.diff(counts.indices[counts.indptr[5] : counts.indptr[6]]) > 0)  # columns ascending
+
+
+# --- SparseMatrix ----------------------------------------------------------------
+
+
+def sparse_example(seed: int = 0) -> np.ndarray:
+    """(9, 7) with empty rows (first, inner, last) and an empty column."""
+    rng = np.random.default_rng(seed)
+    dense = rng.standard_normal((9, 7)) * (rng.random((9, 7)) < 0.4)
+    dense[[0, 4, 8]] = 0.0
+    dense[:, 2] = 0.0
+    dense[1, 3] = 1.5  # at least one value
+    return dense
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 1 << 20])
+def test_sparse_matrix_products_equal_dense(chunk):
+    dense = sparse_example()
+    M = SparseMatrix.from_dense(dense)
+    assert M.nnz == (dense != 0).sum() and M.indptr[0] == 0 and M.indptr[-1] == M.nnz
+    np.testing.assert_array_equal(M.toarray(), dense)
+    np.testing.assert_array_equal(M.T.toarray(), dense.T)
+    for band_values in (1, 4, 10):  # one column per band, a few, one band
+        MT = M.transpose(band_values)
+        np.testing.assert_array_equal(MT.toarray(), dense.T)
+        assert all(np.all(np.diff(MT.indices[a:b]) > 0) for a, b in zip(MT.indptr[:-1], MT.indptr[1:]))
+    rng = np.random.default_rng(1)
+    X, Y = rng.standard_normal((7, 3)), rng.standard_normal((9, 2))
+    np.testing.assert_allclose(M.matmul(X, chunk=chunk), dense @ X, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(M.T.matmul(Y, chunk=chunk), dense.T @ Y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(M @ X, dense @ X, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(M.sums(axis=0), dense.sum(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(M.sums(axis=1), dense.sum(axis=1), rtol=1e-12, atol=1e-12)
+    assert (M.matmul(X, chunk=chunk)[[0, 4, 8]] == 0).all()
+    with pytest.raises(ValueError, match=r"cannot multiply \(9, 7\) by \(9, 2\)"):
+        M @ Y
+
+
+def test_sparse_matrix_row_chunks_cover_rows_within_budget():
+    M = SparseMatrix.from_dense(sparse_example())
+    sizes = np.diff(M.indptr)
+    for budget in (1, 2, 5, 100):
+        chunks = list(M.row_chunks(budget))
+        assert [c[0] for c in chunks[1:]] == [c[1] for c in chunks[:-1]] and chunks[0][0] == 0 and chunks[-1][1] == 9
+        for start, stop in chunks:
+            assert sizes[start:stop].sum() <= budget or stop - start == 1
 
 
 # --- ppmi -----------------------------------------------------------------------
@@ -72,10 +148,13 @@ def test_ppmi_matches_direct_formula():
                 p_wc, p_w, p_c = counts[w, c] / total, counts[w].sum() / total, ctx[c] / ctx.sum()
                 expected[w, c] = max(0.0, np.log(p_wc / (p_w * p_c)))
     assert 0 < (expected > 0).sum() < (counts > 0).sum()  # some PMI is negative and gets clipped
-    np.testing.assert_allclose(ppmi(counts, alpha, dtype=np.float64), expected, rtol=1e-12, atol=1e-12)
-    out32 = ppmi(counts, alpha)
+    sparse = SparseMatrix.from_dense(counts)
+    out64 = ppmi(sparse, alpha, dtype=np.float64)
+    assert out64.nnz == (expected > 0).sum()  # clipped values are not stored
+    np.testing.assert_allclose(out64.toarray(), expected, rtol=1e-12, atol=1e-12)
+    out32 = ppmi(sparse, alpha)
     assert out32.dtype == np.float32
-    np.testing.assert_allclose(out32, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out32.toarray(), expected, rtol=1e-5, atol=1e-6)
 
 
 # --- randomized_svd ---------------------------------------------------------------
@@ -100,6 +179,21 @@ def test_randomized_svd_recovers_top_singular_values_and_is_seeded():
     again = randomized_svd(decaying, 5, np.random.default_rng(0))
     other = randomized_svd(decaying, 5, np.random.default_rng(1))
     assert np.array_equal(again[1], S) and not np.array_equal(other[1], S)
+
+
+def test_randomized_svd_of_sparse_matrix_equals_dense_path():
+    """The sparse products give the dense path's factors: the same draws, float32 rounding apart."""
+    counts = cooccurrence(toy_corpus(60) + [np.array([2, 16, 3, 5, 6])], len(WORDS), 100, 3)
+    M = ppmi(counts)
+    dense = M.toarray()
+    assert 0 < M.nnz < dense.size / 2
+    U, S = randomized_svd(M, 6, np.random.default_rng(0))
+    U_dense, S_dense = randomized_svd(dense, 6, np.random.default_rng(0))
+    assert U.dtype == np.float32 and U.shape == (len(WORDS), 6)
+    np.testing.assert_allclose(S, S_dense, rtol=1e-5)
+    signs = np.sign(np.sum(U * U_dense, axis=0))
+    np.testing.assert_allclose(np.abs(np.sum(U * U_dense, axis=0)), 1.0, atol=1e-4)  # same up to sign
+    np.testing.assert_allclose(U * signs * S, U_dense * S_dense, atol=1e-4 * S[0])  # row by row
 
 
 # --- svd_embeddings ---------------------------------------------------------------
