@@ -86,6 +86,9 @@ def create(spec: StudySpec, root: Path) -> optuna.Study:
     if spec.sampler == "grid":
         for point in grid_points(spec):
             study.enqueue_trial(point)
+    parent = create_parent_run(spec, root, commit)
+    if parent:
+        study.set_user_attr("mlflow_parent_run_id", parent)
     return study
 
 
@@ -154,15 +157,22 @@ def next_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.Trial | Non
     with claim_lock(study), backend.quiet():
         optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
-        for t in trials:
-            if t.state != TrialState.WAITING:
-                continue
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        for t in waiting:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                    return optuna.trial.Trial(study, t._trial_id)
+                    return _beating(study, optuna.trial.Trial(study, t._trial_id))
+        if waiting:                       # taken by others meanwhile: count them as they are now
+            trials = study.get_trials(deepcopy=False)
         if spec.sampler == "grid" or budget_used(trials) >= spec.n_trials:
             return None
-        return study.ask()
+        return _beating(study, study.ask())
+
+
+def _beating(study: optuna.Study, trial: optuna.trial.Trial) -> optuna.trial.Trial:
+    """A first heartbeat at once: a RUNNING trial without any is never found stale."""
+    study._storage.record_heartbeat(trial._trial_id)
+    return trial
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,59 +207,86 @@ def work(spec: StudySpec, root: Path, max_trials: int | None = None, wait: bool 
         finally:
             copy.remove()
     print(f"worker {worker}: {ran} trial(s) run; study {spec.name}: {state_counts(study)}", flush=True)
+    if finished(study, spec) and study.user_attrs.get("mlflow_parent_run_id"):
+        with contextlib.suppress(Exception):
+            close_parent_run(root, study.user_attrs["mlflow_parent_run_id"])
     return ran
+
+
+def finished(study: optuna.Study, spec: StudySpec) -> bool:
+    """Nothing running or waiting, and the budget spent (or the grid run through)."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return False
+    return spec.sampler == "grid" or budget_used(trials) >= spec.n_trials
 
 
 def run_trial(study: optuna.Study, trial: optuna.trial.Trial, spec: StudySpec, root: Path,
               copy: "WorkingCopy", worker: str, push: str | None = None) -> TrialState:
     """Run one trial as a DVC experiment and tell the study how it ended."""
-    with Heartbeat(study._storage, trial._trial_id, spec.heartbeat["interval"]):
-        values = backend.suggest(trial, spec)
-        name = f"{spec.name}-t{trial.number}"
-        sets = overrides(spec, values)
-        log = root / COPIES / spec.name / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        trial.set_user_attr("experiment", name)
-        trial.set_user_attr("overrides", sets)
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("log", str(log))
-        print(f"{name}: {' '.join(sets)}", flush=True)
-        t0 = time.monotonic()
-        copy.reset()
-        try:
-            code = copy.run_experiment(name, sets, trial_environment(spec, root, trial.number), log)
-        except KeyboardInterrupt:
-            # Stopped by hand: the point is not lost, another worker (or this one, later) runs it.
+    try:
+        with Heartbeat(study._storage, trial._trial_id, spec.heartbeat["interval"]):
+            return _run_trial(study, trial, spec, root, copy, worker, push)
+    except Exception:
+        # A bug or a lost database here must not leave the trial RUNNING until its heartbeat is stale.
+        with contextlib.suppress(Exception):
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            StaleTrials(spec.heartbeat["max_retry"], root).retry(study, study._storage.get_trial(trial._trial_id))
-            print(f"{name}: interrupted; enqueued again", flush=True)
-            raise
-        seconds = time.monotonic() - t0
-        trial.set_user_attr("seconds", round(seconds, 1))
-        pruned = study._storage.get_trial(trial._trial_id).user_attrs.get("pruned")
-        if code == 0:
-            try:
-                value = read_metric(copy.path / spec.metrics, spec.key)
-            except SweepError as exc:
-                return _finish(study, trial, TrialState.FAIL, f"failed: {exc}", name, seconds)
+        raise
+
+
+def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, spec: StudySpec, root: Path,
+               copy: "WorkingCopy", worker: str, push: str | None) -> TrialState:
+    values = backend.suggest(trial, spec)
+    name = f"{spec.name}-t{trial.number}"
+    sets = overrides(spec, values)
+    log = root / COPIES / spec.name / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # A retried trial arrives with its failed original's user attrs: replace or clear every one.
+    for key, value in {"experiment": name, "overrides": sets, "worker": worker, "log": str(log), "pruned": None,
+                       "mlflow_runs": None, "outcome": None, "seconds": None}.items():
+        trial.set_user_attr(key, value)
+    print(f"{name}: {' '.join(sets)}", flush=True)
+    t0 = time.monotonic()
+    copy.reset()
+    try:
+        env = trial_environment(spec, root, trial.number, study.user_attrs.get("mlflow_parent_run_id"))
+        code = copy.run_experiment(name, sets, env, log)
+    except KeyboardInterrupt:
+        # Stopped by hand: the point is not lost, another worker (or this one, later) runs it.
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        StaleTrials(spec.heartbeat["max_retry"], root).retry(study, study._storage.get_trial(trial._trial_id))
+        print(f"{name}: interrupted; enqueued again", flush=True)
+        raise
+    seconds = time.monotonic() - t0
+    trial.set_user_attr("seconds", round(seconds, 1))
+    pruned = study._storage.get_trial(trial._trial_id).user_attrs.get("pruned")
+    if code == 0:
+        try:
+            value = read_metric(copy.path / spec.metrics, spec.key)
+        except SweepError as exc:
+            return _finish(study, trial, TrialState.FAIL, f"failed: {exc}", name, seconds)
+        try:
             copy.publish(name)
             if push:
                 publish_remote(root, name, push)
-            with contextlib.suppress(Exception):
-                runs = mlflow_runs(root, name)
-                if runs:
-                    trial.set_user_attr("mlflow_runs", runs)
-            return _finish(study, trial, TrialState.COMPLETE, f"{spec.key} = {value:.4f}", name, seconds, value)
-        if pruned:
-            return _finish(study, trial, TrialState.PRUNED, f"pruned after epoch {pruned['epoch']} of "
-                           f"{pruned['cell']}", name, seconds)
-        return _finish(study, trial, TrialState.FAIL, f"failed: {_last_error(log)} (log: {log})", name, seconds)
+        except SweepError as exc:
+            return _finish(study, trial, TrialState.FAIL, f"failed: its experiment was not published: {exc}",
+                           name, seconds)
+        with contextlib.suppress(Exception):
+            runs = mlflow_runs(root, name)
+            if runs:
+                trial.set_user_attr("mlflow_runs", runs)
+        return _finish(study, trial, TrialState.COMPLETE, f"{spec.key} = {value:.4f}", name, seconds, value)
+    if pruned:
+        return _finish(study, trial, TrialState.PRUNED, f"pruned after epoch {pruned['epoch']} of "
+                       f"{pruned['cell']}", name, seconds)
+    return _finish(study, trial, TrialState.FAIL, f"failed: {_last_error(log)} (log: {log})", name, seconds)
 
 
 def _finish(study: optuna.Study, trial: optuna.trial.Trial, state: TrialState, outcome: str, name: str,
             seconds: float, value: float | None = None) -> TrialState:
-    trial.set_user_attr("outcome", outcome)
     try:
+        trial.set_user_attr("outcome", outcome)
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
     except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
         # Failed by the heartbeat meanwhile (the worker was suspended longer than the grace period):
@@ -260,15 +297,15 @@ def _finish(study: optuna.Study, trial: optuna.trial.Trial, state: TrialState, o
     return state
 
 
-def trial_environment(spec: StudySpec, root: Path, number: int) -> dict:
-    """The stage processes' environment: the trial (sweeps.pruning reads it) and the project's MLflow
-    store, which the default would otherwise place in the working copy."""
+def trial_environment(spec: StudySpec, root: Path, number: int, parent: str | None = None) -> dict:
+    """The stage processes' environment: the trial (sweeps.pruning reads it; the MLflow tracker takes
+    the study, the trial and the study's parent run from it) and the project's MLflow store, which
+    the default would otherwise place in the working copy."""
     env = dict(os.environ)
     env[TRIAL_ENV] = json.dumps({"storage": storage_template(spec, root), "study": spec.name, "trial": number,
-                                 "pruner": spec.pruner})
+                                 "pruner": spec.pruner, "mlflow_parent_run_id": parent})
     env[STUDY_ENV] = spec.name
-    if not env.get("MLFLOW_TRACKING_URI"):
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+    env.update(_mlflow_environ(root))
     return env
 
 
@@ -445,11 +482,56 @@ def _git(root: Path, *args: str) -> str:
 # MLflow
 
 
+def mlflow_experiment(root: Path) -> str | None:
+    """The MLflow experiment of the train runs (params.yaml mlflow.experiment), None when tracking
+    is off or the project has no such setting."""
+    try:
+        import yaml
+
+        cfg = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("mlflow") or {}
+    except (OSError, ValueError):
+        return None
+    return cfg.get("experiment") if cfg.get("enabled", True) and cfg.get("experiment") else None
+
+
+def create_parent_run(spec: StudySpec, root: Path, commit: str) -> str | None:
+    """One MLflow run for the whole study, in the train runs' experiment: its trials' runs name it as
+    their parent (tag mlflow.parentRunId) and so sit under it in the UI. None without MLflow."""
+    experiment = mlflow_experiment(root)
+    if experiment is None:
+        return None
+    from stages.mlstore import connect
+
+    client, _, experiment_id = connect(experiment)
+    run = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags={
+        "sweep.study": spec.name, "sweep.commit": commit, "mlflow.source.git.commit": commit,
+        "mlflow.note.content": f"Optuna study {spec.name}: {spec.direction} {spec.key} over "
+                               + ", ".join(p.name for p in spec.searched) + f"; {spec.n_trials} trials"})
+    for p in spec.searched:
+        space = list(p.choices) if p.kind == "choice" else f"{p.kind} [{p.low}, {p.high}]" + (" log" if p.log else "")
+        client.log_param(run.info.run_id, p.name, str(space))
+    return run.info.run_id
+
+
+def close_parent_run(root: Path, run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(_mlflow_environ(root)["MLFLOW_TRACKING_URI"]).set_terminated(run_id, status="FINISHED")
+
+
+def _mlflow_environ(root: Path) -> dict:
+    """MLFLOW_TRACKING_URI for the stages: the store they would use if run in the project itself
+    (a SQLite path made absolute from the project root, not from the working copy)."""
+    from stages.mlstore import tracking_location
+
+    return {"MLFLOW_TRACKING_URI": tracking_location(root, os.environ)[0]}
+
+
 def mlflow_runs(root: Path, name: str, fail_running: bool = False) -> dict:
     """{run name: run id} of the MLflow runs of experiment `name` (tag dvc.exp_name), from the
     store the stages used; with fail_running, runs left RUNNING are marked FAILED. {} when there is
     no store (MLflow is not even imported then)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+    uri = _mlflow_environ(root)["MLFLOW_TRACKING_URI"]
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].split("?")[0]).is_file():
         return {}
     from mlflow.tracking import MlflowClient
@@ -487,7 +569,7 @@ def summary(spec: StudySpec, root: Path, top: int = 5) -> dict:
 
     def row(t: FrozenTrial) -> dict:
         return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                "experiment": t.user_attrs.get("experiment"), "mlflow_runs": t.user_attrs.get("mlflow_runs", {}),
+                "experiment": t.user_attrs.get("experiment"), "mlflow_runs": t.user_attrs.get("mlflow_runs") or {},
                 "outcome": t.user_attrs.get("outcome"), "worker": t.user_attrs.get("worker"),
                 "retry_of": t.system_attrs.get("failed_trial")}
 

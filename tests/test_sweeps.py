@@ -274,8 +274,13 @@ def test_a_pruned_trial_is_recorded_pruned_not_as_a_finished_point(project):
                                                              "train.hidden_size": 32, "train.epochs": 3},
                                             pruner={"type": "median", "report": "lstm", "n_startup_trials": 1}))
     assert sweeps(project, "create", str(study)).returncode == 0
-    worked = sweeps(project, "work", str(study))
+    team = project.parent / "team.git"              # a team's git remote: --push sends it each experiment
+    subprocess.run(["git", "init", "-q", "--bare", str(team)], check=True)
+    subprocess.run(["git", "remote", "add", "team", str(team)], cwd=project, check=True)
+    worked = sweeps(project, "work", str(study), "--push", "team")
     assert worked.returncode == 0, worked.stdout + worked.stderr
+    pushed = subprocess.run(["git", "ls-remote", str(team)], capture_output=True, text=True, check=True).stdout
+    assert [line.rsplit("/", 1)[-1] for line in pushed.splitlines()] == ["prune-t0"]
     first, second = trials(project, study)
     assert first.state == TrialState.COMPLETE and first.intermediate_values == {
         e: expected(0.01, 32, e) for e in (1, 2, 3)}
@@ -322,3 +327,32 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:          # a zombie is gone for our purposes
         return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_study_has_one_parent_mlflow_run_and_a_dead_trials_runs_are_marked_failed(project, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "mlflow": {"enabled": True, "experiment": "fake"}}))
+    study_path = write_study(project, study_file("ml"))
+    assert command(capsys, "create", str(study_path))[0] == 0
+    study = engine.load(parse_spec(yaml.safe_load(study_path.read_text())), project)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["sweep.study"] == "ml" and parent.info.status == "RUNNING"
+    assert parent.data.params["train.lr"] == "[0.01, 0.001]"
+    # A trial's stage run, as the train stage makes it inside `dvc exp run -n ml-t0` (tag dvc.exp_name).
+    left = client.create_run(parent.info.experiment_id, run_name="lstm (ml-t0)", tags={"dvc.exp_name": "ml-t0"})
+    assert engine.mlflow_runs(project, "ml-t0") == {"lstm (ml-t0)": left.info.run_id}
+    with backend.quiet():
+        trial = study.ask()                                 # grid point 0
+    trial.set_user_attr("experiment", "ml-t0")
+    study.tell(trial, state=TrialState.FAIL)                 # as fail_stale_trials leaves it
+    engine.StaleTrials(1, project)(study, study.trials[trial.number])
+    assert client.get_run(left.info.run_id).info.status == "FAILED"
+    retry = study.trials[-1]                                 # after grid points 1-3, waiting
+    assert (retry.number, retry.state, retry.system_attrs["failed_trial"]) == (4, TrialState.WAITING, 0)
+    assert retry.params == trial.params
+    engine.close_parent_run(project, parent.info.run_id)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
