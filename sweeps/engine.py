@@ -250,7 +250,7 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, spec: StudySpec, 
     copy.reset()
     try:
         env = trial_environment(spec, root, trial.number, study.user_attrs.get("mlflow_parent_run_id"))
-        code = copy.run_experiment(name, sets, env, log)
+        code = copy.run_experiment(name, sets, env, log, spec.targets)
     except KeyboardInterrupt:
         # Stopped by hand: the point is not lost, another worker (or this one, later) runs it.
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -383,10 +383,10 @@ class WorkingCopy:
         """Back to the study's commit: the last trial's params.yaml and dvc.lock must not leak."""
         _run(["git", "-C", str(self.path), "reset", "--quiet", "--hard", self.commit])
 
-    def run_experiment(self, name: str, sets: list[str], env: dict, log: Path) -> int:
+    def run_experiment(self, name: str, sets: list[str], env: dict, log: Path, targets: tuple = ()) -> int:
         """`dvc exp run` of one trial here; its output goes to `log`. Returns the exit code. The
         process group is this trial's: an interrupt stops it whole; a killed worker takes dvc along."""
-        cmd = DVC + ["exp", "run", "--name", name] + [a for s in sets for a in ("-S", s)]
+        cmd = DVC + ["exp", "run", "--name", name] + [a for s in sets for a in ("-S", s)] + list(targets)
         with open(log, "w") as out:
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()

@@ -16,6 +16,7 @@
     sampler: tpe                        # tpe (default) | random | grid (every combination, enqueued)
     pruner: {type: median, report: lstm}              # median (default) | asha | hyperband | none
     storage: sqlite:///sweeps/lstm-lr.db              # the default; or postgresql+psycopg://...
+    targets: [compare]                  # optional: run only these stages and what they need
 
 Nothing here imports Optuna: the study file is checked before any engine starts.
 """
@@ -82,6 +83,7 @@ class StudySpec:
     pruner: dict = field(default_factory=dict)    # {"type", "report", "metric", **kwargs}
     storage: str | None = None  # as written (may hold ${VAR}); None: sqlite file in sweeps/
     heartbeat: dict = field(default_factory=dict)  # {"interval", "grace", "max_retry"}
+    targets: tuple[str, ...] = ()   # stages `dvc exp run` reproduces (with what they need); () = all
     source: dict = field(default_factory=dict)     # the file's content, as read
 
     @property
@@ -113,7 +115,7 @@ def load_spec(path: str | Path) -> StudySpec:
 def parse_spec(data: Any, where: str = "study") -> StudySpec:
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a mapping with name, objective, params")
-    known = {"name", "objective", "n_trials", "params", "sampler", "seed", "pruner", "storage", "heartbeat"}
+    known = {"name", "objective", "n_trials", "params", "sampler", "seed", "pruner", "storage", "heartbeat", "targets"}
     _no_unknown(data, known, where)
     name = data.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -158,6 +160,9 @@ def parse_spec(data: Any, where: str = "study") -> StudySpec:
     storage = data.get("storage")
     if storage is not None:
         check_storage(storage, f"{where}: storage")
+    targets = data.get("targets") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise SpecError(f"{where}: targets: a list of stage names (`dvc exp run` targets), e.g. [compare]")
     heartbeat = {"interval": 60, "grace": None, "max_retry": 1, **(data.get("heartbeat") or {})}
     _no_unknown(heartbeat, {"interval", "grace", "max_retry"}, f"{where}: heartbeat")
     for k, v in heartbeat.items():
@@ -166,7 +171,7 @@ def parse_spec(data: Any, where: str = "study") -> StudySpec:
     heartbeat["grace"] = heartbeat["grace"] or 3 * heartbeat["interval"]
     return StudySpec(name=name, metrics=objective["metrics"], key=objective["key"], direction=direction,
                      n_trials=n_trials, params=params, sampler=sampler, seed=seed, pruner=pruner,
-                     storage=storage, heartbeat=heartbeat, source=data)
+                     storage=storage, heartbeat=heartbeat, targets=tuple(targets), source=data)
 
 
 def parse_param(key: str, value: Any, where: str) -> Param:
