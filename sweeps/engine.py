@@ -253,6 +253,7 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, spec: StudySpec, 
         code = copy.run_experiment(name, sets, env, log, spec.targets)
     except KeyboardInterrupt:
         # Stopped by hand: the point is not lost, another worker (or this one, later) runs it.
+        trial.set_user_attr("outcome", "interrupted")
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         StaleTrials(spec.heartbeat["max_retry"], root).retry(study, study._storage.get_trial(trial._trial_id))
         print(f"{name}: interrupted; enqueued again", flush=True)
@@ -260,6 +261,10 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, spec: StudySpec, 
     seconds = time.monotonic() - t0
     trial.set_user_attr("seconds", round(seconds, 1))
     pruned = study._storage.get_trial(trial._trial_id).user_attrs.get("pruned")
+    with contextlib.suppress(Exception):        # the runs of pruned and failed trials too (MLflow optional)
+        runs = mlflow_runs(root, name)
+        if runs:
+            trial.set_user_attr("mlflow_runs", runs)
     if code == 0:
         try:
             value = read_metric(copy.path / spec.metrics, spec.key)
@@ -272,10 +277,6 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, spec: StudySpec, 
         except SweepError as exc:
             return _finish(study, trial, TrialState.FAIL, f"failed: its experiment was not published: {exc}",
                            name, seconds)
-        with contextlib.suppress(Exception):
-            runs = mlflow_runs(root, name)
-            if runs:
-                trial.set_user_attr("mlflow_runs", runs)
         return _finish(study, trial, TrialState.COMPLETE, f"{spec.key} = {value:.4f}", name, seconds, value)
     if pruned:
         return _finish(study, trial, TrialState.PRUNED, f"pruned after epoch {pruned['epoch']} of "
@@ -445,10 +446,12 @@ def _die_with_parent() -> None:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
+    # SIGTERM, not SIGINT: a worker started with `&` from a script passes on SIGINT ignored. Training
+    # stops after its current step on either.
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)       # stages checkpoint and exit on SIGINT
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -569,7 +572,7 @@ def summary(spec: StudySpec, root: Path, top: int = 5) -> dict:
 
     def row(t: FrozenTrial) -> dict:
         return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                "experiment": t.user_attrs.get("experiment"), "mlflow_runs": t.user_attrs.get("mlflow_runs") or {},
+                "experiment": t.user_attrs.get("experiment") if t.state != TrialState.WAITING else None, "mlflow_runs": t.user_attrs.get("mlflow_runs") or {},
                 "outcome": t.user_attrs.get("outcome"), "worker": t.user_attrs.get("worker"),
                 "retry_of": t.system_attrs.get("failed_trial")}
 
@@ -597,7 +600,7 @@ def format_summary(s: dict) -> str:
             params = " ".join(f"{k}={v}" for k, v in r["params"].items())
             runs = " ".join(f"{k}:{v[:8]}" for k, v in sorted(r["mlflow_runs"].items()))
             extra = f" retry of t{r['retry_of']}" if r["retry_of"] is not None else ""
-            outcome = f"  [{r['outcome']}]" if r["state"] not in ("COMPLETE",) and r["outcome"] else ""
+            outcome = f"  [{r['outcome']}]" if r["state"] in ("FAIL", "PRUNED") and r["outcome"] else ""
             lines.append(f"  t{r['number']:<4} {value:>8}  {r['experiment'] or '-'}  {params}{extra}"
                          + (f"  mlflow {runs}" if runs else "") + outcome)
     return "\n".join(lines)

@@ -320,6 +320,26 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_retried_once_with
     assert not _alive(stage)
 
 
+def test_a_worker_stopped_by_sigterm_fails_its_trial_and_enqueues_it_again(project):
+    study = write_study(project, study_file("term", sampler="random", n_trials=1,
+                                            params={"train.lr": {"low": 0.001, "high": 0.01}, "train.hidden_size": 64,
+                                                    "train.epochs": 2}))
+    assert sweeps(project, "create", str(study)).returncode == 0
+    pidfile = project.parent / "stage.pid"
+    worker = start_worker(project, study, environment(FAKE_SLOW="1", FAKE_PIDFILE=str(pidfile)))
+    deadline = time.monotonic() + 60
+    while not pidfile.exists():                                     # the stage is running
+        assert worker.poll() is None and time.monotonic() < deadline
+        time.sleep(0.3)
+    worker.terminate()
+    out = worker.communicate(timeout=60)[0]
+    assert worker.returncode == 130 and "interrupted; enqueued again" in out, out
+    stopped, retry = trials(project, study)
+    assert (stopped.state, stopped.user_attrs["outcome"]) == (TrialState.FAIL, "interrupted")
+    assert retry.state == TrialState.WAITING and retry.params == stopped.params
+    assert not _alive(int(pidfile.read_text()))                     # its stage went with it
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
