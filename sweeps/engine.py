@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -136,19 +137,32 @@ def budget_used(trials: list[FrozenTrial]) -> int:
 
 @contextlib.contextmanager
 def claim_lock(study: optuna.Study) -> Iterator[None]:
-    """Serialise taking trials and failing stale ones between workers of one machine on SQLite:
-    there Optuna's WAITING -> RUNNING update is not atomic (no SELECT ... FOR UPDATE), so two workers
-    could take one enqueued trial, or both retry one stale trial. PostgreSQL locks the row itself."""
-    url = study._storage.url if isinstance(study._storage, optuna.storages.RDBStorage) else ""
-    if not url.startswith("sqlite:///"):
+    """One worker at a time takes a trial and fails stale ones. Optuna alone is not enough: on SQLite
+    its WAITING -> RUNNING update is not atomic (no SELECT ... FOR UPDATE), so two workers could take
+    one enqueued trial or both retry one stale trial, and on any database two workers asking at once
+    would both see budget left. SQLite (one machine): a lock file beside the database. PostgreSQL (a
+    team): an advisory lock, held by a connection of its own and so released if the worker dies."""
+    storage = study._storage
+    url = storage.url if isinstance(storage, optuna.storages.RDBStorage) else ""
+    if url.startswith("sqlite:///"):
+        with open(url[len("sqlite:///"):].split("?")[0] + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    elif url.startswith("postgresql"):
+        from sqlalchemy import text
+
+        key = int(hashlib.sha256(f"sweeps:{study.study_name}".encode()).hexdigest()[:15], 16)
+        with storage.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    else:
         yield
-        return
-    with open(url[len("sqlite:///"):].split("?")[0] + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def next_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.Trial | None:
