@@ -392,7 +392,8 @@ class WorkingCopy:
         # `dvc config --local cache.dir` without starting dvc once more: the clone's config.local is new.
         (self.path / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {cache}\n")
         # The committed outputs from the shared cache; what is missing is rebuilt by the first trial.
-        subprocess.run(DVC + ["checkout", "--quiet", "--allow-missing"], cwd=self.path, capture_output=True)
+        if (self.path / "dvc.lock").is_file():
+            subprocess.run(DVC + ["checkout", "--quiet", "--allow-missing"], cwd=self.path, capture_output=True)
 
     def reset(self) -> None:
         """Back to the study's commit: the last trial's params.yaml and dvc.lock must not leak."""
