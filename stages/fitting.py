@@ -21,8 +21,7 @@ LOGGING_ONLY = {"tracking.py", "mlstore.py", "pyfunc_model.py", "cli.py"}
 
 
 def checkpoint_folder(root: Path, cell: str, key: str) -> tuple[Path, bool]:
-    """(checkpoints/<cell>/<key>/, whether it holds a checkpoint to resume), after removing the cell's
-    checkpoints of any other key."""
+    """(checkpoints/<cell>/<key>/, whether it holds one to resume); the cell's other keys are removed."""
     folder = root / "checkpoints" / cell / key
     for stale in (root / "checkpoints" / cell).glob("*"):
         if stale != folder:
@@ -47,9 +46,8 @@ def code_digest(stage_file: str) -> str:
 
 @contextmanager
 def finishing(tracker, what: str, advice: str) -> Iterator[None]:
-    """Close the MLflow run with the training's outcome (the tracker's `with`). A diverged training
-    exits 2 and an interrupted one (checkpoint saved) 130, each with one line; `what` names the
-    model, `advice` says what to change when it diverges."""
+    """Close the MLflow run with the training's outcome. A diverged training exits 2, an interrupted
+    one (checkpoint saved) 130, each with one line; `advice`: what to change when it diverges."""
     try:
         with tracker:
             yield

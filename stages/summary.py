@@ -15,7 +15,6 @@ COLUMNS = ("model", "seeds", "test_accuracy", "test_accuracy_sd", "ci95_low", "c
            "best_val_accuracy", "test_f1", "test_auc", "epochs", "train_seconds", "parameters", "lm_val_perplexity")
 
 
-
 def verdict(a: str, b: str, d: stats.Difference) -> str:
     """A ranking only where the interval excludes zero."""
     if d.low > 0:
@@ -95,5 +94,3 @@ def figures(cells: dict[str, dict]) -> tuple:
     band = f"mean over {n} seeds, band: their range" if n > 1 else "one seed"
     return (curves_figure(histories, "epoch", "validation accuracy", f"Validation accuracy per epoch ({band})"),
             grad_trace_figure(traces, f"Gradient norm vs distance from the last token, last epoch ({band})"))
-
-
