@@ -13,7 +13,7 @@ STATE_LABELS = {"a": "dL/da (hidden state)", "c": "dL/dc (LSTM cell state)"}
 Gradients = Mapping[str, Mapping[str, tuple[np.ndarray, ...]]]
 
 
-def _gradient_lines(ax: Axes, series: Gradients) -> None:
+def gradient_lines(ax: Axes, series: Gradients) -> None:
     """One colour per group (a cell, or an epoch), the hidden state solid, the LSTM cell state dashed,
     the replicates' range shaded; log y, so norms flushed to zero are dropped."""
     for i, (label, states) in enumerate(series.items()):
@@ -35,21 +35,8 @@ def grad_trace_figure(series: Gradients, title: str) -> Figure:
     """Gradient norm against the distance from the last token (the vanishing-gradient picture)."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    _gradient_lines(ax, series)
+    gradient_lines(ax, series)
     ax.set(xlabel="distance from the last token (time steps)", ylabel="mean gradient norm", title=title)
-    return fig
-
-
-def probe_gradients_figure(windows: Mapping[str, Gradients]) -> Figure:
-    """Memory probe: gradient norm by steps from the end, one panel per window of training steps.
-    windows: "first" | "last" -> the series of `grad_trace_figure`, one group per cell."""
-    fig = Figure(figsize=(11, 4), layout="tight")
-    axes = fig.subplots(1, len(windows), sharey=True)
-    for ax, (window, series) in zip(axes, windows.items()):
-        _gradient_lines(ax, series)
-        ax.set(xlabel="steps from the end", title=f"{window} training steps")
-    axes[0].set_ylabel("mean gradient norm")
-    fig.suptitle("Gradient reaching each step back (run at the largest distance)")
     return fig
 
 
