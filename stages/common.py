@@ -108,12 +108,6 @@ class Outputs:
     def save_npz(self, rel: str | Path, **arrays: np.ndarray) -> None:
         self.write(rel, lambda f: np.savez_compressed(f, **arrays))
 
-    def save_npy(self, rel: str | Path, array: np.ndarray) -> None:
-        self.write(rel, lambda f: np.save(f, array))
-
-    def write_parquet(self, rel: str | Path, df: Any) -> None:
-        self.write(rel, lambda f: df.to_parquet(f, index=False))
-
     def save_figure(self, rel: str | Path, fig: Any) -> None:
         self.write(rel, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 

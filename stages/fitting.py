@@ -33,9 +33,8 @@ def checkpoint_folder(root: Path, cell: str, key: str) -> tuple[Path, bool]:
 
 
 def code_digest(stage_file: str) -> str:
-    """Digest of the code a checkpoint was trained with: every module of rnn/ and stages/ this process
-    loaded (the stage `stage_file` among them). After a code change an interrupted run starts again
-    rather than resume weights the old code produced."""
+    """Digest of every module of rnn/ and stages/ this process loaded, and `stage_file`: after a code
+    change an interrupted run starts again rather than resume weights the old code produced."""
     project = Path(__file__).resolve().parents[1]
     files = sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
                     if getattr(m, "__file__", None) and Path(m.__file__).name not in LOGGING_ONLY
@@ -60,8 +59,7 @@ def finishing(tracker, what: str, advice: str) -> Iterator[None]:
 
 
 class Progress:
-    """Per-epoch tqdm bar with running loss and tokens/s, and one printed line per epoch. The bar is
-    off when stderr is not a terminal or the CI variable is set (logs stay readable)."""
+    """A tqdm bar per epoch (off without a terminal or with CI set) and one printed line per epoch."""
 
     def __init__(self, cell: str, epochs: int):
         self.cell, self.epochs = cell, epochs

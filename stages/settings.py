@@ -236,9 +236,7 @@ CELL_KNOBS = tuple(CellKnobs.model_fields)
 
 
 # ------------------------------------------------------------------------------------ loading
-class Params(dict):
-    """The validated params: {section: {key: value}}, remembering the file it came from."""
-    source: str = "params.yaml"
+Params = dict       # the validated params: {section: {key: value}}
 
 
 class _Loader(yaml.SafeLoader):
@@ -283,8 +281,7 @@ def validate(raw: dict, source: str = "params.yaml") -> Params:
         model = AllParams.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(_one_line(exc, source)) from None
-    params = Params(model.model_dump(by_alias=True))
-    params.source = source
+    params = model.model_dump(by_alias=True)
     params["train"]["overrides"] = {cell: over for cell, over in
                                     model.train.overrides.model_dump(exclude_unset=True).items() if over}
     _cross_checks(params, source)
@@ -393,10 +390,10 @@ def cell_argument(argv: list[str]) -> str:
     return check_cell(argv[1])
 
 
-def check_cell(cell: str, cells: tuple | list = CELLS) -> str:
-    """`cell` if it is one of `cells`, else a one-line ParamsError with a suggestion."""
-    if cell not in cells:
-        raise ParamsError(f"unknown cell {cell!r}{did_you_mean(cell, cells)}: expected one of {', '.join(cells)}")
+def check_cell(cell: str) -> str:
+    """`cell` if it is one of CELLS, else a one-line ParamsError with a suggestion."""
+    if cell not in CELLS:
+        raise ParamsError(f"unknown cell {cell!r}{did_you_mean(cell, CELLS)}: expected one of {', '.join(CELLS)}")
     return cell
 
 

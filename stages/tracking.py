@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +31,7 @@ from rnn.train import TrainingInterrupted
 from stages import outputs, settings
 from stages.mlstore import TrackingUnavailable, connect, one_line    # (it turns MLflow's telemetry off)
 
-# rnn.train.fit's per-step record -> metric (step = optimizer step), per-epoch record (step = epoch),
-# metrics/<cell>/train.json (step 0, at the end) and rnn.metrics.binary_metrics (evaluate).
+# fit's per-step and per-epoch records, train.json (step 0) and binary_metrics (evaluate) -> metric
 STEP_METRICS = {"loss": "train/step_loss", "grad_norm": "train/step_grad_norm",
                 "grad_norm_clipped": "train/step_grad_norm_clipped", "clipped": "train/step_clipped"}
 EPOCH_METRICS = {"train_accuracy": "accuracy/train", "val_accuracy": "accuracy/val", "val_perplexity": "perplexity/val",
@@ -49,8 +47,7 @@ TEST_METRICS = {"accuracy": "accuracy/test", "log_loss": "loss/test", "f1": "tes
                 "precision": "test/precision", "recall": "test/recall", "roc_auc": "test/roc_auc"}
 ACCURACY_BY_LENGTH = "test/accuracy_by_length"      # step = the bucket's shortest review (tokens)
 
-# The UI draws a run in its `mlflow.runColor`, else in one hashed from its id (two cells may then
-# share one): the cells' colours in reports/*.png (matplotlib's C0-C2).
+# The runs' colours in the UI (else hashed from the run id), as in reports/*.png (matplotlib's C0-C2).
 CELL_COLORS = {"rnn": "#1f77b4", "gru": "#ff7f0e", "lstm": "#2ca02c"}
 EXPERIMENT_NOTES = {     # the experiments' descriptions in the UI (set once; an edit made there is kept)
     "train": "One run per `train@<cell>` stage; `evaluate@<cell>` adds the test metrics to it. `gradient/`: "
@@ -65,8 +62,7 @@ MODEL_NAME = "model"         # `runs:/<run id>/model` loads the logged model
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_EXAMPLE = ["A wonderful, moving film with a great cast.", "Two hours I will never get back."]
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
-# MLflow's limits (mlflow.utils.validation), and how many step metrics wait for a failing store
-# before the oldest are dropped (counted lost).
+# MLflow's limits, and how many metrics wait for a failing store before the oldest are dropped (lost).
 MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PENDING_METRICS = 6000, 100, 1000, 400_000
 
 
@@ -153,9 +149,7 @@ class Tracker:
         else:
             tracker = cls(client, _new_run(client, experiment_id, cell, stage, run_hash, seed), cell,
                           cfg["log_every_steps"])
-            if stage.startswith("train@"):     # probe and pretrain log their own settings
-                # Effective values, so runs of different cells compare key by key; what this cell
-                # overrides is kept as one param to show why its values differ.
+            if stage.startswith("train@"):     # effective values (runs compare key by key), and the overrides
                 flat = flatten(settings.cell_settings(params, cell, seed), "train")
                 flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
                 flat["train.workers"] = _param_value(params["train"]["workers"])
@@ -401,13 +395,9 @@ class Tracker:
 def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: str | None,
              seed: int | None = None) -> Any:
     """A new run of `stage` tagged with its cell, seed, colour, DVC stage and experiment, commit and sweep."""
+    from mlflow.utils.git_utils import get_git_commit
     exp_name, base_rev = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
-    try:    # (The fluent API would set the commit.) Taken in cwd: in a queued experiment the copy
-        # being run, whose HEAD is the baseline.
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip() if git.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = get_git_commit(os.getcwd())    # in a queued experiment: the copy being run, at the baseline
     tags = {"cell": cell, "mlflow.runColor": CELL_COLORS.get(cell, "#7f7f7f"), "dvc.stage": stage,
             "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
             "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
