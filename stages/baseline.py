@@ -51,8 +51,7 @@ def read_reviews(raw: Path, split: Path | None = None) -> tuple[list[str], np.nd
     found = wanted.merge(df, on=["id", "label"], how="left", validate="one_to_one")
     if found["text"].isna().any():
         row = found[found["text"].isna()].iloc[0]
-        raise InputError(f"{split}: review {row['id']} (label {row['label']}) is not in {raw}; "
-                         "rerun the prepare stage")
+        raise InputError(f"{split}: review {row['id']} (label {row['label']}) is not in {raw}; rerun the prepare stage")
     return found["text"].tolist(), found["label"].to_numpy(np.int8), found["id"].to_numpy(np.int64)
 
 
@@ -100,8 +99,7 @@ class NBSVM:
 def run(cfg: dict, root: Path) -> dict:
     """Fit on the training part, score validation and test, write the outputs; returns eval.json's dict."""
     prepared = root / "data/prepared"
-    train = read_reviews(root / "data/raw/train.parquet", prepared / "train.npz")
-    val = read_reviews(root / "data/raw/train.parquet", prepared / "val.npz")
+    train, val = (read_reviews(root / "data/raw/train.parquet", prepared / f"{s}.npz") for s in ("train", "val"))
     test = read_reviews(root / "data/raw/test.parquet")
     order = outputs.load_split(prepared / "test.npz")
     if not (np.array_equal(order["labels"], test[1]) and np.array_equal(order.get("review_ids", test[2]), test[2])):
@@ -126,7 +124,6 @@ def run(cfg: dict, root: Path) -> dict:
 
 
 def log_run(tracker, cfg: dict, metrics: dict) -> None:
-    """The baseline's settings and scores in its MLflow run (a stages.tracking tracker)."""
     tracker.log_params({f"baseline.{k}": v for k, v in cfg.items()})
     tracker.log_metrics({"accuracy/test": metrics["accuracy"], "accuracy/val": metrics["val_accuracy"],
                          "test/f1": metrics["f1"], "test/roc_auc": metrics["roc_auc"],
