@@ -29,6 +29,16 @@ def cell_kind(cell: str, reset_after: bool = False) -> str:
     return "gru_after" if cell == "gru" and reset_after else cell
 
 
+def model_size(cell: str, vocab_size: int, embed_dim: int, hidden_size: int, num_layers: int,
+               bidirectional: bool) -> int:
+    """Parameters of the encoder (embedding and recurrent layers) with a one-logit head: the order of
+    magnitude a size limit needs. Not counted: concat pooling's wider head (3x), GRU's reset_after (H per
+    layer) and a language model's output layer (vocab_size x (H + 1))."""
+    G, H, dirs = GATES[cell], hidden_size, 2 if bidirectional else 1
+    recurrent = sum(dirs * G * H * ((embed_dim if k == 0 else dirs * H) + H + 1) for k in range(num_layers))
+    return vocab_size * embed_dim + recurrent + dirs * H + 1
+
+
 @dataclass
 class ModelConfig:
     """Everything that fixes the model's shape and behaviour; built from params.yaml by the stages."""

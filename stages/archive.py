@@ -1,8 +1,6 @@
-"""data/source.json: the IMDB archive the pipeline reads, by content. Written by the check stage on
-every `dvc repro`, read by the download stage (its dependency): its bytes change only when the
-archive does, so DVC reruns the pipeline for a different archive and nothing for the same one,
-wherever it lies. (Reading the archive itself: rnn/imdb.py.)
-"""
+"""data/source.json: the IMDB archive by content, written by the check stage on every `dvc repro` and
+a dependency of the download stage: a different archive reruns the pipeline, the same one wherever
+it lies reruns nothing."""
 
 from __future__ import annotations
 

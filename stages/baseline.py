@@ -2,23 +2,15 @@
 
     python -m stages.baseline
 
-NBSVM (Wang & Manning, 2012): binary uni- and bigram features scaled by their naive-Bayes
-log-count ratios, then a linear classifier, here scikit-learn's logistic regression (so that it
-gives probabilities), with the paper's interpolation towards naive Bayes. Mesnil et al. (2015)
-report 91.2-91.6% on the IMDB test set for uni- and bigrams.
-
-Same reviews as the recurrent models, full text: the training part and the validation part are the
-reviews listed in data/prepared/{train,val}.npz (by id and label: prepare's split, read rather than
-redone), but their text comes whole from data/raw/train.parquet, tokenized with rnn.text.tokenize,
-every word and bigram kept (not the recurrent models' 20k-word vocabulary and 400-token cut, which
-would make the baseline weaker than the literature's). It trains on the training part only,
-reports validation accuracy (for choosing `baseline.*` settings; test accuracy must not choose
-them) and scores the 25,000 test reviews of data/raw/test.parquet.
-
-Writes metrics/baseline/eval.json (accuracy, f1, roc_auc, ..., train_seconds, features, settings)
-and data/predictions/baseline.npz: `labels` (N,) int8, `probabilities` (N,) float32 (P(positive)) and `review_ids`
-(N,) int64, one row per test review in the order of data/raw/test.parquet, which is the order of
-data/prepared/test.npz (checked here): the recurrent models' predictions pair with them row by row.
+NBSVM (Wang & Manning, 2012): binary n-gram features scaled by their naive-Bayes log-count ratios, a
+logistic regression on them (for probabilities) and the paper's interpolation towards naive Bayes;
+Mesnil et al. (2015) report 91.2-91.6 % on the IMDB test set with uni- and bigrams. The reviews of
+data/prepared/{train,val}.npz (prepare's split, by id and label) but their full text from
+data/raw/train.parquet, every word and n-gram kept: the recurrent models' 20k-word vocabulary and
+400-token cut would make the baseline weaker than the literature's. Validation accuracy is for
+choosing `baseline.*`; test accuracy must not choose them. Writes metrics/baseline/eval.json and
+data/predictions/baseline.npz (`labels` int8, `probabilities` float32, `review_ids` int64), one row
+per test review in the order of data/prepared/test.npz (checked), to pair with the cells' rows.
 """
 
 from __future__ import annotations
@@ -59,8 +51,7 @@ def read_reviews(raw: Path, split: Path | None = None) -> tuple[list[str], np.nd
     found = wanted.merge(df, on=["id", "label"], how="left", validate="one_to_one")
     if found["text"].isna().any():
         row = found[found["text"].isna()].iloc[0]
-        raise InputError(f"{split}: review {row['id']} (label {row['label']}) is not in {raw}; "
-                         "rerun the prepare stage")
+        raise InputError(f"{split}: review {row['id']} (label {row['label']}) is not in {raw}; rerun the prepare stage")
     return found["text"].tolist(), found["label"].to_numpy(np.int8), found["id"].to_numpy(np.int64)
 
 
@@ -104,16 +95,11 @@ class NBSVM:
         score = x @ (self.ratio * self.weights) + self.bias
         return (0.5 * (1.0 + np.tanh(0.5 * score))).astype(np.float32)      # the logistic, without overflow
 
-    @property
-    def num_features(self) -> int:
-        return len(self.ratio)
-
 
 def run(cfg: dict, root: Path) -> dict:
     """Fit on the training part, score validation and test, write the outputs; returns eval.json's dict."""
     prepared = root / "data/prepared"
-    train = read_reviews(root / "data/raw/train.parquet", prepared / "train.npz")
-    val = read_reviews(root / "data/raw/train.parquet", prepared / "val.npz")
+    train, val = (read_reviews(root / "data/raw/train.parquet", prepared / f"{s}.npz") for s in ("train", "val"))
     test = read_reviews(root / "data/raw/test.parquet")
     order = outputs.load_split(prepared / "test.npz")
     if not (np.array_equal(order["labels"], test[1]) and np.array_equal(order.get("review_ids", test[2]), test[2])):
@@ -130,7 +116,7 @@ def run(cfg: dict, root: Path) -> dict:
     metrics = {"model": "nbsvm", **scores, "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
                "val_accuracy": val_scores["accuracy"], "train_reviews": len(train[1]),
                "train_seconds": train_seconds, "seconds": time.perf_counter() - t0,
-               "features": model.num_features, "settings": cfg}
+               "features": len(model.ratio), "settings": cfg}
     with Outputs(root) as out:
         out.write_json(METRICS, metrics)
         out.save_npz(PREDICTIONS, labels=test[1], probabilities=probs, review_ids=test[2])
@@ -138,7 +124,6 @@ def run(cfg: dict, root: Path) -> dict:
 
 
 def log_run(tracker, cfg: dict, metrics: dict) -> None:
-    """The baseline's settings and scores in its MLflow run (a stages.tracking tracker)."""
     tracker.log_params({f"baseline.{k}": v for k, v in cfg.items()})
     tracker.log_metrics({"accuracy/test": metrics["accuracy"], "accuracy/val": metrics["val_accuracy"],
                          "test/f1": metrics["f1"], "test/roc_auc": metrics["roc_auc"],

@@ -1,15 +1,5 @@
-"""Shared glue for the stages: bad input reported in one line, outputs that appear whole and together.
-
-    def main() -> None:
-        root = project_root()
-        params = settings.load(root / "params.yaml")
-        with Outputs(root) as out:              # nothing is visible until the block succeeds
-            out.write_json("metrics/x.json", {...})
-            out.save_npz("data/x.npz", ids=ids)
-
-    if __name__ == "__main__":
-        run_stage(main)
-"""
+"""Shared glue for the stages: bad input reported in one line (`run_stage(main)`), outputs that appear
+whole and together (`with Outputs(root) as out: out.write_json(...)`)."""
 
 from __future__ import annotations
 
@@ -44,12 +34,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def project_root() -> Path:
-    """The nearest directory upward from cwd holding params.yaml: where a stage reads and writes.
-
-    Not `DVC_ROOT`: in a queued or temp experiment DVC runs the stage in a copy of the repository
-    under .dvc/tmp/exps/ but points DVC_ROOT at the original, so outputs written there would miss
-    the copy. Only what must outlive the copy (the MLflow store) belongs under DVC_ROOT.
-    """
+    """The nearest directory upward from cwd holding params.yaml: where a stage reads and writes. Not
+    `DVC_ROOT`: a queued experiment runs in a copy under .dvc/tmp/exps/ while DVC_ROOT names the
+    original; only what must outlive the copy (the MLflow store) belongs there."""
     cwd = Path.cwd().resolve()
     for d in (cwd, *cwd.parents):
         if (d / "params.yaml").is_file():
@@ -59,12 +46,9 @@ def project_root() -> Path:
 
 class Outputs:
     """A stage's outputs, written under temporary names and published together when the block ends
-    without an exception; on an exception every temporary is removed and the old outputs stay.
-
-    Each file is flushed to disk before the renames, so a crash or a full disk leaves either the
-    old outputs or the new ones, file by file never a half-written one. An OSError names the output
-    it was writing ("[Errno 28] No space left on device: 'models/lstm/weights.npz'").
-    """
+    without an exception; on an exception the temporaries go and the old outputs stay. Each file is
+    synced before the renames, so a crash or a full disk never leaves a half-written one. An OSError
+    names the output, not the temporary ("No space left on device: 'models/lstm/weights.npz'")."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -83,8 +67,7 @@ class Outputs:
             raise OSError(exc.errno, exc.strerror, renamed) from None
 
     def _final_name(self, exc: OSError) -> str | None:
-        """An error inside a folder output (models/.lstm.tmp-42/weights.npz) names the file the
-        user knows (models/lstm/weights.npz)."""
+        """models/.lstm.tmp-42/weights.npz -> models/lstm/weights.npz"""
         name = str(exc.filename or "")
         for tmp, final in self.pending:
             if name == str(tmp) or name.startswith(f"{tmp}/"):
@@ -125,14 +108,7 @@ class Outputs:
     def save_npz(self, rel: str | Path, **arrays: np.ndarray) -> None:
         self.write(rel, lambda f: np.savez_compressed(f, **arrays))
 
-    def save_npy(self, rel: str | Path, array: np.ndarray) -> None:
-        self.write(rel, lambda f: np.save(f, array))
-
-    def write_parquet(self, rel: str | Path, df: Any) -> None:
-        self.write(rel, lambda f: df.to_parquet(f, index=False))
-
     def save_figure(self, rel: str | Path, fig: Any) -> None:
-        """A matplotlib Figure as PNG."""
         self.write(rel, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
     def publish(self) -> None:

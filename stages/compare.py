@@ -19,7 +19,8 @@ from rnn import stats
 from rnn.errors import InputError
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.summary import COLUMNS, figures, points, summary_markdown, summary_rows, verdict
+from stages.plots import curves_figure, grad_trace_figure
+from stages.summary import COLUMNS, NAMES, points, summary_markdown, summary_rows
 
 
 def read_predictions(path: Path, stage: str) -> tuple[np.ndarray, np.ndarray]:
@@ -87,6 +88,36 @@ def summarize(cells: dict[str, dict], baseline: dict, seeds: list[int], cfg: dic
                                     "mcnemar": {"only_first_right": only_a, "only_second_right": only_b, "p_value": p},
                                     "shown": verdict(a, b, d)}
     return out
+
+
+def verdict(a: str, b: str, d: stats.Difference) -> str:
+    """A ranking only where the interval excludes zero."""
+    if d.low > 0:
+        return f"{NAMES[a]} better"
+    if d.high < 0:
+        return f"{NAMES[b]} better"
+    return "no difference shown"
+
+
+def spread(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x, mean, low, high) over replicates' (x, y) curves, at the x values all of them reach."""
+    common = sorted(set.intersection(*(set(np.asarray(x).tolist()) for x, _ in series)))
+    ys = np.array([[dict(zip(np.asarray(x).tolist(), y))[v] for v in common] for x, y in series], dtype=np.float64)
+    return np.array(common), ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
+
+
+def figures(cells: dict[str, dict]) -> tuple:
+    histories, traces = {}, {}
+    for cell, c in cells.items():
+        x, mean, lo, hi = spread([([int(r["epoch"]) for r in run["history"]],
+                                   [float(r["val_accuracy"]) for r in run["history"]]) for run in c["runs"]])
+        histories[cell] = (x, mean, lo, hi)
+        states = c["runs"][0]["trace"]
+        traces[cell] = {s: spread([run["trace"][s] for run in c["runs"]]) for s in states}
+    n = len(next(iter(cells.values()))["runs"]) if cells else 0
+    band = f"mean over {n} seeds, band: their range" if n > 1 else "one seed"
+    return (curves_figure(histories, "epoch", "validation accuracy", f"Validation accuracy per epoch ({band})"),
+            grad_trace_figure(traces, f"Gradient norm vs distance from the last token, last epoch ({band})"))
 
 
 def main() -> None:

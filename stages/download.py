@@ -114,7 +114,7 @@ def run(cfg: dict, root: Path, local_archive: str | None = None, source: dict | 
     }
     with Outputs(root) as out:
         for name, df in frames.items():
-            out.write_parquet(f"data/raw/{name}.parquet", df)
+            out.write(f"data/raw/{name}.parquet", lambda f: df.to_parquet(f, index=False))
         # Provenance, not a metric: kept out of `dvc exp show`'s columns, versioned with the data.
         out.write_json("data/raw/source.json", metrics)
     return metrics

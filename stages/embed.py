@@ -60,7 +60,7 @@ def run(cfg: dict, dim: int, root: Path) -> dict:
         **extra,
     }
     with Outputs(root) as out:
-        out.save_npy("data/embeddings.npy", emb)
+        out.write("data/embeddings.npy", lambda f: np.save(f, emb))
         out.write_json("metrics/embed.json", metrics)
     return metrics
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from rnn.io import read_model
 from rnn.errors import InputError
@@ -24,7 +26,6 @@ from rnn.parallel import resolve_workers
 from rnn.text import encoder_difference
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.plots import confusion_figure, roc_figure
 
 
 def main() -> None:
@@ -101,6 +102,34 @@ def check_model_fits_data(model_folder: Path, encoder: dict | None, vocab_path: 
     if why := encoder_difference(encoder, outputs.load_vocab(vocab_path)):
         raise InputError(f"{mine} and {vocab_path} differ ({why}): the model was trained on other prepared "
                          "data; retrain it (dvc repro)")
+
+
+def confusion_figure(matrix: Sequence[Sequence[int]], title: str,
+                     labels: Sequence[str] = ("negative", "positive")) -> Figure:
+    """Confusion matrix [[tn, fp], [fn, tp]] (rows: true class, columns: predicted) with counts."""
+    m = np.asarray(matrix)
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
+    ax.imshow(m, cmap="Blues", vmin=0)  # colour from zero, so the text colour rule below matches it
+    for (i, j), count in np.ndenumerate(m):
+        ax.text(j, i, str(int(count)), ha="center", va="center",
+                color="white" if count > m.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return fig
+
+
+def roc_figure(fpr: Sequence[float], tpr: Sequence[float], auc: float, title: str) -> Figure:
+    """ROC curve with the chance diagonal."""
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, label=f"ROC (AUC = {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right")
+    ax.grid(True, alpha=0.3)
+    return fig
 
 
 if __name__ == "__main__":

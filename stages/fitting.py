@@ -21,8 +21,7 @@ LOGGING_ONLY = {"tracking.py", "mlstore.py", "pyfunc_model.py", "cli.py"}
 
 
 def checkpoint_folder(root: Path, cell: str, key: str) -> tuple[Path, bool]:
-    """(checkpoints/<cell>/<key>/, whether it holds a checkpoint to resume), after removing the cell's
-    checkpoints of any other key."""
+    """(checkpoints/<cell>/<key>/, whether it holds one to resume); the cell's other keys are removed."""
     folder = root / "checkpoints" / cell / key
     for stale in (root / "checkpoints" / cell).glob("*"):
         if stale != folder:
@@ -34,9 +33,8 @@ def checkpoint_folder(root: Path, cell: str, key: str) -> tuple[Path, bool]:
 
 
 def code_digest(stage_file: str) -> str:
-    """Digest of the code a checkpoint was trained with: every module of rnn/ and stages/ this process
-    loaded (the stage `stage_file` among them). After a code change an interrupted run starts again
-    rather than resume weights the old code produced."""
+    """Digest of every module of rnn/ and stages/ this process loaded, and `stage_file`: after a code
+    change an interrupted run starts again rather than resume weights the old code produced."""
     project = Path(__file__).resolve().parents[1]
     files = sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
                     if getattr(m, "__file__", None) and Path(m.__file__).name not in LOGGING_ONLY
@@ -47,9 +45,8 @@ def code_digest(stage_file: str) -> str:
 
 @contextmanager
 def finishing(tracker, what: str, advice: str) -> Iterator[None]:
-    """Close the MLflow run with the training's outcome (the tracker's `with`). A diverged training
-    exits 2 and an interrupted one (checkpoint saved) 130, each with one line; `what` names the
-    model, `advice` says what to change when it diverges."""
+    """Close the MLflow run with the training's outcome. A diverged training exits 2, an interrupted
+    one (checkpoint saved) 130, each with one line; `advice`: what to change when it diverges."""
     try:
         with tracker:
             yield
@@ -62,8 +59,7 @@ def finishing(tracker, what: str, advice: str) -> Iterator[None]:
 
 
 class Progress:
-    """Per-epoch tqdm bar with running loss and tokens/s, and one printed line per epoch. The bar is
-    off when stderr is not a terminal or the CI variable is set (logs stay readable)."""
+    """A tqdm bar per epoch (off without a terminal or with CI set) and one printed line per epoch."""
 
     def __init__(self, cell: str, epochs: int):
         self.cell, self.epochs = cell, epochs

@@ -1,9 +1,6 @@
-"""The connection to the MLflow store runs go to (what a run logs: stages/tracking.py).
-
-Where that store is (`MLFLOW_TRACKING_URI`, else `mlflow.db` in the project root) and whether it
-answers is decided in rnn/cli.py, which `rnn runs` and `rnn ui` use too; importing it also turns
-MLflow's telemetry off before MLflow is first imported.
-"""
+"""The connection to the MLflow store (what a run logs: stages/tracking.py). Where the store is and
+whether it answers is rnn/cli.py's, shared with `rnn runs` and `rnn ui`; importing it turns MLflow's
+telemetry off before MLflow is first imported."""
 
 from __future__ import annotations
 
@@ -23,8 +20,8 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def check_store() -> str:
-    """The URI of the store `connect` would use, checked without importing MLflow (the check stage
-    runs this before any output is touched). Raises TrackingUnavailable in one line."""
+    """The URI of the store `connect` would use, checked without importing MLflow (by the check stage,
+    before any output is touched)."""
     uri = tracking_location(resolve_root())[0]
     check_uri(uri, writing=True)
     return uri
@@ -43,8 +40,8 @@ def _store_lock(root: Path) -> Iterator[None]:
 
 
 def connect(experiment: str, tags: Mapping[str, str] = {}) -> tuple[Any, str]:
-    """(MlflowClient, experiment id), creating the store and the experiment if needed;
-    `tags` (and EXPERIMENT_KIND) are set on the experiment where it lacks them."""
+    """(MlflowClient, experiment id), creating the store and the experiment if needed; `tags` (and
+    EXPERIMENT_KIND) are set where the experiment lacks them."""
     root = resolve_root()
     uri, artifact_location = tracking_location(root)
     db = check_uri(uri, writing=True)

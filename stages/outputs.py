@@ -1,12 +1,6 @@
-"""The files the stages hand to each other: prepared splits and vocabulary, per-epoch history and
-the gradient trace, and what the check stage describes for other stages (data/vectors.json,
-data/lm/<cell>.json); files by digest.
-
-The two tables have one schema each, used by every writer and reader (train, MLflow logging, compare):
-
-    history.csv     epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, seconds, ...
-    grad_trace.csv  epoch, distance, state, grad_norm, log10_grad_norm   (long: one row per point)
-"""
+"""The files the stages hand to each other: prepared splits and vocabulary, history.csv and
+grad_trace.csv (one schema each, for every writer and reader), what the check stage describes for
+other stages (data/vectors.json, data/lm/<cell>.json), and files by digest."""
 
 from __future__ import annotations
 
@@ -43,13 +37,9 @@ def history_csv(history: list[dict], columns: Iterable[str] = HISTORY_COLUMNS) -
 
 
 def trace_rows(traces: list[dict] | dict[int, dict]) -> list[tuple]:
-    """Rows (epoch, distance, state, grad_norm, log10_grad_norm) of fit's per-epoch traces.
-
-    traces: per epoch (a list from epoch 1, or {epoch: trace}) {state "a" | "c": [mean norm at
-    distance d from the last token, or None]}.
-    Distances no sequence reached (None) are skipped; a norm flushed to exactly 0 is kept, with an
-    empty log10.
-    """
+    """Rows (epoch, distance, state, grad_norm, log10_grad_norm) of fit's traces: per epoch (a list
+    from epoch 1, or {epoch: trace}) {state "a" | "c": [mean norm at distance d, or None]}. None (a
+    distance no sequence reached) is skipped; a norm flushed to 0 is kept, with an empty log10."""
     rows = []
     for epoch, states in (traces.items() if isinstance(traces, dict) else enumerate(traces, 1)):
         for state in sorted(states):
@@ -80,20 +70,22 @@ def last_epoch(rows: list) -> int:
     return max((int(r["epoch"] if isinstance(r, dict) else r[0]) for r in rows), default=0)
 
 
-def read_json(path: Path, stage: str) -> dict:
+def _exists(path: Path, stage: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run the {stage} stage first)")
+    return path
+
+
+def read_json(path: Path, stage: str) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_exists(path, stage).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
 def read_csv(path: Path, stage: str, columns: Iterable[str] = ()) -> list[dict]:
     """The rows of a CSV file as dicts; one-line errors for a missing file or missing columns."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run the {stage} stage first)")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(_exists(path, stage), newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
@@ -102,12 +94,9 @@ def read_csv(path: Path, stage: str, columns: Iterable[str] = ()) -> list[dict]:
 
 
 def load_arrays(path: Path, stage: str, required: Iterable[str]) -> dict[str, np.ndarray]:
-    """The arrays of a stage's .npz output, with one-line errors for a missing, unreadable or
-    incomplete file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run the {stage} stage first)")
+    """The arrays of a stage's .npz output; one-line errors for a missing, unreadable or incomplete file."""
     try:
-        with np.load(path, allow_pickle=False) as npz:       # never pickle: a file cannot run code
+        with np.load(_exists(path, stage), allow_pickle=False) as npz:       # never pickle: a file cannot run code
             arrays = {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable .npz file ({exc})") from None
@@ -135,16 +124,12 @@ def load_vocab(path: Path) -> dict:
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes (any hashlib algorithm)."""
-    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
-# data/vectors.json: the pretrained vectors file (embed.path) by content, written by the check stage
-# on every `dvc repro` and a dependency of the embed stage, so that new vectors in the same file
-# rerun it: {"pretrained": {"sha256", "size"}}, or {"pretrained": null} for the other methods.
+# The pretrained vectors file (embed.path) by content, written by the check stage on every `dvc repro`:
+# new vectors in the same file rerun the embed stage. {"pretrained": {"sha256", "size"} or null}
 VECTORS = "data/vectors.json"
 
 
@@ -164,9 +149,8 @@ def describe_vectors(path: Path | None) -> dict:
     return {"pretrained": None if path is None else {"sha256": file_digest(path), "size": path.stat().st_size}}
 
 
-# data/lm/<cell>.json: the shape of each cell's language model (the architecture keys of the cell's
-# train settings), written by the check stage on every `dvc repro`: pretrain@<cell> depends on it
-# rather than on the train section, so only a change of its own shape reruns it.
+# The shape of each cell's language model, written by the check stage on every `dvc repro`:
+# pretrain@<cell> depends on it rather than on `train`, so only a change of its own shape reruns it.
 LM_SHAPES = "data/lm"
 
 

@@ -1,7 +1,4 @@
-"""The pipeline's figures, drawn with matplotlib's object API (no pyplot: no global state, no display).
-
-Each function returns a Figure; a stage saves it with `Outputs.save_figure`.
-"""
+"""The pipeline's shared figures, by matplotlib's object API (no pyplot: no global state, no display)."""
 
 from __future__ import annotations
 
@@ -16,10 +13,9 @@ STATE_LABELS = {"a": "dL/da (hidden state)", "c": "dL/dc (LSTM cell state)"}
 Gradients = Mapping[str, Mapping[str, tuple[np.ndarray, ...]]]
 
 
-def _gradient_lines(ax: Axes, series: Gradients) -> None:
-    """series: group label (a cell, or an epoch) -> {state "a" | "c": (distance (K,), norm (K,)[, low,
-    high])}. One colour per group; the hidden state solid, the LSTM cell state dashed, the replicates'
-    range shaded; log y. Norms flushed to zero cannot sit on a log axis and are dropped."""
+def gradient_lines(ax: Axes, series: Gradients) -> None:
+    """One colour per group (a cell, or an epoch), the hidden state solid, the LSTM cell state dashed,
+    the replicates' range shaded; log y, so norms flushed to zero are dropped."""
     for i, (label, states) in enumerate(series.items()):
         for state, (distance, norm, *band) in sorted(states.items()):
             distance, norm = np.asarray(distance), np.asarray(norm, dtype=np.float64)
@@ -39,21 +35,8 @@ def grad_trace_figure(series: Gradients, title: str) -> Figure:
     """Gradient norm against the distance from the last token (the vanishing-gradient picture)."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    _gradient_lines(ax, series)
+    gradient_lines(ax, series)
     ax.set(xlabel="distance from the last token (time steps)", ylabel="mean gradient norm", title=title)
-    return fig
-
-
-def probe_gradients_figure(windows: Mapping[str, Gradients]) -> Figure:
-    """Memory probe: gradient norm by steps from the end, one panel per window of training steps.
-    windows: "first" | "last" -> the series of `grad_trace_figure`, one group per cell."""
-    fig = Figure(figsize=(11, 4), layout="tight")
-    axes = fig.subplots(1, len(windows), sharey=True)
-    for ax, (window, series) in zip(axes, windows.items()):
-        _gradient_lines(ax, series)
-        ax.set(xlabel="steps from the end", title=f"{window} training steps")
-    axes[0].set_ylabel("mean gradient norm")
-    fig.suptitle("Gradient reaching each step back (run at the largest distance)")
     return fig
 
 
@@ -72,33 +55,5 @@ def curves_figure(series: Mapping[str, tuple[Sequence[float], ...]], xlabel: str
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if series:
         ax.legend()
-    ax.grid(True, alpha=0.3)
-    return fig
-
-
-def confusion_figure(matrix: Sequence[Sequence[int]], title: str,
-                     labels: Sequence[str] = ("negative", "positive")) -> Figure:
-    """Confusion matrix [[tn, fp], [fn, tp]] (rows: true class, columns: predicted) with counts."""
-    m = np.asarray(matrix)
-    fig = Figure(figsize=(4.5, 4))
-    ax = fig.subplots()
-    ax.imshow(m, cmap="Blues", vmin=0)  # colour from zero, so the text colour rule below matches it
-    for (i, j), count in np.ndenumerate(m):
-        ax.text(j, i, str(int(count)), ha="center", va="center",
-                color="white" if count > m.max() / 2 else "black")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    return fig
-
-
-def roc_figure(fpr: Sequence[float], tpr: Sequence[float], auc: float, title: str) -> Figure:
-    """ROC curve with the chance diagonal."""
-    fig = Figure(figsize=(4.5, 4.5))
-    ax = fig.subplots()
-    ax.plot(fpr, tpr, label=f"ROC (AUC = {auc:.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right")
     ax.grid(True, alpha=0.3)
     return fig

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.plots import curves_figure, probe_gradients_figure
+from stages.plots import curves_figure, gradient_lines
 
 
 def report(cells: list[str], root: Path) -> None:
@@ -28,6 +29,19 @@ def report(cells: list[str], root: Path) -> None:
             {c: (t["distance"], t["accuracy"]) for c, t in curves.items()}, "distance of the decisive token from "
             "the end (steps)", "test accuracy", "Memory probe: accuracy vs distance", chance=0.5))
         out.save_figure("reports/probe_gradients.png", probe_gradients_figure(windows))
+
+
+def probe_gradients_figure(windows: dict) -> Figure:
+    """Memory probe: gradient norm by steps from the end, one panel per window of training steps.
+    windows: "first" | "last" -> the series of `grad_trace_figure`, one group per cell."""
+    fig = Figure(figsize=(11, 4), layout="tight")
+    axes = fig.subplots(1, len(windows), sharey=True)
+    for ax, (window, series) in zip(axes, windows.items()):
+        gradient_lines(ax, series)
+        ax.set(xlabel="steps from the end", title=f"{window} training steps")
+    axes[0].set_ylabel("mean gradient norm")
+    fig.suptitle("Gradient reaching each step back (run at the largest distance)")
+    return fig
 
 
 def main() -> None:

@@ -1,12 +1,8 @@
 """The MLflow model of a trained sentiment model: raw review text in, P(positive) out.
 
-Logged by stages/tracking.py as MLflow "models from code": MLflow copies this file into the logged
-model and runs it wherever the model is loaded, so nothing here may depend on the project's working
-directory. The model folder (models/<cell>/) travels as the artifact "model_dir" and the `rnn`
-package as the model's code, so a fresh process loads it with only mlflow, numpy and pandas:
-
-    mlflow.pyfunc.load_model("runs:/<run id>/model").predict(pd.DataFrame({"text": [...]}))
-    mlflow models serve -m runs:/<run id>/model --env-manager local
+An MLflow "model from code" (logged by stages/tracking.py): this file runs wherever the model is
+loaded, so nothing here may depend on the project's directory. The model folder travels as the
+artifact "model_dir" and `rnn` as the model's code: mlflow, numpy and pandas are all it needs.
 """
 
 import mlflow
@@ -19,10 +15,8 @@ from rnn.config import MAX_REVIEW_BYTES
 
 
 def reviews(model_input: pd.DataFrame) -> list[str]:
-    """The `text` column, each a string of at most MAX_REVIEW_BYTES of UTF-8; anything else raises an
-    MlflowException naming the field, which the scoring server answers with HTTP 400. (The signature's
-    string column refuses a missing column or one of numbers only, but lets a mix through: pandas
-    holds it as objects, a null among strings as NaN.)"""
+    """The `text` column, each a string of at most MAX_REVIEW_BYTES of UTF-8, else an MlflowException
+    (HTTP 400) naming the field: the signature lets a mix of strings and others (or NaN) through."""
     if "text" not in model_input.columns:
         fields = ", ".join(map(str, model_input.columns))
         raise MlflowException.invalid_parameter_value(f"no field 'text' (fields: {fields})")

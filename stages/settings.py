@@ -1,13 +1,8 @@
 """Every setting in params.yaml: one pydantic model per section, the per-cell merge, and one hash.
 
-    params = settings.load()                    # the whole file, every section checked
-    params["prepare"]["max_len"]                # a section with its defaults filled in
-    settings.cell_settings(params, "lstm")      # `train` with `train.overrides.lstm` on top
-    settings.run_hash(params, "lstm")           # what decides the lstm run, as one sha256
-
-Each stage reads its settings through `load`, so a typo or an out-of-range value anywhere in the
-file fails before any work, with one line naming the file, the dotted key and the value. The models'
-defaults are the one source of every default; params.yaml writes them out (a test holds them equal).
+Each stage reads its settings through `load`, so a typo or an out-of-range value anywhere in the file
+fails before any work, in one line naming the file, the dotted key and the value. The models' defaults
+are the one source of every default; params.yaml writes them out (a test holds them equal).
 """
 
 from __future__ import annotations
@@ -25,12 +20,11 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from rnn.config import (CELLS, CLIP_MODES, GATES, MAX_LEN, OPTIMIZERS, POOLINGS, PROBE_VARIANTS, TRUNCATE_MODES,
-                        ModelConfig, TrainConfig)
+                        ModelConfig, TrainConfig, model_size)
 from rnn.errors import InputError
 
-# What one process may build: a typo such as hidden_size: 1000000 is refused in one line instead of
-# a MemoryError after DVC removed the outputs. Training holds ~16 bytes per parameter (weights,
-# gradient, two Adam moments) and ~4 bytes per cached activation value.
+# What one process may build: a typo such as hidden_size: 1000000 is refused in one line, not met by a
+# MemoryError after DVC removed the outputs (~16 bytes per parameter with Adam, ~4 per cached value).
 MAX_PARAMETERS = 100_000_000    # default classifiers: 2.1 M (the embedding 2.0 M); language models 4.7 M
 MAX_ACTIVATIONS = 500_000_000   # values cached per training step; defaults: 20 M (lstm)
 
@@ -242,10 +236,7 @@ CELL_KNOBS = tuple(CellKnobs.model_fields)
 
 
 # ------------------------------------------------------------------------------------ loading
-class Params(dict):
-    """The validated params: {section: {key: value}}, remembering the file it came from."""
-
-    source: str = "params.yaml"
+Params = dict       # the validated params: {section: {key: value}}
 
 
 class _Loader(yaml.SafeLoader):
@@ -285,14 +276,12 @@ def load(path: str | Path = "params.yaml") -> Params:
 
 
 def validate(raw: dict, source: str = "params.yaml") -> Params:
-    """Every section checked against its model, defaults filled in; unknown sections refused.
-    `train.overrides` keeps only what was written (see `cell_settings`)."""
+    """Every section checked, defaults filled in; `train.overrides` keeps only what was written."""
     try:
         model = AllParams.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(_one_line(exc, source)) from None
-    params = Params(model.model_dump(by_alias=True))
-    params.source = source
+    params = model.model_dump(by_alias=True)
     params["train"]["overrides"] = {cell: over for cell, over in
                                     model.train.overrides.model_dump(exclude_unset=True).items() if over}
     _cross_checks(params, source)
@@ -337,11 +326,7 @@ def _fields(model: type[BaseModel]) -> dict:
 
 def _fmt(value: object) -> str:
     """A value as it would look in YAML, strings quoted."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
 def _cross_checks(params: dict, source: str) -> None:
@@ -377,25 +362,14 @@ def _cross_checks(params: dict, source: str) -> None:
                     "probe.vocab_size", "the longest probe sequence")
 
 
-def model_size(cell: str, vocab_size: int, embed_dim: int, hidden_size: int, num_layers: int,
-               bidirectional: bool) -> int:
-    """Parameters of the encoder (embedding and recurrent layers) with a one-logit head: the order of
-    magnitude the limit needs. Not counted: concat pooling's wider head (3x), GRU's reset_after (H per
-    layer) and a language model's output layer (vocab_size x (H + 1))."""
-    G, H, dirs = GATES[cell], hidden_size, 2 if bidirectional else 1
-    recurrent = sum(dirs * G * H * ((embed_dim if k == 0 else dirs * H) + H + 1) for k in range(num_layers))
-    return vocab_size * embed_dim + recurrent + dirs * H + 1
-
-
 def _check_size(source: str, where: str, cell: str, vocab_size: int, embed_dim: int, hidden_size: int,
                 num_layers: int, bidirectional: bool, batch_size: int, length: int, vocab_key: str,
                 length_key: str) -> None:
     n = model_size(cell, vocab_size, embed_dim, hidden_size, num_layers, bidirectional)
-    sizes = (f"{vocab_key} {vocab_size}, embed_dim {embed_dim}, hidden_size {hidden_size}, "
-             f"num_layers {num_layers}")
     if n > MAX_PARAMETERS:
-        raise ParamsError(f"{source}: {where}: {sizes}: the model would have {n:.3g} parameters, more than "
-                          f"the {MAX_PARAMETERS:.0e} one process may train")
+        raise ParamsError(f"{source}: {where}: {vocab_key} {vocab_size}, embed_dim {embed_dim}, hidden_size "
+                          f"{hidden_size}, num_layers {num_layers}: the model would have {n:.3g} parameters, "
+                          f"more than the {MAX_PARAMETERS:.0e} one process may train")
     cached = batch_size * length * (GATES[cell] + 2) * hidden_size * num_layers * (2 if bidirectional else 1)
     if cached > MAX_ACTIVATIONS:
         raise ParamsError(f"{source}: {where}: batch_size {batch_size} x {length_key} {length} x hidden_size "
@@ -404,27 +378,29 @@ def _check_size(source: str, where: str, cell: str, vocab_size: int, embed_dim: 
 
 
 # ---------------------------------------------------------------------------- cells and hashes
+def _usage(argv: list[str], more: str = "", why: str = "") -> ParamsError:
+    name = Path(argv[0]).stem if argv else "<stage>"
+    return ParamsError(f"usage: python -m stages.{name} <cell>{more}  (cell: {' | '.join(CELLS)}{why})")
+
+
 def cell_argument(argv: list[str]) -> str:
     """The cell a per-cell stage was started for (`python -m stages.<name> <cell>`), checked."""
     if len(argv) != 2:
-        name = Path(argv[0]).stem if argv else "<stage>"
-        raise ParamsError(f"usage: python -m stages.{name} <cell>  (cell: {' | '.join(CELLS)})")
+        raise _usage(argv)
     return check_cell(argv[1])
 
 
-def check_cell(cell: str, cells: tuple | list = CELLS) -> str:
-    """`cell` if it is one of `cells`, else a one-line ParamsError with a suggestion."""
-    if cell not in cells:
-        raise ParamsError(f"unknown cell {cell!r}{did_you_mean(cell, cells)}: expected one of {', '.join(cells)}")
+def check_cell(cell: str) -> str:
+    """`cell` if it is one of CELLS, else a one-line ParamsError with a suggestion."""
+    if cell not in CELLS:
+        raise ParamsError(f"unknown cell {cell!r}{did_you_mean(cell, CELLS)}: expected one of {', '.join(CELLS)}")
     return cell
 
 
 def replicate_argument(argv: list[str], params: Params) -> tuple[str, int]:
     """(cell, seed) a replicate's stage was started for (`python -m stages.<name> <cell> <seed>`), checked."""
     if len(argv) != 3 or not argv[2].isdigit():
-        name = Path(argv[0]).stem if argv else "<stage>"
-        raise ParamsError(f"usage: python -m stages.{name} <cell> <seed>  (cell: {' | '.join(CELLS)}; "
-                          "seed: one of train.seeds)")
+        raise _usage(argv, " <seed>", "; seed: one of train.seeds")
     cell, seed = check_cell(argv[1]), int(argv[2])
     if seed not in params["train"]["seeds"]:
         raise ParamsError(f"seed {seed} is not in train.seeds {params['train']['seeds']}")
@@ -437,8 +413,7 @@ def replicate_name(cell: str, seed: int) -> str:
 
 
 def cell_settings(params: Params, cell: str, seed: int | None = None) -> dict:
-    """The settings `cell` trains with: the `train` knobs with `train.overrides.<cell>` on top, and
-    the replicate's `seed` (default: the first of train.seeds)."""
+    """`cell`'s settings: the `train` knobs, `train.overrides.<cell>` on top, `seed` (default: the first)."""
     check_cell(cell)
     base = {key: params["train"][key] for key in CELL_KNOBS}
     return {**_merge(base, params["train"]["overrides"].get(cell, {})),
@@ -459,19 +434,17 @@ ARCHITECTURE = ("embed_dim", "hidden_size", "num_layers", "reset_after", "forget
 
 
 def pretrain_settings(params: Params, cell: str) -> dict:
-    """What `cell`'s language model is built and trained with: the `pretrain` section, and the
-    architecture keys of the cell's train settings (so that its encoder fits the classifier)."""
+    """`cell`'s language model settings: the `pretrain` section and, so that its encoder fits the
+    classifier, the architecture keys of the cell's train settings."""
     cfg = cell_settings(params, cell)
     return {**params["pretrain"], **{k: cfg[k] for k in ARCHITECTURE}}
 
 
 def run_hash(params: Params, cell: str, stage: str = "train", workers: int | str | None = None,
              seed: int | None = None) -> str:
-    """sha256 of what decides the model `stage` (train or pretrain) trains for `cell`: the data,
-    prepare and embed sections, the stage's settings for the cell (for train with init lm, the
-    language model's too), and the number of workers (it changes the sums' rounding; default: the
-    setting as written). Equal hash = same setup: the MLflow runs' `params_hash` tag and the
-    checkpoint keys use it."""
+    """sha256 of what decides the model `stage` (train or pretrain) trains for `cell`: data, prepare and
+    embed, the cell's settings (with init lm the language model's too) and the workers (they change
+    the sums' rounding). The MLflow runs' `params_hash` tag and the checkpoint keys use it."""
     relevant = {s: params[s] for s in RUN_SECTIONS}
     relevant.update(cell=cell, stage=stage,
                     workers=params["train"]["workers"] if workers is None else workers)
@@ -492,8 +465,8 @@ def digest(obj: object) -> str:
 
 # ------------------------------------------------------------------------ rnn's config records
 def model_config(cfg: dict, cell: str, vocab_size: int, task: str = "sentiment") -> ModelConfig:
-    """The `ModelConfig` of settings `cfg` (a cell's train settings, `pretrain_settings` or the probe
-    section): every key of `cfg` that names a ModelConfig field, the library's default for the rest."""
+    """The `ModelConfig` of settings `cfg` (train, pretrain or probe): its keys that name a field,
+    the library's defaults for the rest."""
     given = {f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg}
     given.update(vocab_size=vocab_size, cell=cell, task=task,
                  reset_after=cfg.get("reset_after", False) and cell == "gru")   # rnn/lstm have no such switch

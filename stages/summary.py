@@ -1,28 +1,12 @@
-"""The compare stage's summary as text, table and figures: Markdown and CSV from summary.json's
-dict, and the replicates' curves as a mean with the seeds' range."""
+"""The compare stage's summary as text and table: Markdown and CSV rows from summary.json's dict."""
 
 from __future__ import annotations
-
-import numpy as np
-
-from rnn import stats
-from stages.plots import curves_figure, grad_trace_figure
 
 NAMES = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM", "baseline": "NBSVM"}
 PUBLISHED = ("Published for NBSVM with uni- and bigrams on this test set: 91.22 % (Wang & Manning, 2012), "
              "91.2-91.6 % in later re-runs (Mesnil et al., 2015).")
 COLUMNS = ("model", "seeds", "test_accuracy", "test_accuracy_sd", "ci95_low", "ci95_high", "ensemble_accuracy",
            "best_val_accuracy", "test_f1", "test_auc", "epochs", "train_seconds", "parameters", "lm_val_perplexity")
-
-
-
-def verdict(a: str, b: str, d: stats.Difference) -> str:
-    """A ranking only where the interval excludes zero."""
-    if d.low > 0:
-        return f"{NAMES[a]} better"
-    if d.high < 0:
-        return f"{NAMES[b]} better"
-    return "no difference shown"
 
 
 def points(x: float) -> str:
@@ -74,26 +58,3 @@ def summary_markdown(summary: dict) -> str:
     lines += ["", "![validation accuracy per epoch](val_accuracy.png)", "",
               "![gradient norm vs distance from the last token](grad_trace.png)", ""]
     return "\n".join(lines)
-
-
-def spread(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x, mean, low, high) over replicates' (x, y) curves, at the x values all of them reach."""
-    common = sorted(set.intersection(*(set(np.asarray(x).tolist()) for x, _ in series)))
-    ys = np.array([[dict(zip(np.asarray(x).tolist(), y))[v] for v in common] for x, y in series], dtype=np.float64)
-    return np.array(common), ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
-
-
-def figures(cells: dict[str, dict]) -> tuple:
-    histories, traces = {}, {}
-    for cell, c in cells.items():
-        x, mean, lo, hi = spread([([int(r["epoch"]) for r in run["history"]],
-                                   [float(r["val_accuracy"]) for r in run["history"]]) for run in c["runs"]])
-        histories[cell] = (x, mean, lo, hi)
-        states = c["runs"][0]["trace"]
-        traces[cell] = {s: spread([run["trace"][s] for run in c["runs"]]) for s in states}
-    n = len(next(iter(cells.values()))["runs"]) if cells else 0
-    band = f"mean over {n} seeds, band: their range" if n > 1 else "one seed"
-    return (curves_figure(histories, "epoch", "validation accuracy", f"Validation accuracy per epoch ({band})"),
-            grad_trace_figure(traces, f"Gradient norm vs distance from the last token, last epoch ({band})"))
-
-

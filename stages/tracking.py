@@ -1,19 +1,12 @@
 """What an MLflow run logs, for the train, evaluate, pretrain and probe stages (the store: stages/mlstore.py).
 
-One run per `train@<cell>`: its settings, the datasets it read (digest: their DVC md5), per-epoch and
-per-step metrics, system metrics, the gradient trace as metric series (step = distance from the last
-token) and the model as an MLflow pyfunc (stages/pyfunc_model.py: raw text in, P(positive) out).
-`evaluate@<cell>` finds that run by the model folder's digest (tag `model_digest`) and adds to it; no
-run id goes into the model folder, which stays byte-identical for identical training.
-
-    tracker = Tracker.start(params, cell="lstm", stage="train@lstm", run_hash=..., run_file=...)
-    fit(..., callbacks=[tracker])            # on_step / on_epoch
-    tracker.log_model(model_dir); tracker.log_summary(metrics, traces); tracker.end()
-
-Metric names suit MLflow's chart view: one section per prefix before "/", sorted by name, system/
-last (MLflow 3.17). With `mlflow.enabled: false` the tracker has no client, its methods do nothing
-and MLflow is never imported. Tracking never stops training: a failing store is warned about once,
-what could not be logged is counted in `lost`, and `end()` reports it.
+One run per `train@<cell>`: settings, datasets (digest: their DVC md5), metrics by step and epoch,
+system metrics, the gradient trace (step = distance from the last token) and the model as a pyfunc.
+`evaluate@<cell>` finds that run by the model folder's digest (tag `model_digest`): no run id goes
+into the folder, which stays byte-identical for identical training. Metric names suit MLflow's chart
+view (one section per prefix before "/"). With `mlflow.enabled: false` nothing is logged and MLflow
+is never imported. Tracking never stops training: a failing store is warned about once, what could
+not be logged is counted in `lost` and `end()` reports it.
 """
 
 from __future__ import annotations
@@ -26,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +31,7 @@ from rnn.train import TrainingInterrupted
 from stages import outputs, settings
 from stages.mlstore import TrackingUnavailable, connect, one_line    # (it turns MLflow's telemetry off)
 
-# rnn.train.fit's per-step record -> metric (step = optimizer step), per-epoch record (step = epoch),
-# metrics/<cell>/train.json (step 0, at the end) and rnn.metrics.binary_metrics (evaluate).
+# fit's per-step and per-epoch records, train.json (step 0) and binary_metrics (evaluate) -> metric
 STEP_METRICS = {"loss": "train/step_loss", "grad_norm": "train/step_grad_norm",
                 "grad_norm_clipped": "train/step_grad_norm_clipped", "clipped": "train/step_clipped"}
 EPOCH_METRICS = {"train_accuracy": "accuracy/train", "val_accuracy": "accuracy/val", "val_perplexity": "perplexity/val",
@@ -56,8 +47,7 @@ TEST_METRICS = {"accuracy": "accuracy/test", "log_loss": "loss/test", "f1": "tes
                 "precision": "test/precision", "recall": "test/recall", "roc_auc": "test/roc_auc"}
 ACCURACY_BY_LENGTH = "test/accuracy_by_length"      # step = the bucket's shortest review (tokens)
 
-# The UI draws a run in its `mlflow.runColor`, else in one hashed from its id (two cells may then
-# share one): the cells' colours in reports/*.png (matplotlib's C0-C2).
+# The runs' colours in the UI (else hashed from the run id), as in reports/*.png (matplotlib's C0-C2).
 CELL_COLORS = {"rnn": "#1f77b4", "gru": "#ff7f0e", "lstm": "#2ca02c"}
 EXPERIMENT_NOTES = {     # the experiments' descriptions in the UI (set once; an edit made there is kept)
     "train": "One run per `train@<cell>` stage; `evaluate@<cell>` adds the test metrics to it. `gradient/`: "
@@ -72,8 +62,7 @@ MODEL_NAME = "model"         # `runs:/<run id>/model` loads the logged model
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_EXAMPLE = ["A wonderful, moving film with a great cast.", "Two hours I will never get back."]
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
-# MLflow's limits (mlflow.utils.validation), and how many step metrics wait for a failing store
-# before the oldest are dropped (counted lost).
+# MLflow's limits, and how many metrics wait for a failing store before the oldest are dropped (lost).
 MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PENDING_METRICS = 6000, 100, 1000, 400_000
 
 
@@ -103,10 +92,7 @@ def model_digest(folder: str | Path) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def dvc_md5(path: str | Path) -> str:
-    """md5 of a file's bytes: the hash DVC 3 records for it in dvc.lock."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+dvc_md5 = functools.partial(outputs.file_digest, algorithm="md5")     # what DVC 3 records in dvc.lock
 
 
 def _logging(method):
@@ -119,9 +105,9 @@ def _logging(method):
 
 
 class Tracker:
-    """One MLflow run written through an `MlflowClient` (no global active run); nothing at all when
-    `client` is None. Step metrics go out with `log_batch` every `log_every_steps` steps and at each
-    epoch end: one request per step would cost ~3-8 ms against SQLite and more over HTTP."""
+    """One MLflow run written through an `MlflowClient` (no global active run); nothing when `client`
+    is None. Step metrics go out in batches every `log_every_steps` steps and at each epoch end: one
+    request per step would cost ~3-8 ms against SQLite and more over HTTP."""
 
     def __init__(self, client: Any = None, run: Any = None, cell: str = "", log_every_steps: int = 1,
                  resumed: bool = False, continued: bool = False) -> None:
@@ -147,10 +133,9 @@ class Tracker:
     @classmethod
     def start(cls, params: settings.Params, cell: str, stage: str, run_hash: str | None = None,
               run_file: str | Path | None = None, resume: bool = False, seed: int | None = None) -> Tracker:
-        """The run of `stage` (e.g. "train@lstm-0"), tagged `params_hash` = run_hash and, for a
-        replicate, `seed` (the UI groups a cell's replicates by the tag `cell`). With `resume` the
-        run named in run_file (kept beside the checkpoint) continues if the store has it; else a new
-        run starts and run_file names it. Raises TrackingUnavailable when the store is unusable."""
+        """The run of `stage` (e.g. "train@lstm-0"), tagged `params_hash` and `seed`. With `resume` the
+        run named in run_file continues if the store has it; else a new run starts and run_file names
+        it. Raises TrackingUnavailable when the store is unusable."""
         cfg = params["mlflow"]
         if not cfg["enabled"]:
             return cls()
@@ -164,26 +149,21 @@ class Tracker:
         else:
             tracker = cls(client, _new_run(client, experiment_id, cell, stage, run_hash, seed), cell,
                           cfg["log_every_steps"])
-            if stage.startswith("train@"):     # probe and pretrain log their own settings
-                # Effective values, so runs of different cells compare key by key; what this cell
-                # overrides is kept as one param to show why its values differ.
+            if stage.startswith("train@"):     # effective values (runs compare key by key), and the overrides
                 flat = flatten(settings.cell_settings(params, cell, seed), "train")
                 flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
                 flat["train.workers"] = _param_value(params["train"]["workers"])
                 tracker.log_params(flat)
             if run_file is not None:
                 from rnn.io import write_json
-
                 write_json(run_file, {"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
                                       "experiment_id": experiment_id})
         if cfg["register"] and stage.startswith("train@"):
             tracker.register_as = f"{cfg['experiment']}-{cell}"
         every = cfg["system_metrics_every"]
         if every > 0 and not stage.startswith("evaluate@") and importlib.util.find_spec("psutil"):
-            # CPU, memory, disk and network as system/ metrics, by MLflow's own monitor (a thread
-            # that needs psutil, optional in MLflow; `end` stops it).
+            # MLflow's own monitor of CPU, memory, disk and network (psutil is optional in MLflow)
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
             tracker._monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=every, tracking_uri=
                                                     tracker.tracking_uri, resume_logging=tracker.continued)
@@ -192,8 +172,8 @@ class Tracker:
 
     @classmethod
     def for_model(cls, params: settings.Params, model_dir: str | Path, stage: str) -> Tracker:
-        """The newest run tagged with the digest of the model in `model_dir` (the run that trained it),
-        to add to; else, with a warning, a new run (tracking was off, another store, a copied model)."""
+        """The newest run tagged with the digest of the model in `model_dir` (the run that trained it);
+        else, with a warning, a new run (tracking was off, another store, a copied model)."""
         cfg = params["mlflow"]
         if not cfg["enabled"]:
             return cls()
@@ -218,13 +198,9 @@ class Tracker:
             tracker._set_tags({"dvc.stages": f"{stages},{stage}" if stages else stage})
         return tracker
 
-    # -- logging -------------------------------------------------------------------------------
-
     @_logging
     def log_params(self, flat: Mapping[str, Any]) -> None:
-        """Params (values made strings of at most 6000 chars), 100 per request."""
         from mlflow.entities import Param
-
         items = [Param(str(k), _param_value(v)) for k, v in flat.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             chunk = items[i:i + MAX_PARAMS_PER_BATCH]
@@ -238,9 +214,8 @@ class Tracker:
 
     @_logging
     def log_series(self, key: str, values: Sequence[float | None]) -> None:
-        """A curve as one metric of log10 values with step = index: e.g. a gradient trace with step =
-        distance from the last token. Entries with no logarithm (None: a distance no sequence
-        reached; 0: a norm flushed to zero) are left out."""
+        """A curve as log10 values with step = index (a gradient trace: the distance from the last token);
+        None (a distance no sequence reached) and 0 (a norm flushed to zero) are left out."""
         for step, value in enumerate(values):
             if value is not None and value > 0:
                 self._add({key: math.log10(value)}, step)
@@ -248,10 +223,8 @@ class Tracker:
 
     @_logging
     def log_datasets(self, root: Path, rows: Mapping[str, int]) -> None:
-        """data/prepared/<split>.npz as dataset inputs imdb-<split> of {split: reviews}, digest = the
-        file's DVC md5 (as in dvc.lock): the run names its data version."""
+        """data/prepared/<split>.npz as inputs imdb-<split>, digest = the DVC md5: the data version."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
-
         inputs = []
         for split, n in rows.items():
             rel = f"data/prepared/{split}.npz"
@@ -264,7 +237,6 @@ class Tracker:
 
     @_logging
     def on_step(self, info: Mapping[str, Any]) -> None:
-        """rnn.train.fit callback: buffer the step's loss, gradient norms and clipping (step = global step)."""
         self._add({name: info[key] for key, name in STEP_METRICS.items()}, int(info["step"]))
         self._steps_since_flush += 1
         if self._steps_since_flush >= self.log_every_steps and not self._failing:
@@ -272,7 +244,6 @@ class Tracker:
 
     @_logging
     def on_epoch(self, info: Mapping[str, Any]) -> None:
-        """rnn.train.fit callback: the epoch's metrics (step = epoch), and the first epoch's gradient trace."""
         self._add({name: info[key] for key, name in EPOCH_METRICS.items() if key in info}, int(info["epoch"]))
         self._flush()
         if info.get("trace") and int(info["epoch"]) == 1:
@@ -280,8 +251,8 @@ class Tracker:
 
     @_logging
     def log_summary(self, metrics: Mapping[str, Any], traces: Sequence[Mapping[str, list]]) -> None:
-        """After `log_model`: metrics/<cell>/train.json's figures (the best validation accuracy linked
-        to the model) and the last epoch's gradient trace (the first's too if this run missed it)."""
+        """After `log_model`: train.json's figures (the best val accuracy linked to the model), the last
+        epoch's gradient trace (the first's too if this run missed it)."""
         summary = {name: metrics[key] for key, name in SUMMARY_METRICS.items() if key in metrics}
         best = {"accuracy/val_best": summary.pop("accuracy/val_best")} if "accuracy/val_best" in summary else {}
         self._add(summary, 0)
@@ -294,7 +265,6 @@ class Tracker:
 
     @_logging
     def log_test_metrics(self, scores: Mapping[str, Any], buckets: Sequence[Mapping[str, Any]]) -> None:
-        """evaluate's scores (binary_metrics) linked to the model and the test data; accuracy by length."""
         numbers = {name: scores[key] for key, name in TEST_METRICS.items() if scores.get(key) is not None}
         self._add(numbers, 0, model_id=self.model_id, dataset=self.datasets.get("test"))
         for row in buckets:
@@ -311,14 +281,12 @@ class Tracker:
 
     @_logging
     def set_model_digest(self, folder: Path) -> None:
-        """Tag the run with the digest of the model folder it wrote (how evaluate finds it)."""
         self._set_tags({"model_digest": model_digest(folder)})
 
     @_logging
     def log_model(self, folder: Path) -> None:
-        """The folder as the run's model "model": pyfunc from code (stages/pyfunc_model.py), the folder
-        and a copy of `rnn` inside, a signature (string column `text` in, P(positive) out), an input
-        example; registered as <experiment>-<cell> with `mlflow.register`."""
+        """The folder as the run's pyfunc model (stages/pyfunc_model.py, a copy of `rnn` inside: text in,
+        P(positive) out), registered as <experiment>-<cell> with `mlflow.register`."""
         self._call("models", 1, self._log_model, Path(folder))
 
     def _log_model(self, folder: Path) -> None:
@@ -330,7 +298,6 @@ class Tracker:
         from mlflow.types import ColSpec, Schema
 
         import rnn
-
         mlflow.set_tracking_uri(self.tracking_uri)     # logging the files and registering read the global URI
         params = {k: v for k, v in self.client.get_run(self.run_id).data.params.items() if k.startswith("train.")}
         model = self.client.create_logged_model(
@@ -353,8 +320,8 @@ class Tracker:
 
     @_logging
     def end(self, status: str = "FINISHED") -> None:
-        """Stop the system metrics, send what is buffered, close the run (a resumed one keeps its
-        status) and report on stderr what could not be logged. Safe to call twice."""
+        """Send what is buffered, close the run (a resumed one keeps its status), report what could not
+        be logged. Safe to call twice."""
         if self._ended:
             return
         self._ended = True
@@ -375,10 +342,7 @@ class Tracker:
         stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, TrainingInterrupted))
         self.end("FINISHED" if exc_type is None else "KILLED" if stopped else "FAILED")
 
-    # -- internals -----------------------------------------------------------------------------
-
     def _log_trace(self, trace: Mapping[str, list], when: str) -> None:
-        """fit's trace {state (a: hidden, c: LSTM memory): mean norm by distance} as gradient/ series."""
         self._first_trace_logged |= when == "first_epoch"
         for state in sorted(trace):
             self.log_series(f"gradient/log10_dL_d{state}_{when}", trace[state])
@@ -386,7 +350,6 @@ class Tracker:
     def _add(self, metrics: Mapping[str, Any], step: int, model_id: str | None = None,
              dataset: tuple[str, str] | None = None) -> None:
         from mlflow.entities import Metric
-
         now, (name, digest) = int(time.time() * 1000), dataset or (None, None)
         for key, value in metrics.items():
             if isinstance(value, str) or not hasattr(value, "__float__"):
@@ -413,7 +376,6 @@ class Tracker:
 
     def _set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
-
         self._call("tags", len(tags), self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _call(self, kind: str, count: int, fn, *args, **kwargs) -> bool:
@@ -432,15 +394,10 @@ class Tracker:
 
 def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: str | None,
              seed: int | None = None) -> Any:
-    """A new run of `stage` with the tags that place it: cell, seed and colour, DVC stage and
-    experiment, commit, and the sweep's study and trial when a sweep worker runs it."""
+    """A new run of `stage` tagged with its cell, seed, colour, DVC stage and experiment, commit and sweep."""
+    from mlflow.utils.git_utils import get_git_commit
     exp_name, base_rev = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
-    try:    # (The fluent API would set the commit.) Taken in cwd: in a queued experiment the copy
-        # being run, whose HEAD is the baseline.
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip() if git.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = get_git_commit(os.getcwd())    # in a queued experiment: the copy being run, at the baseline
     tags = {"cell": cell, "mlflow.runColor": CELL_COLORS.get(cell, "#7f7f7f"), "dvc.stage": stage,
             "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
             "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
@@ -456,8 +413,7 @@ def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: s
 
 
 def _continued_run(client: Any, run_file: Path) -> Any:
-    """The run an interrupted training recorded in `run_file`, set running again; None (with a
-    warning) when there is no usable record or the store does not have that run."""
+    """The run an interrupted training recorded in `run_file`, running again; else None, with a warning."""
     try:
         record = json.loads(run_file.read_text(encoding="utf-8"))
         if record["tracking_uri"] != client.tracking_uri:

@@ -2,12 +2,10 @@
 
     python -m stages.train <cell> <seed>     # cell: rnn | gru | lstm; seed: one of train.seeds
 
-One replicate: the `train` section of params.yaml with `train.overrides.<cell>` on top, and `seed`
-for the new layers' initialisation, the data order and dropout. An interrupted run leaves a
-checkpoint in checkpoints/<cell>/<key>/ (key: the settings, the input files and the code, so a
-checkpoint from anything else is never resumed) and the next run continues from it. Writes
-models/<cell>/seed<seed>/, metrics/<cell>/seed<seed>/train.json and
-plots/<cell>/seed<seed>/{history.csv, grad_trace.csv, grad_trace.png}.
+One replicate: `train` with `train.overrides.<cell>` on top; `seed` draws the new layers, the data
+order and dropout. An interrupted run leaves checkpoints/<cell>/<key>/ (key: settings, input files and
+code, so nothing else is ever resumed) and the next run continues from it. Writes models/<replicate>/,
+metrics/<replicate>/train.json and plots/<replicate>/{history.csv, grad_trace.csv, grad_trace.png}.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,10 @@ def main() -> None:
     params = settings.load(root / "params.yaml")
     cell, seed = settings.replicate_argument(sys.argv, params)
     cfg = settings.cell_settings(params, cell, seed)
-    width_key = (f"train.overrides.{cell}.embed_dim" if "embed_dim" in params["train"]["overrides"].get(cell, {})
-                 else "train.embed_dim")
-    inputs = load_inputs(root, cfg["embed_dim"], width_key, f"models/lm/{cell}" if cfg["init"] == "lm" else None)
+    inputs = load_inputs(root, cfg["embed_dim"], f"models/lm/{cell}" if cfg["init"] == "lm" else None)
     workers = resolve_workers(params["train"]["workers"])
     run_hash = settings.run_hash(params, cell, "train", workers, seed)
     checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest(__file__)}")
-
     from stages.tracking import Tracker      # MLflow is imported only when tracking is on
 
     # The run's id is kept beside the checkpoint: a resumed training continues the same run.
@@ -56,10 +52,9 @@ def main() -> None:
           f"{seconds:.1f}s, {model.num_parameters()} parameters")
 
 
-def load_inputs(root: Path, embed_dim: int, width_key: str = "train.embed_dim", lm: str | None = None) -> dict:
-    """Prepared train/val splits, the encoder dict, the embedding matrix (V, embed_dim), the language
-    model in the folder `lm` (relative to root) when given, and a digest of those files (part of the
-    checkpoint key). width_key: the setting embed_dim came from."""
+def load_inputs(root: Path, embed_dim: int, lm: str | None = None) -> dict:
+    """Train/val splits, the encoder dict, the embeddings (V, embed_dim), the language model in `lm` if
+    given, and the files' digest (the checkpoint key's). Overrides cannot change embed_dim (settings)."""
     prepared = root / "data/prepared"
     files = [prepared / "train.npz", prepared / "val.npz", prepared / "vocab.json", root / "data/embeddings.npy"]
     language_model = None
@@ -76,8 +71,8 @@ def load_inputs(root: Path, embed_dim: int, width_key: str = "train.embed_dim", 
         raise InputError(f"{files[3]}: shape {embeddings.shape} does not fit the vocabulary of "
                          f"{len(encoder['tokens'])} words in {files[2]}; rerun the embed stage")
     if embeddings.shape[1] != embed_dim:
-        raise settings.ParamsError(f"params.yaml: {width_key} = {embed_dim}: must equal the width "
-                                   f"{embeddings.shape[1]} of {files[3]} (train.embed_dim, which the embed stage uses)")
+        raise settings.ParamsError(f"params.yaml: train.embed_dim = {embed_dim}: must equal the width "
+                                   f"{embeddings.shape[1]} of {files[3]}, which the embed stage wrote")
     train, val = (outputs.load_split(f) for f in files[:2])
     return {"train": Dataset(train["ids"], train["lengths"], train["labels"]),
             "val": Dataset(val["ids"], val["lengths"], val["labels"]),
@@ -87,8 +82,7 @@ def load_inputs(root: Path, embed_dim: int, width_key: str = "train.embed_dim", 
 
 def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, resumed: bool, workers: int,
           tracker) -> tuple:
-    """Build the model (its encoder from the language model with init lm), fit it (resuming the
-    checkpoint in checkpoint_dir if `resumed`); returns (model, result, seconds)."""
+    """Build the model (with init lm, its encoder from the language model), fit it: (model, result, seconds)."""
     t0 = time.perf_counter()
     config = settings.model_config(cfg, cell, len(inputs["encoder"]["tokens"]))
     # Model initialisation and training draw from separate streams of the same seed.
@@ -106,25 +100,20 @@ def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, 
                         "data.max_len": train_data.ids.shape[1], "data.vocab_size": config.vocab_size,
                         "model.num_parameters": model.num_parameters()})
     tracker.log_datasets(root, {"train": len(train_data.labels), "val": len(val.labels)})
-    progress = Progress(cell, cfg["epochs"])
-    try:
+    with closing(Progress(cell, cfg["epochs"])) as progress:
         result = fit(model, optimizer, train_data, val, settings.train_config(cfg, workers),
                      np.random.default_rng([cfg["seed"], 1]), checkpoint_dir=checkpoint_dir, callbacks=[progress, tracker])
-    finally:
-        progress.close()
     result.update(resumed=resumed, checkpoint_dir=checkpoint_dir)
     return model, result, time.perf_counter() - t0
 
 
 def write_outputs(root: Path, cell: str, seed: int, cfg: dict, run_hash: str, model: SentimentModel,
                   result: dict, seconds: float, encoder: dict, tracker) -> None:
-    """models/<cell>/seed<seed>/, metrics/<cell>/seed<seed>/train.json and plots/<cell>/seed<seed>/*,
-    published together; then the same to the MLflow run."""
+    """models/, metrics/ and plots/ of the replicate, published together; then the MLflow run's."""
     replicate = settings.replicate_name(cell, seed)
     history, rows = result["history"], outputs.trace_rows(result["traces"])
     metrics = train_metrics(cell, seed, result, model, seconds)
-    epochs = sorted({1, len(history)})
-    figure = grad_trace_figure({f"epoch {e}": outputs.trace_series(rows, e) for e in epochs},
+    figure = grad_trace_figure({f"epoch {e}": outputs.trace_series(rows, e) for e in sorted({1, len(history)})},
                                f"{cell} (seed {seed}): gradient norm vs distance from the last token")
     with Outputs(root) as out:
         # Nothing run-specific in the folder (no run id, no time): identical training, identical
@@ -140,34 +129,21 @@ def write_outputs(root: Path, cell: str, seed: int, cfg: dict, run_hash: str, mo
     tracker.set_model_digest(root / "models" / replicate)
     tracker.log_model(root / "models" / replicate)
     tracker.log_summary(metrics, result["traces"])
-    tracker.log_artifact(root / "plots" / replicate / "history.csv", "plots")
-    for name in ("grad_trace.csv", "grad_trace.png"):        # every epoch, also after a resume
-        tracker.log_artifact(root / "plots" / replicate / name, "grad_trace")
+    for name, where in (("history.csv", "plots"), ("grad_trace.csv", "grad_trace"), ("grad_trace.png", "grad_trace")):
+        tracker.log_artifact(root / "plots" / replicate / name, where)     # every epoch, also after a resume
     shutil.rmtree(result["checkpoint_dir"], ignore_errors=True)
 
 
 def train_metrics(cell: str, seed: int, result: dict, model: SentimentModel, wall_seconds: float) -> dict:
-    history = result["history"]
-    last = history[-1]
-    return {
-        "cell": cell,
-        "seed": seed,
-        "best_val_accuracy": result["best_val_accuracy"],
-        "best_epoch": result["best_epoch"],
-        "epochs_run": len(history),
-        "stopped_early": result["stopped_early"],
-        "steps": result["steps"],
-        # Summed over epochs, so a resumed run still reports its whole training time.
-        "train_seconds": sum(r["seconds"] + r["val_seconds"] for r in history),
-        "wall_seconds": wall_seconds,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history),
-        "num_parameters": model.num_parameters(),
-        "final_train_loss": last["train_loss"],
-        "final_train_accuracy": last["train_accuracy"],
-        "final_val_loss": last["val_loss"],
-        "final_val_accuracy": last["val_accuracy"],
-        "resumed": result["resumed"],
-    }
+    history, last = result["history"], result["history"][-1]
+    return {"cell": cell, "seed": seed, **{k: result[k] for k in ("best_val_accuracy", "best_epoch")},
+            "epochs_run": len(history), "stopped_early": result["stopped_early"], "steps": result["steps"],
+            # Summed over epochs, so a resumed run still reports its whole training time.
+            "train_seconds": sum(r["seconds"] + r["val_seconds"] for r in history), "wall_seconds": wall_seconds,
+            "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history),
+            "num_parameters": model.num_parameters(),
+            **{f"final_{k}": last[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
+            "resumed": result["resumed"]}
 
 
 if __name__ == "__main__":
