@@ -339,7 +339,9 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """The run ends FINISHED, KILLED (Ctrl-C, SIGTERM: fit saved a checkpoint) or FAILED."""
-        stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, TrainingInterrupted))
+        from sweeps.pruning import Pruned     # a pruned sweep trial stopped it: not a failure
+
+        stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, TrainingInterrupted, Pruned))
         self.end("FINISHED" if exc_type is None else "KILLED" if stopped else "FAILED")
 
     def _log_trace(self, trace: Mapping[str, list], when: str) -> None:
@@ -402,7 +404,11 @@ def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: s
             "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
             "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
             "mlflow.source.git.commit": commit or base_rev, "seed": None if seed is None else str(seed),
-            "sweep.study": os.environ.get("RNN_SWEEP_STUDY"), "sweep.trial": os.environ.get("RNN_SWEEP_TRIAL_NUMBER")}
+            "sweep.study": os.environ.get("RNN_SWEEP_STUDY")}
+    if trial := json.loads(os.environ.get("RNN_SWEEP_TRIAL") or "{}"):      # a sweep worker's trial (sweeps/)
+        tags["sweep.trial"] = str(trial.get("trial"))
+        if stage.startswith(("train@", "baseline")):     # the study's parent run is in this experiment
+            tags["mlflow.parentRunId"] = trial.get("mlflow_parent_run_id")
     # e.g. "lstm-1" (seed 1) beside "probe@lstm"
     name = (cell if seed is None else f"{cell}-{seed}") if stage.startswith(("train@", "baseline")) else stage
     try:

@@ -41,15 +41,16 @@ def main() -> None:
     run_hash = settings.run_hash(params, cell, "train", workers, seed)
     checkpoint_dir, resumed = checkpoint_folder(root, cell, f"{run_hash[:12]}-{inputs['digest'][:12]}-{code_digest(__file__)}")
     from stages.tracking import Tracker      # MLflow is imported only when tracking is on
+    from sweeps.pruning import epoch_callbacks     # [] outside a sweep: Optuna only inside a trial
 
     # The run's id is kept beside the checkpoint: a resumed training continues the same run.
     tracker = Tracker.start(params, cell, f"train@{cell}-{seed}", run_hash, checkpoint_dir / "mlflow_run.json",
                             resumed, seed)
     with finishing(tracker, f"{cell} training", "try a lower train.lr or train.clip"):
-        model, result, seconds = train(cell, cfg, inputs, root, checkpoint_dir, resumed, workers, tracker)
+        sweep = epoch_callbacks(cell, params["train"]["seeds"].index(seed))
+        model, result, seconds = train(cell, cfg, inputs, root, checkpoint_dir, resumed, workers, tracker, sweep)
         write_outputs(root, cell, seed, cfg, run_hash, model, result, seconds, inputs["encoder"], tracker)
-    print(f"{cell} seed {seed}: best val accuracy {result['best_val_accuracy']:.4f} at epoch {result['best_epoch']}, "
-          f"{seconds:.1f}s, {model.num_parameters()} parameters")
+    print(f"{cell} seed {seed}: best val accuracy {result['best_val_accuracy']:.4f} (epoch {result['best_epoch']}), {seconds:.1f}s")
 
 
 def load_inputs(root: Path, embed_dim: int, lm: str | None = None) -> dict:
@@ -81,8 +82,8 @@ def load_inputs(root: Path, embed_dim: int, lm: str | None = None) -> dict:
 
 
 def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, resumed: bool, workers: int,
-          tracker) -> tuple:
-    """Build the model (with init lm, its encoder from the language model), fit it: (model, result, seconds)."""
+          tracker, sweep: list) -> tuple:
+    """Build the model (init lm: its encoder from the language model), fit it: (model, result, seconds)."""
     t0 = time.perf_counter()
     config = settings.model_config(cfg, cell, len(inputs["encoder"]["tokens"]))
     # Model initialisation and training draw from separate streams of the same seed.
@@ -102,7 +103,8 @@ def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, 
     tracker.log_datasets(root, {"train": len(train_data.labels), "val": len(val.labels)})
     with closing(Progress(cell, cfg["epochs"])) as progress:
         result = fit(model, optimizer, train_data, val, settings.train_config(cfg, workers),
-                     np.random.default_rng([cfg["seed"], 1]), checkpoint_dir=checkpoint_dir, callbacks=[progress, tracker])
+                     np.random.default_rng([cfg["seed"], 1]), checkpoint_dir=checkpoint_dir,
+                     callbacks=[progress, tracker, *sweep])
     result.update(resumed=resumed, checkpoint_dir=checkpoint_dir)
     return model, result, time.perf_counter() - t0
 
@@ -116,8 +118,7 @@ def write_outputs(root: Path, cell: str, seed: int, cfg: dict, run_hash: str, mo
     figure = grad_trace_figure({f"epoch {e}": outputs.trace_series(rows, e) for e in sorted({1, len(history)})},
                                f"{cell} (seed {seed}): gradient norm vs distance from the last token")
     with Outputs(root) as out:
-        # Nothing run-specific in the folder (no run id, no time): identical training, identical
-        # bytes, one copy in a DVC remote. Its MLflow run carries the folder's digest as a tag.
+        # No run id or time in the folder: identical training, identical bytes (one copy in a DVC remote).
         folder = out.path(f"models/{replicate}", folder=True)
         save_model(folder, model, encoder=encoder,
                    metadata={"cell": cell, "seed": seed, "params_hash": run_hash, "best_epoch": result["best_epoch"],
@@ -140,8 +141,7 @@ def train_metrics(cell: str, seed: int, result: dict, model: SentimentModel, wal
             "epochs_run": len(history), "stopped_early": result["stopped_early"], "steps": result["steps"],
             # Summed over epochs, so a resumed run still reports its whole training time.
             "train_seconds": sum(r["seconds"] + r["val_seconds"] for r in history), "wall_seconds": wall_seconds,
-            "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history),
-            "num_parameters": model.num_parameters(),
+            "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history), "num_parameters": model.num_parameters(),
             **{f"final_{k}": last[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
             "resumed": result["resumed"]}
 

@@ -520,7 +520,7 @@ def create_parent_run(spec: StudySpec, root: Path, commit: str) -> str | None:
         return None
     from stages.mlstore import connect
 
-    client, _, experiment_id = connect(experiment)
+    client, experiment_id = connect(experiment)
     run = client.create_run(experiment_id, run_name=f"sweep {spec.name}", tags={
         "sweep.study": spec.name, "sweep.commit": commit, "mlflow.source.git.commit": commit,
         "mlflow.note.content": f"Optuna study {spec.name}: {spec.direction} {spec.key} over "

@@ -698,27 +698,27 @@ def test_identical_training_writes_identical_model_folders_and_evaluate_finds_th
     root = stage_project
     folders = []
     for _ in range(2):
-        run_stage(train, "rnn", monkeypatch=monkeypatch)
-        folder = root / "models" / "rnn"
+        run_stage(train, "rnn", "0", monkeypatch=monkeypatch)
+        folder = root / "models" / "rnn" / "seed0"
         folders.append({p.name: p.read_bytes() for p in sorted(folder.iterdir())})
         time.sleep(2.1)                      # zip timestamps (2 s steps) or a clock in a file would differ
     assert sorted(folders[0]) == ["config.json", "encoder.json", "weights.npz"]      # no run id
     assert folders[0] == folders[1], "same code, params and data must give the same bytes (DVC dedupes)"
-    run_stage(evaluate, "rnn", monkeypatch=monkeypatch)
+    run_stage(evaluate, "rnn", "0", monkeypatch=monkeypatch)
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("imdb-sentiment")
     older, newer = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    assert older.data.tags["model_digest"] == newer.data.tags["model_digest"] == model_digest(root / "models/rnn")
+    assert older.data.tags["model_digest"] == newer.data.tags["model_digest"] == model_digest(root / "models/rnn/seed0")
     assert "accuracy/test" in newer.data.metrics and "accuracy/test" not in older.data.metrics
-    expected = json.loads((root / "metrics/rnn/eval.json").read_text())["accuracy"]
+    expected = json.loads((root / "metrics/rnn/seed0/eval.json").read_text())["accuracy"]
     assert newer.data.metrics["accuracy/test"] == expected
-    assert newer.data.metrics["accuracy/val_best"] == json.loads((root / "metrics/rnn/train.json").read_text())[
+    assert newer.data.metrics["accuracy/val_best"] == json.loads((root / "metrics/rnn/seed0/train.json").read_text())[
         "best_val_accuracy"]
-    assert newer.data.tags["dvc.stages"] == "train@rnn,evaluate@rnn" and newer.info.status == "FINISHED"
+    assert newer.data.tags["dvc.stages"] == "train@rnn-0,evaluate@rnn-0" and newer.info.status == "FINISHED"
     datasets = {d.dataset.name: d.dataset.digest for d in newer.inputs.dataset_inputs}
     assert datasets == {f"imdb-{s}": dvc_md5(root / f"data/prepared/{s}.npz") for s in ("train", "val", "test")}
-    # The gradient trace as table and figure (the stage's plots/rnn/grad_trace.*), every epoch.
+    # The gradient trace as table and figure (the stage's plots/rnn/seed0/grad_trace.*).
     names = {a.path for a in client.list_artifacts(newer.info.run_id, "grad_trace")}
     assert names == {"grad_trace/grad_trace.csv", "grad_trace/grad_trace.png"}
     local = Path(client.download_artifacts(newer.info.run_id, "grad_trace", str(root / "dl")))
@@ -810,12 +810,12 @@ def test_interrupted_train_stage_resumes_into_the_same_run(stage_project, monkey
 
     monkeypatch.setattr(train.Progress, "on_step", ctrl_c_at_step_3)
     with pytest.raises(SystemExit) as stopped:
-        run_stage(train, "rnn", monkeypatch=monkeypatch)
+        run_stage(train, "rnn", "0", monkeypatch=monkeypatch)
     assert stopped.value.code == 130
     [run_file] = (root / "checkpoints" / "rnn").glob("*/mlflow_run.json")
     run_id = json.loads(run_file.read_text())["run_id"]
     monkeypatch.setattr(train.Progress, "on_step", original)
-    run_stage(train, "rnn", monkeypatch=monkeypatch)
+    run_stage(train, "rnn", "0", monkeypatch=monkeypatch)
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("imdb-sentiment").experiment_id])
