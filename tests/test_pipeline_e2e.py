@@ -27,7 +27,7 @@ import yaml
 from helpers import build_imdb_archive, copy_project
 
 REPO = Path(__file__).resolve().parents[1]
-COPY = ["rnn", "stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml",
+COPY = ["rnn", "stages", "sweeps", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml",
         ".gitignore"]
 # Two cells keep the run short (each stage pays ~3 s of imports) and still cover foreach and the
 # LSTM's extra cell-state trace; the unit tests train every cell.

@@ -38,7 +38,7 @@ from rnn.parallel import resolve_workers
 from stages import settings
 
 REPO = Path(__file__).resolve().parents[1]
-COPY = ["rnn", "stages", "scripts/sweep.py", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
+COPY = ["rnn", "stages", "sweeps", "scripts/sweep.py", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
         ".dvcignore", "pyproject.toml", ".gitignore"]
 CELLS = ["rnn", "lstm"]
 # 4 points, none the baseline. Each cell's learning rate on its own axis, so the two points of a
