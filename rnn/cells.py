@@ -22,7 +22,9 @@ Given a tuple of preallocated arrays as `out`, it writes into them and allocates
 sequence layer holds the same tuple with a time axis on every array (its buffers) and hands each
 step its slice. A backward step takes the previous state, the forward step's tuple and `W_h_T`, the
 blocks of W_h transposed (G, H, H), which the sequence layer makes contiguous once per sequence (a
-transposed view slows the product), and returns `dx_proj`, the gradient of the gate
+transposed view slows the product), optionally `scratch`, a (G, N, H) array for its intermediate
+values (the sequence layer allocates one per sequence; a step without it allocates what it needs),
+and returns `dx_proj`, the gradient of the gate
 pre-activations, which is also the gradient of `x_proj`; the weight gradients are sums over
 timesteps of outer products with it, done after the loop as one large product per gate (see
 `recurrent_weight_grads`).
@@ -47,6 +49,18 @@ def sigmoid_(x: np.ndarray) -> np.ndarray:
     x *= 0.5
     x += 0.5
     return x
+
+
+def gate_activations_(gates: np.ndarray, sigmoids: int) -> np.ndarray:
+    """In place: the logistic sigmoid on the first `sigmoids` blocks of gates (G, N, H), tanh on the
+    others, all in one tanh call through sigma(z) = (1 + tanh(z/2)) / 2 (the same operations as
+    `sigmoid_` and a tanh per block, so the same numbers, in two calls fewer)."""
+    gates[:sigmoids] *= 0.5
+    np.tanh(gates, out=gates)
+    s = gates[:sigmoids]
+    s *= 0.5
+    s += 0.5
+    return gates
 
 
 def gate_blocks(W: np.ndarray, G: int) -> np.ndarray:
@@ -111,7 +125,7 @@ def rnn_step_forward(x_proj, prev, W_h, b_hn=None, out: RNNStep | None = None) -
     return RNNStep(a)
 
 
-def rnn_step_backward(dstate, prev, step: RNNStep, W_h_T, out=None):
+def rnn_step_backward(dstate, prev, step: RNNStep, W_h_T, out=None, scratch=None):
     """dstate: (da (N, H),), the total gradient reaching a<t>; prev and step: the forward step's
     input state and result; W_h_T: (1, H, H).
 
@@ -158,7 +172,7 @@ def gru_step_forward(x_proj, prev, W_h, b_hn=None, out: GRUStep | None = None) -
     return GRUStep(a, gates, r_a)
 
 
-def gru_step_backward(dstate, prev, step: GRUStep, W_h_T, out=None):
+def gru_step_backward(dstate, prev, step: GRUStep, W_h_T, out=None, scratch=None):
     """Backward of `gru_step_forward`. dstate: (da (N, H),); W_h_T: (3, H, H).
 
     Returns dx_proj (3, N, H), the gradient of the pre-activations [r, u, n] (the gradient of
@@ -218,7 +232,7 @@ def gru_after_step_forward(x_proj, prev, W_h, b_hn, out: GRUAfterStep | None = N
     return GRUAfterStep(a, gates, h_n)
 
 
-def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None):
+def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None, scratch=None):
     """Backward of `gru_after_step_forward`. dstate: (da (N, H),); W_h_T: (3, H, H).
 
     Returns dx_proj (3, N, H), the gradient of the pre-activations [r, z, n], and (da_prev (N, H),).
@@ -271,9 +285,8 @@ def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None)
     a, c, gates, tanh_c = _or_new(out, LSTMStep, 4, a_prev)
     np.matmul(a_prev, W_h, out=gates)
     gates += x_proj
-    sigmoid_(gates[:3])
+    gate_activations_(gates, 3)
     i, f, o, g = gates
-    np.tanh(g, out=g)
     np.multiply(f, c_prev, out=c)
     np.multiply(i, g, out=tanh_c)            # tanh_c's buffer is free until the line after
     c += tanh_c
@@ -282,9 +295,10 @@ def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None)
     return LSTMStep(a, c, gates, tanh_c)
 
 
-def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None):
+def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None, scratch=None):
     """Backward of `lstm_step_forward`. dstate: (da, dc), each (N, H): the total gradients reaching
-    a<t> and c<t>; they are overwritten with da_prev and dc_prev. W_h_T: (4, H, H).
+    a<t> and c<t>; they are overwritten with da_prev and dc_prev. W_h_T: (4, H, H); scratch:
+    optional (4, N, H) array for the step's intermediate values (allocated when None).
 
     Returns dx_proj (4, N, H), the gradient of the pre-activations [i, f, o, g], and
     (da_prev, dc_prev), each (N, H).
@@ -292,6 +306,7 @@ def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None):
     (da, dc), (_, c_prev), (_, _, gates, tanh_c) = dstate, prev, step
     i, f, o, g = gates
     dx = _or_new_blocks(out, 4, c_prev)
+    work = _or_new_blocks(scratch, 4, c_prev)
     di, df, do, dg = dx
     np.multiply(tanh_c, tanh_c, out=dg)      # dc += da * o * (1 - tanh(c)^2)
     np.subtract(1, dg, out=dg)
@@ -301,15 +316,16 @@ def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None):
     np.multiply(dc, g, out=di)
     np.multiply(dc, c_prev, out=df)
     np.multiply(da, tanh_c, out=do)
-    scratch = np.subtract(1, gates[:3])      # sigmoid' = s (1 - s)
-    scratch *= gates[:3]
-    dx[:3] *= scratch
+    sigmoid_grad = work[:3]                  # sigmoid' = s (1 - s)
+    np.subtract(1, gates[:3], out=sigmoid_grad)
+    sigmoid_grad *= gates[:3]
+    dx[:3] *= sigmoid_grad
     np.multiply(g, g, out=dg)                # dg = dc * i * (1 - g^2)
     np.subtract(1, dg, out=dg)
     dg *= i
     dg *= dc
     dc *= f
-    add_blocks(np.matmul(dx, W_h_T), out=da)
+    add_blocks(np.matmul(dx, W_h_T, out=work), out=da)
     return dx, (da, dc)
 
 

@@ -147,8 +147,10 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
     rows = np.arange(B)
     if d_outputs is not None and c.rev is not None:
         d_outputs = d_outputs[c.rev, rows]
-    d_state = [np.zeros((B, H), c.X.dtype) for _ in range(cell.states)]
+    d_state = np.zeros((cell.states, B, H), c.X.dtype)     # da (and dc), one array: one flush
     dX_proj = np.zeros((G, T, B, H), c.X.dtype)
+    scratch = np.empty((G, B, H), c.X.dtype)                # the steps' intermediate values
+    magnitude, small = np.empty_like(d_state), np.empty(d_state.shape, bool)
     norms = np.zeros((cell.states, T, B)) if trace else None
     tiny = flush_threshold(c.X.dtype) if FLUSH_DENORMALS else 0.0
     active = np.append(c.active, 0)
@@ -157,18 +159,22 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
         n, ending = active[t], active[t + 1]
         if n == 0:
             continue
-        for k in range(cell.states):
-            if d_final is not None and d_final[k] is not None:   # rows whose last step is t
-                d_state[k][ending:n] += d_final[k][ending:n]
-            if k == 0 and d_outputs is not None:
-                d_state[0][:n] += d_outputs[t, :n]
-            dk = d_state[k][:n]
-            if trace:
+        if d_final is not None and ending < n:                 # rows whose last step is t
+            for k, d in enumerate(d_final):
+                if d is not None:
+                    d_state[k, ending:n] += d[ending:n]
+        if d_outputs is not None:
+            d_state[0, :n] += d_outputs[t, :n]
+        d = d_state[:, :n]
+        if trace:
+            for k, dk in enumerate(d):
                 norms[k, t, :n] = np.sqrt(np.einsum("ij,ij->i", dk, dk, dtype=np.float64))
-            if tiny:
-                np.copyto(dk, 0, where=np.abs(dk) < tiny)
+        if tiny:
+            np.abs(d, out=magnitude[:, :n])
+            np.less(magnitude[:, :n], tiny, out=small[:, :n])
+            np.copyto(d, 0, where=small[:, :n])
         prev, step = step_slices(c.buffers, cell.states, t, t, n)
-        cell.step_backward(tuple(d[:n] for d in d_state), prev, step, W_h_T, out=dX_proj[:, t, :n])
+        cell.step_backward(tuple(d), prev, step, W_h_T, out=dX_proj[:, t, :n], scratch=scratch[:, :n])
     dG = dX_proj.reshape(G, T * B, H)
     grads = {"W_x": from_gate_blocks(np.matmul(c.X.reshape(T * B, D).T, dG)),
              "b": dG.sum(1).reshape(G * H), **recurrent_weight_grads(c.kind, c.buffers, dG)}
