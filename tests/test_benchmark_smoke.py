@@ -83,3 +83,16 @@ def test_bad_shape_is_a_usage_error():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "4x5"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "BxTxExH" in proc.stderr
+
+
+def test_profile_reports_every_part():
+    """benchmarks/profile.py on a tiny shape: one line per part, the floor ratios last."""
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "profile.py"), "--shape", "4x5x8x8",
+                           "--repeats", "1", "--cells", "lstm,gru"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.count("share of 2 rows on one core (2 workers)") == 2
+    for part in ("worker: share_loss", "step calls (forward)", "step calls (backward)", "embedding gradient",
+                 "worker: inference of the share", "main: add the shares", "main: Adam step",
+                 "share_loss / floor", "inference / floor"):
+        assert text.count(part) == 2, part
