@@ -129,7 +129,8 @@ def profile(kind: str, cell: str, shape: tuple, workers: int, repeats: int) -> N
             timers.end_step()
         else:
             timers.step = {}
-    floor_train, floor_infer = gemm_floor({"rnn": 1, "gru": 3, "gru_after": 3, "lstm": 4}[kind], share, T, E, H)
+    floor_train, floor_infer = gemm_floor({"rnn": 1, "gru": 3, "gru_after": 3, "lstm": 4}[kind], share, T, E, H,
+                                          clock=time.process_time)
     print(f"{cell} {B}x{T}x{E}x{H}, share of {share} rows on one core ({workers} workers), "
           f"median of {repeats} steps: CPU ms, wall ms")
     per_share = timers.medians()
@@ -142,10 +143,10 @@ def profile(kind: str, cell: str, shape: tuple, workers: int, repeats: int) -> N
             extra = f"   {1e6 * c / T:6.1f} us a step" if "step calls" in name else ""
             print(f"  {name:34} {1e3 * c:8.2f} {1e3 * w:8.2f}{extra}")
     c_loss = per_share["worker: share_loss"][0]
-    print(f"  {'GEMM floor of the share (training)':34} {1e3 * floor_train:8.2f}"
-          f"   share_loss / floor = {c_loss / floor_train:.2f}")
-    print(f"  {'GEMM floor of the share (inference)':34} {1e3 * floor_infer:8.2f}"
-          f"   inference / floor = {per_share['worker: inference of the share'][0] / floor_infer:.2f}")
+    print(f"  {'GEMM floor of the share (training)':34} {1e3 * floor_train:8.2f}          "
+          f"share_loss / floor = {c_loss / floor_train:.2f} (CPU times)")
+    print(f"  {'GEMM floor of the share (inference)':34} {1e3 * floor_infer:8.2f}          "
+          f"inference / floor = {per_share['worker: inference of the share'][0] / floor_infer:.2f}")
 
 
 def main(argv=None) -> None:
