@@ -86,8 +86,8 @@ def test_bad_shape_is_a_usage_error():
 
 
 def test_profile_reports_every_part():
-    """benchmarks/profile.py on a tiny shape: one line per part, the floor ratios last."""
-    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "profile.py"), "--shape", "4x5x8x8",
+    """benchmarks/step_profile.py on a tiny shape: one line per part, the floor ratios last."""
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "step_profile.py"), "--shape", "4x5x8x8",
                            "--repeats", "1", "--cells", "lstm,gru"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout

@@ -6,10 +6,10 @@ and the main process adds the shares and takes the Adam step. This script runs t
 this process, one after the other, and reports each part's median over --repeats steps as CPU time
 (time.process_time: what the part itself costs, hardly changed by other processes sharing the
 cores) and wall time (time.perf_counter), beside the GEMM floor of the share's matrix products
-(benchmarks/speed.py: the same products timed alone). It measures; it asserts nothing.
+(benchmarks/speed.py: the same products timed alone, here in CPU time). It measures; it asserts nothing.
 
-    python benchmarks/profile.py                                   # lstm, 64x200x100x128, 2 workers
-    python benchmarks/profile.py --cells lstm,gru --shape 128x400x128x256 --repeats 5
+    python benchmarks/step_profile.py                   # lstm, 64x200x100x128, 2 workers
+    python benchmarks/step_profile.py --cells lstm,gru --shape 128x400x128x256 --repeats 5
 
 Parts: the worker's forward (input projection and loop; the cell's step calls alone), backward
 (loop; step calls alone; the weight-gradient products after the loop), embedding lookup and
