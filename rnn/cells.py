@@ -22,7 +22,7 @@ Given a tuple of preallocated arrays as `out`, it writes into them and allocates
 sequence layer holds the same tuple with a time axis on every array (its buffers) and hands each
 step its slice. A backward step takes the previous state, the forward step's tuple and `W_h_T`, the
 blocks of W_h transposed (G, H, H), which the sequence layer makes contiguous once per sequence (a
-transposed view slows the product), optionally `scratch`, a (G, N, H) array for its intermediate
+transposed view slows the product), optionally `scratch`, a (2G, N, H) array for its intermediate
 values (the sequence layer allocates one per sequence; a step without it allocates what it needs),
 and returns `dx_proj`, the gradient of the gate
 pre-activations, which is also the gradient of `x_proj`; the weight gradients are sums over
@@ -86,6 +86,11 @@ def _or_new(out, step_type: type, G: int, like: np.ndarray):
 def _or_new_blocks(out, G: int, like: np.ndarray) -> np.ndarray:
     """`out` when given, else a new (G, N, H) array shaped and typed like `like` (N, H)."""
     return out if out is not None else np.empty((G, *like.shape), like.dtype)
+
+
+def _scratch_blocks(scratch, blocks: int, like: np.ndarray) -> np.ndarray:
+    """The first `blocks` (N, H) blocks of a backward step's scratch array (2G, N, H), or new ones."""
+    return scratch[:blocks] if scratch is not None else np.empty((blocks, *like.shape), like.dtype)
 
 
 def add_blocks(blocks: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -181,23 +186,26 @@ def gru_step_backward(dstate, prev, step: GRUStep, W_h_T, out=None, scratch=None
     (da,), (a_prev,), gates = dstate, prev, step.gates
     r, u, n = gates
     dx = _or_new_blocks(out, 3, a_prev)
+    work = _scratch_blocks(scratch, 3, a_prev)
     dr, du, dn = dx
     np.multiply(n, n, out=dn)                # dn = da * u * (1 - n^2)
     np.subtract(1, dn, out=dn)
     dn *= u
     dn *= da
-    d_ra = np.matmul(dn, W_h_T[2])
+    d_ra = np.matmul(dn, W_h_T[2], out=work[2])
     np.subtract(n, a_prev, out=du)           # du = da * (n - a_prev) * u (1 - u)
     du *= da
     np.multiply(d_ra, a_prev, out=dr)        # dr = d(r a_prev) * a_prev * r (1 - r)
-    scratch = np.subtract(1, gates[:2])
-    scratch *= gates[:2]
-    dx[:2] *= scratch
+    sigmoid_grad = work[:2]
+    np.subtract(1, gates[:2], out=sigmoid_grad)
+    sigmoid_grad *= gates[:2]
+    dx[:2] *= sigmoid_grad
     d_ra *= r
-    np.subtract(1, u, out=scratch[0])        # the two direct paths from a_prev to a
-    scratch[0] *= da
-    d_ra += scratch[0]
-    add_blocks(np.matmul(dx[:2], W_h_T[:2], out=scratch), out=da)
+    direct = work[0]                         # the two direct paths from a_prev to a
+    np.subtract(1, u, out=direct)
+    direct *= da
+    d_ra += direct
+    add_blocks(np.matmul(dx[:2], W_h_T[:2], out=work[:2]), out=da)
     da += d_ra
     return dx, (da,)
 
@@ -242,8 +250,9 @@ def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None, s
     (da,), (a_prev,), (_, gates, h_n) = dstate, prev, step
     r, z, n = gates
     dx = _or_new_blocks(out, 3, a_prev)
+    work = _scratch_blocks(scratch, 6, a_prev)
     dr, dz, dn = dx
-    dh = np.empty_like(dx)                   # gradient of the recurrent product a_prev W_h
+    dh = work[:3]                            # gradient of the recurrent product a_prev W_h
     np.multiply(n, n, out=dn)                # dn = da * (1 - z) * (1 - n^2)
     np.subtract(1, dn, out=dn)
     np.subtract(1, z, out=dh[2])
@@ -258,7 +267,7 @@ def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None, s
     dh[:2] = dx[:2]
     np.multiply(dn, r, out=dh[2])
     da *= z                                  # the direct path from a_prev to a
-    prod = np.matmul(dh, W_h_T)
+    prod = np.matmul(dh, W_h_T, out=work[3:])
     da += add_blocks(prod, out=prod[0])
     return dx, (da,)
 
@@ -298,7 +307,7 @@ def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None)
 def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None, scratch=None):
     """Backward of `lstm_step_forward`. dstate: (da, dc), each (N, H): the total gradients reaching
     a<t> and c<t>; they are overwritten with da_prev and dc_prev. W_h_T: (4, H, H); scratch:
-    optional (4, N, H) array for the step's intermediate values (allocated when None).
+    optional (8, N, H) array for the step's intermediate values (allocated when None).
 
     Returns dx_proj (4, N, H), the gradient of the pre-activations [i, f, o, g], and
     (da_prev, dc_prev), each (N, H).
@@ -306,7 +315,7 @@ def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None, scratch=No
     (da, dc), (_, c_prev), (_, _, gates, tanh_c) = dstate, prev, step
     i, f, o, g = gates
     dx = _or_new_blocks(out, 4, c_prev)
-    work = _or_new_blocks(scratch, 4, c_prev)
+    work = _scratch_blocks(scratch, 4, c_prev)
     di, df, do, dg = dx
     np.multiply(tanh_c, tanh_c, out=dg)      # dc += da * o * (1 - tanh(c)^2)
     np.subtract(1, dg, out=dg)

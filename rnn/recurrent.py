@@ -149,7 +149,7 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
         d_outputs = d_outputs[c.rev, rows]
     d_state = np.zeros((cell.states, B, H), c.X.dtype)     # da (and dc), one array: one flush
     dX_proj = np.zeros((G, T, B, H), c.X.dtype)
-    scratch = np.empty((G, B, H), c.X.dtype)                # the steps' intermediate values
+    scratch = np.empty((2 * G, B, H), c.X.dtype)            # the steps' intermediate values
     magnitude, small = np.empty_like(d_state), np.empty(d_state.shape, bool)
     norms = np.zeros((cell.states, T, B)) if trace else None
     tiny = flush_threshold(c.X.dtype) if FLUSH_DENORMALS else 0.0
