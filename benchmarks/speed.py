@@ -323,6 +323,7 @@ def load_torch(args):
 
 def bench(cell: str, shape: tuple, args, torch) -> dict:
     B, T, E, H = shape
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rng = np.random.default_rng(args.seed)
     batch = make_batch(B, T, args.vocab, args.lengths, rng)
     model = make_model(cell, E, H, args.vocab, rng)
@@ -386,6 +387,9 @@ def bench(cell: str, shape: tuple, args, torch) -> dict:
         "numpy_train_vs_floor": at_floor(best, "train"), "numpy_infer_vs_floor": at_floor(best, "infer"),
         "torch_train_vs_floor": at_floor("torch", "train"), "torch_infer_vs_floor": at_floor("torch", "infer"),
         "peak_rss_mb": round(peak_rss_mb(), 1), "workers_peak_rss_mb": round(children_peak_rss_mb(), 1),
+        # the machine's 1-minute load average before and after: other processes on these cores
+        # slow torch's threads (which spin and wait for each other) more than our processes
+        "load_average": [load_before, os.getloadavg()[0] if load_before is not None else None],
         "flush": not args.no_flush, "numpy_flush": args.numpy_flush,
         "numpy_version": np.__version__, "torch_version": torch.__version__ if torch is not None else None,
         **args.machine,

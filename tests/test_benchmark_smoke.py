@@ -15,7 +15,7 @@ KEYS = {"cell", "batch", "steps", "embed", "hidden", "threads", "numpy_train_ste
         "numpy_tokens_per_s", "numpy_infer_tokens_per_s", "torch_train_step_s",
         "torch_infer_tokens_per_s", "train_ratio", "infer_ratio", "peak_rss_mb", "flush",
         "train_gflop", "gemm_floor_train_s", "gemm_gflops", "numpy_train_vs_floor", "torch_train_vs_floor",
-        "workers_peak_rss_mb", "cpu_vector_flags", "blas", "openblas_env"}
+        "workers_peak_rss_mb", "cpu_vector_flags", "blas", "openblas_env", "load_average"}
 TORCH_KEYS = {"torch_train_step_s", "torch_infer_tokens_per_s", "train_ratio", "infer_ratio"}
 
 
