@@ -96,3 +96,12 @@ def test_profile_reports_every_part():
                  "worker: inference of the share", "main: add the shares", "main: Adam step",
                  "share_loss / floor", "inference / floor"):
         assert text.count(part) == 2, part
+
+
+def test_lean_lstm_reports_every_part():
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "lean_lstm.py"), "--shape", "4x5x8x8",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for part in ("whole step", "input projection", "forward loop", "backward loop", "products after the loop",
+                 "embedding gradient", "Adam step", "whole step / floor"):
+        assert part in proc.stdout, part
