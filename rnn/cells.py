@@ -51,11 +51,13 @@ def sigmoid_(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def gate_activations_(gates: np.ndarray, sigmoids: int) -> np.ndarray:
+def gate_activations_(gates: np.ndarray, sigmoids: int, halved: bool = False) -> np.ndarray:
     """In place: the logistic sigmoid on the first `sigmoids` blocks of gates (G, N, H), tanh on the
     others, all in one tanh call through sigma(z) = (1 + tanh(z/2)) / 2 (the same operations as
-    `sigmoid_` and a tanh per block, so the same numbers, in two calls fewer)."""
-    gates[:sigmoids] *= 0.5
+    `sigmoid_` and a tanh per block, so the same numbers, in two calls fewer). `halved`: those
+    blocks hold z/2 already (see `Cell.halved`)."""
+    if not halved:
+        gates[:sigmoids] *= 0.5
     np.tanh(gates, out=gates)
     s = gates[:sigmoids]
     s *= 0.5
@@ -281,20 +283,22 @@ class LSTMStep(NamedTuple):
     tanh_c: np.ndarray       # (N, H) tanh(c)
 
 
-def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None) -> LSTMStep:
+def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None, halved: bool = False
+                      ) -> LSTMStep:
     """The LSTM of the article, all gates in one batched product.
 
         i, f, o = sigmoid(x_ifo + a_prev W_h,ifo)     g = tanh(x_g + a_prev W_h,g)
         c = i * g + f * c_prev                          a = o * tanh(c)
 
     x_proj: (4, N, H); prev: (a_prev, c_prev), each (N, H); W_h: (4, H, H); out: optional
-    LSTMStep to write into.
+    LSTMStep to write into; halved: x_proj and W_h come with their i, f, o blocks halved
+    (`Cell.halved`), which saves a pass.
     """
     a_prev, c_prev = prev
     a, c, gates, tanh_c = _or_new(out, LSTMStep, 4, a_prev)
     np.matmul(a_prev, W_h, out=gates)
     gates += x_proj
-    gate_activations_(gates, 3)
+    gate_activations_(gates, 3, halved)
     i, f, o, g = gates
     np.multiply(f, c_prev, out=c)
     np.multiply(i, g, out=tanh_c)            # tanh_c's buffer is free until the line after
@@ -346,13 +350,16 @@ class Cell(NamedTuple):
     step: type                   # the named tuple of a forward step's arrays
     step_forward: Callable
     step_backward: Callable
+    halved: int = 0              # the first blocks are sigmoids whose pre-activations step_forward
+                                 # takes halved (halved=True): the layer scales copies of W_x, b
+                                 # and W_h by 1/2, exactly (a power of two), once per sequence
 
 
 CELLS = {
     "rnn": Cell(1, 1, RNNStep, rnn_step_forward, rnn_step_backward),
     "gru": Cell(3, 1, GRUStep, gru_step_forward, gru_step_backward),
     "gru_after": Cell(3, 1, GRUAfterStep, gru_after_step_forward, gru_after_step_backward),
-    "lstm": Cell(4, 2, LSTMStep, lstm_step_forward, lstm_step_backward),
+    "lstm": Cell(4, 2, LSTMStep, lstm_step_forward, lstm_step_backward, halved=3),
 }
 
 

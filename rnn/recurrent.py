@@ -106,6 +106,11 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
     active = active_rows(lengths, T)
     W_x, b, b_hn = gate_blocks(params["W_x"], G), params["b"].reshape(G, 1, H), params.get("b_hn")
     W_h = np.ascontiguousarray(gate_blocks(params["W_h"], G))
+    halved = {}
+    if cell.halved:          # sigmoid(z) = tanh(z/2)/2 + 1/2: the 1/2 in copies of the weights
+        half = np.ones((G, 1, 1), X.dtype)
+        half[:cell.halved] = 0.5
+        W_x, b, W_h, halved = W_x * half, b * half, W_h * half, {"halved": True}
     # x W_x + b for PROJ_STEPS timesteps at a time: one large product, into a buffer that stays
     # in cache instead of a (G, T, B, H) array (the backward pass does not need it).
     x_proj = np.empty((G, min(T, PROJ_STEPS) * B, H), X.dtype)
@@ -118,7 +123,7 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
         n = active[t]
         prev, out = step_slices(buffers, cell.states, t, t if keep_cache else 0, n)
         row = (t % PROJ_STEPS) * B
-        cell.step_forward(x_proj[:, row:row + n], prev, W_h, b_hn, out=out)
+        cell.step_forward(x_proj[:, row:row + n], prev, W_h, b_hn, out=out, **halved)
     rows = np.arange(B)
     final = tuple(history[lengths, rows] for history in buffers[:cell.states])
     outputs = buffers.a[1:]
