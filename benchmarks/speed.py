@@ -97,7 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="keep denormals: our backward's flushing off, torch.set_flush_denormal(False)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time), which "
+                         "other processes on a shared machine hardly change; only with --threads 1 and "
+                         "without --workers (worker processes are not counted, threads are summed)")
     args = ap.parse_args(argv)
+    if args.clock == "cpu" and (args.workers or args.threads != 1):
+        ap.error("--clock cpu needs --threads 1 and no --workers: it counts this process's CPU time")
     if args.quick:
         args.shape, args.repeats, args.warmup, args.vocab = (parse_shape(QUICK["shape"]), QUICK["repeats"],
                                                              QUICK["warmup"], QUICK["vocab"])
@@ -130,6 +136,9 @@ from rnn.interop import to_torch_model_state  # noqa: E402
 from rnn.model import ModelConfig, SentimentModel  # noqa: E402
 from rnn.optim import Adam  # noqa: E402
 from rnn.parallel import make_runner  # noqa: E402
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def make_batch(B: int, T: int, vocab: int, lengths_mode: str, rng: np.random.Generator):
@@ -214,10 +223,10 @@ def torch_side(torch, model: SentimentModel, batch, packed: bool):
     return train_step, infer
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn, clock=time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def peak_rss_mb() -> float:
@@ -346,7 +355,7 @@ def bench(cell: str, shape: tuple, args, torch) -> dict:
     # the products of one worker's share on its one core, or of the whole batch on this process
     G = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
     share = -(-B // args.workers) if args.workers else B
-    floor_train, floor_infer = gemm_floor(G, share, T, E, H)
+    floor_train, floor_infer = gemm_floor(G, share, T, E, H, clock=CLOCKS[args.clock])
     flops_train, flops_infer = step_flops(G, B, T, E, H)
     share_train, _ = step_flops(G, share, T, E, H)
 
@@ -365,6 +374,7 @@ def bench(cell: str, shape: tuple, args, torch) -> dict:
     return {
         "cell": cell, "batch": B, "steps": T, "embed": E, "hidden": H, "vocab": args.vocab,
         "lengths": args.lengths, "tokens": tokens, "threads": args.threads, "repeats": args.repeats,
+        "clock": args.clock,
         "workers": args.workers,
         "numpy_train_step_s": get("numpy", "train"),
         "numpy_tokens_per_s": get("numpy", "train", True),
@@ -412,7 +422,7 @@ def time_sides(sides: dict, args) -> dict:
                     # cores with the other side's idle threads (seen: torch's LSTM step 0.154 s
                     # here against 0.100 s alone). Idle pool workers wait in a read, not a spin.
                     time.sleep(SETTLE_S)
-                times[side, what].append(timed(fns[k]))
+                times[side, what].append(timed(fns[k], CLOCKS[args.clock]))
     return {key: statistics.median(v) for key, v in times.items()}
 
 
@@ -472,7 +482,7 @@ def main(args: argparse.Namespace) -> None:
         print(describe_machine(args.machine))
         workers = (f"workers={args.workers} (1 BLAS thread each; torch {args.threads} threads) "
                    if args.workers else f"threads={args.threads} ")
-        print(f"{workers}lengths={args.lengths} repeats={args.repeats} "
+        print(f"{workers}lengths={args.lengths} repeats={args.repeats} clock={args.clock} "
               f"flush={not args.no_flush} (ours: {args.numpy_flush}) float32; ratio = numpy time / torch "
               f"time{f' with {args.workers} workers; speed-up = 1 worker / {args.workers}' if args.workers else ''}")
         print_table_header(args)

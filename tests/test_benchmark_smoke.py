@@ -105,3 +105,13 @@ def test_lean_lstm_reports_every_part():
     for part in ("whole step", "input projection", "forward loop", "backward loop", "products after the loop",
                  "embedding gradient", "Adam step", "whole step / floor"):
         assert part in proc.stdout, part
+
+
+def test_cpu_clock_is_for_one_thread_in_one_process():
+    proc = run("--json", "--cells", "lstm", "--clock", "cpu")             # run() passes --threads 1
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert row["clock"] == "cpu" and row["numpy_train_step_s"] > 0
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workers", "2", "--clock", "cpu"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--clock cpu needs --threads 1" in proc.stderr
