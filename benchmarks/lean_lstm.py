@@ -150,7 +150,7 @@ def main(argv=None) -> None:
         print(f"lean lstm {B}x{T}x{E}x{H}, one BLAS thread, median of {args.repeats} steps: CPU ms, wall ms")
         for name, values in {"whole step": totals, **times}.items():
             cpu, wall = np.median(np.array(values), axis=0)
-            extra = f"   {1e6 * cpu / T:6.1f} us a step" if name.endswith("loop") else ""
+            extra = f"   {1e6 * cpu / T:6.1f} us a step" if name in ("forward loop", "backward loop") else ""
             print(f"  {name:34} {1e3 * cpu:8.2f} {1e3 * wall:8.2f}{extra}")
         print(f"  {'GEMM floor (training)':34} {1e3 * floor:8.2f}          "
               f"whole step / floor = {np.median([c for c, _ in totals]) / floor:.2f} (CPU times)")
