@@ -23,6 +23,12 @@ one BLAS thread (1 worker, what workers: 1 does) and once over N worker processe
 thread each; torch keeps --threads threads. The ratios then compare N workers with torch, and
 speed-up is the 1-worker time over the N-worker time (at most N). The default shapes are then
 64x200x100x128 and 128x200x100x128.
+
+Every row also has the GEMM floor: the time of the step's matrix products alone, in the layer's
+shapes, on this machine in the same run (one worker's share on one thread with --workers), and each
+side's time over it; the run starts with the CPU's vector flags and the BLAS kernel NumPy uses.
+--clock cpu (one thread, one process) times CPU instead of wall time, for a machine shared with
+other work. benchmarks/README.md has the fields and the measurements.
 """
 from __future__ import annotations
 
