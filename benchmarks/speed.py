@@ -23,6 +23,12 @@ one BLAS thread (1 worker, what workers: 1 does) and once over N worker processe
 thread each; torch keeps --threads threads. The ratios then compare N workers with torch, and
 speed-up is the 1-worker time over the N-worker time (at most N). The default shapes are then
 64x200x100x128 and 128x200x100x128.
+
+Every row also has the GEMM floor: the time of the step's matrix products alone, in the layer's
+shapes, on this machine in the same run (one worker's share on one thread with --workers), and each
+side's time over it; the run starts with the CPU's vector flags and the BLAS kernel NumPy uses.
+--clock cpu (one thread, one process) times CPU instead of wall time, for a machine shared with
+other work. benchmarks/README.md has the fields and the measurements.
 """
 from __future__ import annotations
 
@@ -97,7 +103,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="keep denormals: our backward's flushing off, torch.set_flush_denormal(False)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time), which "
+                         "other processes on a shared machine hardly change; only with --threads 1 and "
+                         "without --workers (worker processes are not counted, threads are summed)")
     args = ap.parse_args(argv)
+    if args.clock == "cpu" and (args.workers or args.threads != 1):
+        ap.error("--clock cpu needs --threads 1 and no --workers: it counts this process's CPU time")
     if args.quick:
         args.shape, args.repeats, args.warmup, args.vocab = (parse_shape(QUICK["shape"]), QUICK["repeats"],
                                                              QUICK["warmup"], QUICK["vocab"])
@@ -107,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
+# the machine's own OpenBLAS settings, before this script sets the thread count below
+INHERITED_OPENBLAS = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")}
 if ARGS is not None:
     # OpenBLAS reads its thread count once, when NumPy loads it: set it before the import below.
     # With --workers, NumPy keeps one thread per process, as training does; torch.set_num_threads
@@ -128,6 +142,9 @@ from rnn.interop import to_torch_model_state  # noqa: E402
 from rnn.model import ModelConfig, SentimentModel  # noqa: E402
 from rnn.optim import Adam  # noqa: E402
 from rnn.parallel import make_runner  # noqa: E402
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def make_batch(B: int, T: int, vocab: int, lengths_mode: str, rng: np.random.Generator):
@@ -212,15 +229,90 @@ def torch_side(torch, model: SentimentModel, batch, packed: bool):
     return train_step, infer
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn, clock=time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10     # bytes vs KiB
+
+
+def children_peak_rss_mb() -> float:
+    """Peak RSS of the largest finished child process (the worker processes, once closed)."""
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+VECTOR_FLAGS = re.compile(r"sse4_2|avx\w*|fma|f16c|amx\w*")
+
+
+def machine_info() -> dict:
+    """What the figures depend on: the CPU's vector flags (/proc/cpuinfo), the BLAS NumPy loaded
+    and the kernel it chose (threadpoolctl, when installed), and the OpenBLAS variables the machine
+    set (before this script set the thread count)."""
+    flags, model = [], None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            if key.strip() == "flags":
+                flags = sorted(f for f in value.split() if VECTOR_FLAGS.fullmatch(f))
+                break
+    except OSError:
+        pass
+    blas = None
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [{"library": Path(lib.get("filepath", "")).name,
+                 **{k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}}
+                for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    except ImportError:
+        pass
+    return {"cpu_model": model, "cpu_vector_flags": flags, "blas": blas,
+            "openblas_env": INHERITED_OPENBLAS}
+
+
+def step_flops(G: int, B: int, T: int, E: int, H: int) -> tuple[float, float]:
+    """(training step, inference) FLOPs of the matrix products: the input projection, the recurrent
+    product at every step, and in training their two gradients each (dW_x, dX, dW_h, da_prev)."""
+    forward = 2.0 * T * B * G * H * (E + H)
+    return 3 * forward, forward
+
+
+def gemm_floor(G: int, B: int, T: int, E: int, H: int, repeats: int = 3, clock=time.perf_counter
+               ) -> tuple[float, float]:
+    """(training, inference) seconds this process takes for the matrix products alone of one step
+    of B rows, as the layer does them (best of `repeats`, timed with `clock`): a floor no
+    implementation on this BLAS and these threads goes below."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    X, W_x = rng.random((T * B, E), f32), rng.random((E, G * H), f32)
+    W_h, a = rng.random((G, H, H), f32), rng.random((B, H), f32)
+    dZ, gates = rng.random((T * B, G * H), f32), np.empty((G, B, H), f32)
+    dz = rng.random((G, B, H), f32)
+
+    def forward():
+        X @ W_x
+        for _ in range(T):
+            np.matmul(a, W_h, out=gates)
+
+    def backward():
+        for _ in range(T):
+            np.matmul(dz, W_h, out=gates)
+        X.T @ dZ, dZ @ W_x.T
+        np.matmul(rng.random((H, T * B), f32), dZ)
+
+    def timed_by_clock(fn) -> float:
+        start = clock()
+        fn()
+        return clock() - start
+
+    infer = min(timed_by_clock(forward) for _ in range(repeats))
+    return infer + min(timed_by_clock(backward) for _ in range(repeats)), infer
 
 
 def set_numpy_flush(flush: bool) -> bool:
@@ -246,6 +338,7 @@ def load_torch(args):
 
 def bench(cell: str, shape: tuple, args, torch) -> dict:
     B, T, E, H = shape
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rng = np.random.default_rng(args.seed)
     batch = make_batch(B, T, args.vocab, args.lengths, rng)
     model = make_model(cell, E, H, args.vocab, rng)
@@ -265,6 +358,12 @@ def bench(cell: str, shape: tuple, args, torch) -> dict:
             close()
     tokens = int(batch[1].sum())
     best = "numpy_workers" if "numpy_workers" in sides else "numpy"
+    # the products of one worker's share on its one core, or of the whole batch on this process
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
+    share = -(-B // args.workers) if args.workers else B
+    floor_train, floor_infer = gemm_floor(G, share, T, E, H, clock=CLOCKS[args.clock])
+    flops_train, flops_infer = step_flops(G, B, T, E, H)
+    share_train, _ = step_flops(G, share, T, E, H)
 
     def get(side, what, per_token=False):
         if side not in sides:
@@ -274,9 +373,14 @@ def bench(cell: str, shape: tuple, args, torch) -> dict:
     def ratio(a, b, what):
         return med[a, what] / med[b, what] if a in sides and b in sides else None
 
+    def at_floor(side, what):
+        """The side's time over the GEMM floor's: 1.0 would be nothing but matrix products."""
+        return med[side, what] / (floor_train if what == "train" else floor_infer) if side in sides else None
+
     return {
         "cell": cell, "batch": B, "steps": T, "embed": E, "hidden": H, "vocab": args.vocab,
         "lengths": args.lengths, "tokens": tokens, "threads": args.threads, "repeats": args.repeats,
+        "clock": args.clock,
         "workers": args.workers,
         "numpy_train_step_s": get("numpy", "train"),
         "numpy_tokens_per_s": get("numpy", "train", True),
@@ -293,9 +397,18 @@ def bench(cell: str, shape: tuple, args, torch) -> dict:
         "train_ratio": ratio(best, "torch", "train"), "infer_ratio": ratio(best, "torch", "infer"),
         "workers_train_speedup": ratio("numpy", "numpy_workers", "train"),
         "workers_infer_speedup": ratio("numpy", "numpy_workers", "infer"),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "train_gflop": flops_train / 1e9, "infer_gflop": flops_infer / 1e9,
+        "gemm_floor_train_s": floor_train, "gemm_floor_infer_s": floor_infer,
+        "gemm_gflops": share_train / floor_train / 1e9,
+        "numpy_train_vs_floor": at_floor(best, "train"), "numpy_infer_vs_floor": at_floor(best, "infer"),
+        "torch_train_vs_floor": at_floor("torch", "train"), "torch_infer_vs_floor": at_floor("torch", "infer"),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "workers_peak_rss_mb": round(children_peak_rss_mb(), 1),
+        # the machine's 1-minute load average before and after: other processes on these cores
+        # slow torch's threads (which spin and wait for each other) more than our processes
+        "load_average": [load_before, os.getloadavg()[0] if load_before is not None else None],
         "flush": not args.no_flush, "numpy_flush": args.numpy_flush,
         "numpy_version": np.__version__, "torch_version": torch.__version__ if torch is not None else None,
+        **args.machine,
     }
 
 
@@ -315,7 +428,7 @@ def time_sides(sides: dict, args) -> dict:
                     # cores with the other side's idle threads (seen: torch's LSTM step 0.154 s
                     # here against 0.100 s alone). Idle pool workers wait in a read, not a spin.
                     time.sleep(SETTLE_S)
-                times[side, what].append(timed(fns[k]))
+                times[side, what].append(timed(fns[k], CLOCKS[args.clock]))
     return {key: statistics.median(v) for key, v in times.items()}
 
 
@@ -329,10 +442,12 @@ def print_table_header(args) -> None:
         print(f"{'':5} {'':>16} {'training step (s)':^28} {'':6} {'':>8}   "
               f"{'inference (tokens/s)':^32} {'':6} {'':>8}")
         print(f"{'cell':5} {'BxTxExH':>16} {'1 worker':>8} {n:>9} {'torch':>9} {'ratio':>6} {'speed-up':>8}   "
-              f"{'1 worker':>10} {n:>10} {'torch':>10} {'ratio':>6} {'speed-up':>8}")
+              f"{'1 worker':>10} {n:>10} {'torch':>10} {'ratio':>6} {'speed-up':>8}   "
+              f"{'floor s':>8} {'np/floor':>8} {'pt/floor':>8}")
         return
     print(f"{'cell':5} {'BxTxExH':>16} {'train s':>9} {'torch s':>9} {'ratio':>6} "
-          f"{'tok/s':>9} {'infer tok/s':>11} {'torch':>11} {'ratio':>6} {'rss MB':>8}")
+          f"{'tok/s':>9} {'infer tok/s':>11} {'torch':>11} {'ratio':>6} {'rss MB':>8} "
+          f"{'floor s':>8} {'np/floor':>8} {'pt/floor':>8}")
 
 
 def print_table_row(r: dict) -> None:
@@ -346,22 +461,34 @@ def print_table_row(r: dict) -> None:
               f"{fmt(r['numpy_infer_tokens_per_s'], '10.0f')} "
               f"{fmt(r['numpy_workers_infer_tokens_per_s'] if many else r['numpy_infer_tokens_per_s'], '10.0f')} "
               f"{fmt(r['torch_infer_tokens_per_s'], '10.0f'):>10} {fmt(r['infer_ratio'], '6.2f'):>6} "
-              f"{fmt(r['workers_infer_speedup'], '8.2f'):>8}", flush=True)
+              f"{fmt(r['workers_infer_speedup'], '8.2f'):>8}   {r['gemm_floor_train_s']:8.4f} "
+              f"{fmt(r['numpy_train_vs_floor'], '8.2f')} {fmt(r['torch_train_vs_floor'], '8.2f'):>8}", flush=True)
         return
     print(f"{r['cell']:5} {shape:>16} {fmt(r['numpy_train_step_s'], '9.4f')} "
           f"{fmt(r['torch_train_step_s'], '9.4f'):>9} {fmt(r['train_ratio'], '6.2f'):>6} "
           f"{fmt(r['numpy_tokens_per_s'], '9.0f')} {fmt(r['numpy_infer_tokens_per_s'], '11.0f')} "
           f"{fmt(r['torch_infer_tokens_per_s'], '11.0f'):>11} {fmt(r['infer_ratio'], '6.2f'):>6} "
-          f"{r['peak_rss_mb']:8.0f}", flush=True)
+          f"{r['peak_rss_mb']:8.0f} {r['gemm_floor_train_s']:8.4f} {fmt(r['numpy_train_vs_floor'], '8.2f')} "
+          f"{fmt(r['torch_train_vs_floor'], '8.2f'):>8}", flush=True)
+
+
+def describe_machine(m: dict) -> str:
+    blas = "; ".join(f"{b['internal_api']} {b['version']} kernel {b['architecture']}, {b['num_threads']} thread(s)"
+                     f" ({b['library']})" for b in m["blas"] or []) or "unknown (pip install threadpoolctl)"
+    env = " ".join(f"{k}={v}" for k, v in m["openblas_env"].items()) or "none"
+    return (f"cpu: {m['cpu_model']}; vector flags: {' '.join(m['cpu_vector_flags']) or 'unknown'}\n"
+            f"numpy BLAS: {blas}; OPENBLAS_* variables set by the machine: {env}")
 
 
 def main(args: argparse.Namespace) -> None:
     args.numpy_flush = set_numpy_flush(not args.no_flush)
     torch = load_torch(args) if args.vs_torch else None
+    args.machine = machine_info()
     if not args.json:
+        print(describe_machine(args.machine))
         workers = (f"workers={args.workers} (1 BLAS thread each; torch {args.threads} threads) "
                    if args.workers else f"threads={args.threads} ")
-        print(f"{workers}lengths={args.lengths} repeats={args.repeats} "
+        print(f"{workers}lengths={args.lengths} repeats={args.repeats} clock={args.clock} "
               f"flush={not args.no_flush} (ours: {args.numpy_flush}) float32; ratio = numpy time / torch "
               f"time{f' with {args.workers} workers; speed-up = 1 worker / {args.workers}' if args.workers else ''}")
         print_table_header(args)

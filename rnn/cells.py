@@ -22,7 +22,9 @@ Given a tuple of preallocated arrays as `out`, it writes into them and allocates
 sequence layer holds the same tuple with a time axis on every array (its buffers) and hands each
 step its slice. A backward step takes the previous state, the forward step's tuple and `W_h_T`, the
 blocks of W_h transposed (G, H, H), which the sequence layer makes contiguous once per sequence (a
-transposed view slows the product), and returns `dx_proj`, the gradient of the gate
+transposed view slows the product), optionally `scratch`, a (2G, N, H) array for its intermediate
+values (the sequence layer allocates one per sequence; a step without it allocates what it needs),
+and returns `dx_proj`, the gradient of the gate
 pre-activations, which is also the gradient of `x_proj`; the weight gradients are sums over
 timesteps of outer products with it, done after the loop as one large product per gate (see
 `recurrent_weight_grads`).
@@ -51,6 +53,20 @@ def sigmoid_(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def gate_activations_(gates: np.ndarray, sigmoids: int, halved: bool = False) -> np.ndarray:
+    """In place: the logistic sigmoid on the first `sigmoids` blocks of gates (G, N, H), tanh on the
+    others, all in one tanh call through sigma(z) = (1 + tanh(z/2)) / 2 (the same operations as
+    `sigmoid_` and a tanh per block, so the same numbers, in two calls fewer). `halved`: those
+    blocks hold z/2 already (see `Cell.halved`)."""
+    if not halved:
+        gates[:sigmoids] *= 0.5
+    np.tanh(gates, out=gates)
+    s = gates[:sigmoids]
+    s *= 0.5
+    s += 0.5
+    return gates
+
+
 def gate_blocks(W: np.ndarray, G: int) -> np.ndarray:
     """(rows, G*H) weights, gate blocks side by side -> (G, rows, H) view, one block per gate."""
     return W.reshape(W.shape[0], G, -1).transpose(1, 0, 2)
@@ -74,6 +90,11 @@ def _or_new(out, step_type: type, G: int, like: np.ndarray):
 def _or_new_blocks(out, G: int, like: np.ndarray) -> np.ndarray:
     """`out` when given, else a new (G, N, H) array shaped and typed like `like` (N, H)."""
     return out if out is not None else np.empty((G, *like.shape), like.dtype)
+
+
+def _scratch_blocks(scratch, blocks: int, like: np.ndarray) -> np.ndarray:
+    """The first `blocks` (N, H) blocks of a backward step's scratch array (2G, N, H), or new ones."""
+    return scratch[:blocks] if scratch is not None else np.empty((blocks, *like.shape), like.dtype)
 
 
 def add_blocks(blocks: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -113,7 +134,7 @@ def rnn_step_forward(x_proj, prev, W_h, b_hn=None, out: RNNStep | None = None) -
     return RNNStep(a)
 
 
-def rnn_step_backward(dstate, prev, step: RNNStep, W_h_T, out=None):
+def rnn_step_backward(dstate, prev, step: RNNStep, W_h_T, out=None, scratch=None):
     """dstate: (da (N, H),), the total gradient reaching a<t>; prev and step: the forward step's
     input state and result; W_h_T: (1, H, H).
 
@@ -160,7 +181,7 @@ def gru_step_forward(x_proj, prev, W_h, b_hn=None, out: GRUStep | None = None) -
     return GRUStep(a, gates, r_a)
 
 
-def gru_step_backward(dstate, prev, step: GRUStep, W_h_T, out=None):
+def gru_step_backward(dstate, prev, step: GRUStep, W_h_T, out=None, scratch=None):
     """Backward of `gru_step_forward`. dstate: (da (N, H),); W_h_T: (3, H, H).
 
     Returns dx_proj (3, N, H), the gradient of the pre-activations [r, u, n] (the gradient of
@@ -169,23 +190,26 @@ def gru_step_backward(dstate, prev, step: GRUStep, W_h_T, out=None):
     (da,), (a_prev,), gates = dstate, prev, step.gates
     r, u, n = gates
     dx = _or_new_blocks(out, 3, a_prev)
+    work = _scratch_blocks(scratch, 3, a_prev)
     dr, du, dn = dx
     np.multiply(n, n, out=dn)                # dn = da * u * (1 - n^2)
     np.subtract(1, dn, out=dn)
     dn *= u
     dn *= da
-    d_ra = np.matmul(dn, W_h_T[2])
+    d_ra = np.matmul(dn, W_h_T[2], out=work[2])
     np.subtract(n, a_prev, out=du)           # du = da * (n - a_prev) * u (1 - u)
     du *= da
     np.multiply(d_ra, a_prev, out=dr)        # dr = d(r a_prev) * a_prev * r (1 - r)
-    scratch = np.subtract(1, gates[:2])
-    scratch *= gates[:2]
-    dx[:2] *= scratch
+    sigmoid_grad = work[:2]
+    np.subtract(1, gates[:2], out=sigmoid_grad)
+    sigmoid_grad *= gates[:2]
+    dx[:2] *= sigmoid_grad
     d_ra *= r
-    np.subtract(1, u, out=scratch[0])        # the two direct paths from a_prev to a
-    scratch[0] *= da
-    d_ra += scratch[0]
-    add_blocks(np.matmul(dx[:2], W_h_T[:2], out=scratch), out=da)
+    direct = work[0]                         # the two direct paths from a_prev to a
+    np.subtract(1, u, out=direct)
+    direct *= da
+    d_ra += direct
+    add_blocks(np.matmul(dx[:2], W_h_T[:2], out=work[:2]), out=da)
     da += d_ra
     return dx, (da,)
 
@@ -220,7 +244,7 @@ def gru_after_step_forward(x_proj, prev, W_h, b_hn, out: GRUAfterStep | None = N
     return GRUAfterStep(a, gates, h_n)
 
 
-def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None):
+def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None, scratch=None):
     """Backward of `gru_after_step_forward`. dstate: (da (N, H),); W_h_T: (3, H, H).
 
     Returns dx_proj (3, N, H), the gradient of the pre-activations [r, z, n], and (da_prev (N, H),).
@@ -230,8 +254,9 @@ def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None):
     (da,), (a_prev,), (_, gates, h_n) = dstate, prev, step
     r, z, n = gates
     dx = _or_new_blocks(out, 3, a_prev)
+    work = _scratch_blocks(scratch, 6, a_prev)
     dr, dz, dn = dx
-    dh = np.empty_like(dx)                   # gradient of the recurrent product a_prev W_h
+    dh = work[:3]                            # gradient of the recurrent product a_prev W_h
     np.multiply(n, n, out=dn)                # dn = da * (1 - z) * (1 - n^2)
     np.subtract(1, dn, out=dn)
     np.subtract(1, z, out=dh[2])
@@ -246,7 +271,7 @@ def gru_after_step_backward(dstate, prev, step: GRUAfterStep, W_h_T, out=None):
     dh[:2] = dx[:2]
     np.multiply(dn, r, out=dh[2])
     da *= z                                  # the direct path from a_prev to a
-    prod = np.matmul(dh, W_h_T)
+    prod = np.matmul(dh, W_h_T, out=work[3:])
     da += add_blocks(prod, out=prod[0])
     return dx, (da,)
 
@@ -260,22 +285,23 @@ class LSTMStep(NamedTuple):
     tanh_c: np.ndarray       # (N, H) tanh(c)
 
 
-def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None) -> LSTMStep:
+def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None, halved: bool = False
+                      ) -> LSTMStep:
     """The LSTM of the article, all gates in one batched product.
 
         i, f, o = sigmoid(x_ifo + a_prev W_h,ifo)     g = tanh(x_g + a_prev W_h,g)
         c = i * g + f * c_prev                          a = o * tanh(c)
 
     x_proj: (4, N, H); prev: (a_prev, c_prev), each (N, H); W_h: (4, H, H); out: optional
-    LSTMStep to write into.
+    LSTMStep to write into; halved: x_proj and W_h come with their i, f, o blocks halved
+    (`Cell.halved`), which saves a pass.
     """
     a_prev, c_prev = prev
     a, c, gates, tanh_c = _or_new(out, LSTMStep, 4, a_prev)
     np.matmul(a_prev, W_h, out=gates)
     gates += x_proj
-    sigmoid_(gates[:3])
+    gate_activations_(gates, 3, halved)
     i, f, o, g = gates
-    np.tanh(g, out=g)
     np.multiply(f, c_prev, out=c)
     np.multiply(i, g, out=tanh_c)            # tanh_c's buffer is free until the line after
     c += tanh_c
@@ -284,9 +310,10 @@ def lstm_step_forward(x_proj, prev, W_h, b_hn=None, out: LSTMStep | None = None)
     return LSTMStep(a, c, gates, tanh_c)
 
 
-def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None):
+def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None, scratch=None):
     """Backward of `lstm_step_forward`. dstate: (da, dc), each (N, H): the total gradients reaching
-    a<t> and c<t>; they are overwritten with da_prev and dc_prev. W_h_T: (4, H, H).
+    a<t> and c<t>; they are overwritten with da_prev and dc_prev. W_h_T: (4, H, H); scratch:
+    optional (8, N, H) array for the step's intermediate values (allocated when None).
 
     Returns dx_proj (4, N, H), the gradient of the pre-activations [i, f, o, g], and
     (da_prev, dc_prev), each (N, H).
@@ -294,6 +321,7 @@ def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None):
     (da, dc), (_, c_prev), (_, _, gates, tanh_c) = dstate, prev, step
     i, f, o, g = gates
     dx = _or_new_blocks(out, 4, c_prev)
+    work = _scratch_blocks(scratch, 4, c_prev)
     di, df, do, dg = dx
     np.multiply(tanh_c, tanh_c, out=dg)      # dc += da * o * (1 - tanh(c)^2)
     np.subtract(1, dg, out=dg)
@@ -303,15 +331,16 @@ def lstm_step_backward(dstate, prev, step: LSTMStep, W_h_T, out=None):
     np.multiply(dc, g, out=di)
     np.multiply(dc, c_prev, out=df)
     np.multiply(da, tanh_c, out=do)
-    scratch = np.subtract(1, gates[:3])      # sigmoid' = s (1 - s)
-    scratch *= gates[:3]
-    dx[:3] *= scratch
+    sigmoid_grad = work[:3]                  # sigmoid' = s (1 - s)
+    np.subtract(1, gates[:3], out=sigmoid_grad)
+    sigmoid_grad *= gates[:3]
+    dx[:3] *= sigmoid_grad
     np.multiply(g, g, out=dg)                # dg = dc * i * (1 - g^2)
     np.subtract(1, dg, out=dg)
     dg *= i
     dg *= dc
     dc *= f
-    add_blocks(np.matmul(dx, W_h_T), out=da)
+    add_blocks(np.matmul(dx, W_h_T, out=work), out=da)
     return dx, (da, dc)
 
 
@@ -323,13 +352,16 @@ class Cell(NamedTuple):
     step: type                   # the named tuple of a forward step's arrays
     step_forward: Callable
     step_backward: Callable
+    halved: int = 0              # the first blocks are sigmoids whose pre-activations step_forward
+                                 # takes halved (halved=True): the layer scales copies of W_x, b
+                                 # and W_h by 1/2, exactly (a power of two), once per sequence
 
 
 CELLS = {
     "rnn": Cell(GATES["rnn"], 1, RNNStep, rnn_step_forward, rnn_step_backward),
     "gru": Cell(GATES["gru"], 1, GRUStep, gru_step_forward, gru_step_backward),
     "gru_after": Cell(GATES["gru"], 1, GRUAfterStep, gru_after_step_forward, gru_after_step_backward),
-    "lstm": Cell(GATES["lstm"], 2, LSTMStep, lstm_step_forward, lstm_step_backward),
+    "lstm": Cell(GATES["lstm"], 2, LSTMStep, lstm_step_forward, lstm_step_backward, halved=3),
 }
 
 

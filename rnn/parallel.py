@@ -45,7 +45,6 @@ import traceback
 import weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
-from functools import reduce
 from multiprocessing import connection, get_context, shared_memory
 
 import numpy as np
@@ -108,13 +107,18 @@ def predict_logits(runner, ids: np.ndarray, lengths: np.ndarray, batch_size: int
 def sum_sparse_rows(parts: list[SparseRows]) -> SparseRows:
     """Sum of row-sparse gradients of one matrix; each part's rows are distinct and ascending.
 
-    (Measured against adding dense per-worker (V, E) slots over the union of rows, and against
-    sorting all rows with their values and np.add.reduceat: searchsorted into the union was
-    fastest, 1.6 ms against 1.8 ms and 12 ms for 2 x 5,500 of 20,000 rows.)"""
-    rows = reduce(np.union1d, [p.rows for p in parts])
+    The union of the rows comes from a mark per row of the matrix, not from sorting them (a
+    vocabulary of 20,000 is cheap to scan): 0.65 ms against 1.9 ms with np.union1d and searchsorted
+    for 2 x 5,500 of 20,000 rows (measured; both earlier than adding dense per-worker (V, E) slots
+    over the union of rows, or sorting all rows with their values and np.add.reduceat)."""
+    used = np.zeros(parts[0].shape[0], bool)
+    for p in parts:
+        used[p.rows] = True
+    rows = np.flatnonzero(used)
+    place = np.cumsum(used) - 1                  # a used row's position in `rows`
     values = np.zeros((len(rows),) + parts[0].values.shape[1:], parts[0].values.dtype)
     for p in parts:
-        values[np.searchsorted(rows, p.rows)] += p.values
+        values[place[p.rows]] += p.values
     return SparseRows(rows, values, parts[0].shape)
 
 

@@ -13,6 +13,8 @@ own length.
 """
 from __future__ import annotations
 
+import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,60 @@ def flush_threshold(dtype) -> float:
     return float(info.tiny) * 2.0 ** (info.nmant + 1)
 
 
+class BufferPool:
+    """Large arrays kept from one call to the next and handed out again once nothing else refers
+    to them.
+
+    Every training step needs the same large buffers (a layer's gate values and the gradient of its
+    pre-activations: 105 MB each for an LSTM share of 64 x 400 x 256); fresh ones cost the kernel
+    page faults and zeroing, up to 0.5 s of system time a step at that size (measured, 2026-12-05).
+    A buffer is handed out again only when the pool holds the last reference to its memory (every
+    view of an array refers to it), so a cache its caller still keeps is never overwritten. A
+    request larger than every free buffer replaces the largest of them, so the pool holds at most
+    as many buffers as were ever in use at once. Arrays come uninitialised, like np.empty."""
+
+    def __init__(self):
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        probe = [np.empty(1)]
+        self._unused = sys.getrefcount(probe[0])      # references of an array only the list holds
+
+    def empty(self, shape: tuple, dtype) -> np.ndarray:
+        dtype, size = np.dtype(dtype), int(np.prod(shape, dtype=np.int64))
+        with self._lock:
+            free = [k for k in range(len(self._buffers)) if self._buffers[k].dtype == dtype
+                    and sys.getrefcount(self._buffers[k]) <= self._unused]
+            fits = [k for k in free if self._buffers[k].size >= size]
+            if fits:
+                buf = self._buffers[min(fits, key=lambda k: self._buffers[k].size)]
+            else:
+                buf = np.empty(size, dtype)
+                if free:                     # the largest free one is too small: replace it
+                    self._buffers[max(free, key=lambda k: self._buffers[k].size)] = buf
+                else:
+                    self._buffers.append(buf)
+            return buf[:size].reshape(shape)
+
+    def clear(self) -> None:
+        """Forget every buffer (the memory goes when the last view of it does)."""
+        with self._lock:
+            self._buffers = []
+
+
+BUFFERS = BufferPool()          # the layers' buffers, reused step after step in this process
+
+
+def clear_padding(arrays: list[np.ndarray], active: np.ndarray, offset: int) -> None:
+    """Zero each (T', ..., B, H) array's rows past active[t] at time t + offset: the part of a
+    padded batch that no step writes (a reused buffer holds the previous batch's values there)."""
+    if not arrays:
+        return
+    B = arrays[0].shape[-2]
+    for t in np.flatnonzero(active < B):
+        for a in arrays:
+            a[t + offset, ..., active[t]:, :] = 0
+
+
 @dataclass
 class LayerCache:
     kind: str
@@ -62,15 +118,26 @@ class LayerCache:
     rev: np.ndarray | None   # reverse_index for a reverse direction, else None
 
 
-def layer_buffers(kind: str, T: int, B: int, H: int, dtype, steps: int) -> tuple:
+def layer_buffers(kind: str, T: int, B: int, H: int, dtype, steps: int, active: np.ndarray | None = None
+                  ) -> tuple:
     """The arrays a layer's forward steps write into: the cell's step tuple (rnn.cells) with a time
     axis. The state fields (a, and c for the LSTM) hold the history of T + 1 states, a<0> first and
     zero; the others hold `steps` steps (T, or 1 where no backward pass will read them), each
-    (steps, B, H), but gates, (G, steps, B, H)."""
+    (steps, B, H), but gates, (G, steps, B, H). They come from BUFFERS; where the loop will not
+    write (a<0>, and with `active` (T,), the rows of padded steps), they are zero."""
     cell = CELLS[kind]
-    return cell.step(*(np.zeros((T + 1, B, H), dtype) if k < cell.states else
-                       np.zeros((cell.gates, steps, B, H) if name == "gates" else (steps, B, H), dtype)
-                       for k, name in enumerate(cell.step._fields)))
+    buffers = cell.step(*(BUFFERS.empty((T + 1, B, H), dtype) if k < cell.states else
+                          BUFFERS.empty((cell.gates, steps, B, H) if name == "gates" else (steps, B, H), dtype)
+                          for k, name in enumerate(cell.step._fields)))
+    for history in buffers[:cell.states]:
+        history[0] = 0
+    if active is not None:
+        clear_padding(list(buffers[:cell.states]), active, 1)
+        if steps == T:
+            clear_padding([buf.swapaxes(0, 1) if name == "gates" else buf
+                           for name, buf in zip(cell.step._fields[cell.states:], buffers[cell.states:])],
+                          active, 0)
+    return buffers
 
 
 def step_slices(buffers: tuple, states: int, t: int, slot: int, n: int) -> tuple[tuple, tuple]:
@@ -100,12 +167,17 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
     rev = reverse_index(lengths, T) if reverse else None
     if reverse:
         X = X[rev, np.arange(B)]
-    buffers = layer_buffers(kind, T, B, H, X.dtype, T if keep_cache else 1)
+    active = active_rows(lengths, T)
+    buffers = layer_buffers(kind, T, B, H, X.dtype, T if keep_cache else 1, active)
     for history, initial in zip(buffers[:cell.states], state0 or ()):
         history[0] = initial
-    active = active_rows(lengths, T)
     W_x, b, b_hn = gate_blocks(params["W_x"], G), params["b"].reshape(G, 1, H), params.get("b_hn")
     W_h = np.ascontiguousarray(gate_blocks(params["W_h"], G))
+    halved = {}
+    if cell.halved:          # sigmoid(z) = tanh(z/2)/2 + 1/2: the 1/2 in copies of the weights
+        half = np.ones((G, 1, 1), X.dtype)
+        half[:cell.halved] = 0.5
+        W_x, b, W_h, halved = W_x * half, b * half, W_h * half, {"halved": True}
     # x W_x + b for PROJ_STEPS timesteps at a time: one large product, into a buffer that stays
     # in cache instead of a (G, T, B, H) array (the backward pass does not need it).
     x_proj = np.empty((G, min(T, PROJ_STEPS) * B, H), X.dtype)
@@ -118,7 +190,7 @@ def sequence_forward(X: np.ndarray, lengths: np.ndarray, params: dict, kind: str
         n = active[t]
         prev, out = step_slices(buffers, cell.states, t, t if keep_cache else 0, n)
         row = (t % PROJ_STEPS) * B
-        cell.step_forward(x_proj[:, row:row + n], prev, W_h, b_hn, out=out)
+        cell.step_forward(x_proj[:, row:row + n], prev, W_h, b_hn, out=out, **halved)
     rows = np.arange(B)
     final = tuple(history[lengths, rows] for history in buffers[:cell.states])
     outputs = buffers.a[1:]
@@ -147,8 +219,11 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
     rows = np.arange(B)
     if d_outputs is not None and c.rev is not None:
         d_outputs = d_outputs[c.rev, rows]
-    d_state = [np.zeros((B, H), c.X.dtype) for _ in range(cell.states)]
-    dX_proj = np.zeros((G, T, B, H), c.X.dtype)
+    d_state = np.zeros((cell.states, B, H), c.X.dtype)     # da (and dc), one array: one flush
+    dX_proj = BUFFERS.empty((G, T, B, H), c.X.dtype)
+    clear_padding([dX_proj.swapaxes(0, 1)], c.active, 0)    # steps and rows the loop skips
+    scratch = np.empty((2 * G, B, H), c.X.dtype)            # the steps' intermediate values
+    magnitude, small = np.empty_like(d_state), np.empty(d_state.shape, bool)
     norms = np.zeros((cell.states, T, B)) if trace else None
     tiny = flush_threshold(c.X.dtype) if FLUSH_DENORMALS else 0.0
     active = np.append(c.active, 0)
@@ -157,18 +232,22 @@ def sequence_backward(d_outputs: np.ndarray | None, d_final: tuple | None, cache
         n, ending = active[t], active[t + 1]
         if n == 0:
             continue
-        for k in range(cell.states):
-            if d_final is not None and d_final[k] is not None:   # rows whose last step is t
-                d_state[k][ending:n] += d_final[k][ending:n]
-            if k == 0 and d_outputs is not None:
-                d_state[0][:n] += d_outputs[t, :n]
-            dk = d_state[k][:n]
-            if trace:
+        if d_final is not None and ending < n:                 # rows whose last step is t
+            for k, d in enumerate(d_final):
+                if d is not None:
+                    d_state[k, ending:n] += d[ending:n]
+        if d_outputs is not None:
+            d_state[0, :n] += d_outputs[t, :n]
+        d = d_state[:, :n]
+        if trace:
+            for k, dk in enumerate(d):
                 norms[k, t, :n] = np.sqrt(np.einsum("ij,ij->i", dk, dk, dtype=np.float64))
-            if tiny:
-                np.copyto(dk, 0, where=np.abs(dk) < tiny)
+        if tiny:
+            np.abs(d, out=magnitude[:, :n])
+            np.less(magnitude[:, :n], tiny, out=small[:, :n])
+            np.copyto(d, 0, where=small[:, :n])
         prev, step = step_slices(c.buffers, cell.states, t, t, n)
-        cell.step_backward(tuple(d[:n] for d in d_state), prev, step, W_h_T, out=dX_proj[:, t, :n])
+        cell.step_backward(tuple(d), prev, step, W_h_T, out=dX_proj[:, t, :n], scratch=scratch[:, :n])
     dG = dX_proj.reshape(G, T * B, H)
     grads = {"W_x": from_gate_blocks(np.matmul(c.X.reshape(T * B, D).T, dG)),
              "b": dG.sum(1).reshape(G * H), **recurrent_weight_grads(c.kind, c.buffers, dG)}

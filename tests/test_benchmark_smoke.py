@@ -13,7 +13,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 KEYS = {"cell", "batch", "steps", "embed", "hidden", "threads", "numpy_train_step_s",
         "numpy_tokens_per_s", "numpy_infer_tokens_per_s", "torch_train_step_s",
-        "torch_infer_tokens_per_s", "train_ratio", "infer_ratio", "peak_rss_mb", "flush"}
+        "torch_infer_tokens_per_s", "train_ratio", "infer_ratio", "peak_rss_mb", "flush",
+        "train_gflop", "gemm_floor_train_s", "gemm_gflops", "numpy_train_vs_floor", "torch_train_vs_floor",
+        "workers_peak_rss_mb", "cpu_vector_flags", "blas", "openblas_env", "load_average"}
 TORCH_KEYS = {"torch_train_step_s", "torch_infer_tokens_per_s", "train_ratio", "infer_ratio"}
 
 
@@ -34,6 +36,10 @@ def test_json_lines_have_every_key(vs_torch):
         assert (r["batch"], r["steps"], r["embed"], r["hidden"], r["threads"]) == (4, 5, 8, 8, 1)
         assert r["flush"] is True and r["numpy_train_step_s"] > 0 and r["peak_rss_mb"] > 0
         assert r["numpy_tokens_per_s"] == pytest.approx(20 / r["numpy_train_step_s"])
+        G = {"rnn": 1, "gru": 3, "lstm": 4}[r["cell"]]
+        assert r["train_gflop"] == pytest.approx(6 * 5 * 4 * G * 8 * (8 + 8) / 1e9)  # 6 T B G H (E + H)
+        assert r["gemm_floor_train_s"] > 0
+        assert r["numpy_train_vs_floor"] == pytest.approx(r["numpy_train_step_s"] / r["gemm_floor_train_s"])
         for key in TORCH_KEYS:
             assert (r[key] is not None) == vs_torch, key
 
@@ -43,8 +49,9 @@ def test_table_with_random_lengths_and_no_flush():
                *(["--vs-torch"] if HAS_TORCH else []))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert "flush=False" in lines[0] and lines[1].split()[0] == "cell"
-    assert lines[2].split()[:2] == ["lstm", "4x5x8x8"]
+    assert lines[0].startswith("cpu: ") and lines[1].startswith("numpy BLAS: ")
+    assert "flush=False" in lines[2] and lines[3].split()[0] == "cell"
+    assert lines[4].split()[:2] == ["lstm", "4x5x8x8"]
 
 
 WORKER_KEYS = {"workers", "numpy_workers_train_step_s", "numpy_workers_infer_tokens_per_s",
@@ -68,11 +75,43 @@ def test_quick_with_two_workers():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("workers=2") and lines[2].split()[:2] == ["cell", "BxTxExH"]
-    assert lines[3].split()[:2] == ["lstm", "4x5x8x8"] and len(lines) == 4
+    assert lines[2].startswith("workers=2") and lines[4].split()[:2] == ["cell", "BxTxExH"]
+    assert lines[5].split()[:2] == ["lstm", "4x5x8x8"] and len(lines) == 6
 
 
 def test_bad_shape_is_a_usage_error():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "4x5"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "BxTxExH" in proc.stderr
+
+
+def test_profile_reports_every_part():
+    """benchmarks/step_profile.py on a tiny shape: one line per part, the floor ratios last."""
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "step_profile.py"), "--shape", "4x5x8x8",
+                           "--repeats", "1", "--cells", "lstm,gru"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.count("share of 2 rows on one core (2 workers)") == 2
+    for part in ("worker: share_loss", "step calls (forward)", "step calls (backward)", "embedding gradient",
+                 "worker: inference of the share", "main: add the shares", "main: Adam step",
+                 "share_loss / floor", "inference / floor"):
+        assert text.count(part) == 2, part
+
+
+def test_lean_lstm_reports_every_part():
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "lean_lstm.py"), "--shape", "4x5x8x8",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for part in ("whole step", "input projection", "forward loop", "backward loop", "products after the loop",
+                 "embedding gradient", "Adam step", "whole step / floor"):
+        assert part in proc.stdout, part
+
+
+def test_cpu_clock_is_for_one_thread_in_one_process():
+    proc = run("--json", "--cells", "lstm", "--clock", "cpu")             # run() passes --threads 1
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert row["clock"] == "cpu" and row["numpy_train_step_s"] > 0
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workers", "2", "--clock", "cpu"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--clock cpu needs --threads 1" in proc.stderr

@@ -104,3 +104,23 @@ def test_gate_blocks_round_trip():
     assert blocks.shape == (4, 2, 3)
     np.testing.assert_array_equal(blocks[1], W[:, 3:6])
     np.testing.assert_array_equal(from_gate_blocks(blocks), W)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if CELLS[k].halved])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_halved_inputs_give_identical_steps(kind, dtype):
+    """A cell that takes its sigmoid blocks' pre-activations halved (Cell.halved, the 1/2 of
+    sigmoid(z) = tanh(z/2)/2 + 1/2 moved into the weights) computes the same numbers, bit for bit:
+    halving is exact."""
+    x_proj, prev, W_h, b_hn, _ = (a.astype(dtype) if isinstance(a, np.ndarray) else
+                                  tuple(p.astype(dtype) for p in a) if isinstance(a, tuple) else a
+                                  for a in make_step_inputs(kind, 3, seed=9))
+    cell = CELLS[kind]
+    half = np.ones((cell.gates, 1, 1), dtype)
+    half[:cell.halved] = 0.5
+    plain = cell.step_forward(x_proj, prev, W_h, b_hn)
+    halved = cell.step_forward(x_proj * half, prev, W_h * half, b_hn, halved=True)
+    for name, a, b in zip(cell.step._fields, plain, halved):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    wrong = cell.step_forward(x_proj * half, prev, W_h * half, b_hn)    # the flag is what makes it so
+    assert not np.allclose(wrong.gates, plain.gates)

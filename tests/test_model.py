@@ -10,7 +10,7 @@ import pytest
 
 from gradcheck import H_STEP, assert_directional_close, assert_grad_close, numeric_grad, sample_index
 from helpers import TINY, make_model
-from rnn.layers import SparseRows
+from rnn.layers import FEW_USES, SparseRows, embedding_backward
 from rnn.losses import bce_with_logits
 from rnn.model import ModelConfig, SentimentModel, dense_grad
 from rnn.recurrent import sequence_forward
@@ -224,6 +224,23 @@ def test_pad_row_never_gets_a_gradient():
     assert 0 not in g.rows
     assert len(np.unique(g.rows)) == len(g.rows) and g.values.shape == (len(g.rows), E)
     assert g.shape == (V, E)
+
+
+def test_embedding_backward_sums_every_use_of_a_row():
+    """Rows used once, a few times and more than FEW_USES times (summed by different paths), and
+    padding: the sums equal a plain accumulation, in float64 to rounding."""
+    rng = np.random.default_rng(3)
+    uses = {1: 1, 2: 2, 3: FEW_USES, 4: FEW_USES + 1, 5: 3 * FEW_USES, 0: 7}     # row: how often
+    ids = rng.permutation(np.repeat(list(uses), list(uses.values()))).reshape(-1, 3)
+    d_out = rng.normal(size=(*ids.shape, 4))
+    g = embedding_backward(d_out, ids, (10, 4))
+    want = np.zeros((10, 4))
+    np.add.at(want, ids.reshape(-1), d_out.reshape(-1, 4))
+    np.testing.assert_array_equal(g.rows, [1, 2, 3, 4, 5])
+    np.testing.assert_allclose(g.values, want[1:6], rtol=1e-12, atol=0)
+    assert g.values.dtype == d_out.dtype and g.shape == (10, 4)
+    empty = embedding_backward(d_out[:1, :1], np.zeros((1, 1), int), (10, 4))
+    assert empty.rows.size == 0 and empty.values.shape == (0, 4)
 
 
 # ----------------------------------------------------------------------- sorting and batching

@@ -158,8 +158,10 @@ def test_sparse_update_touches_only_given_rows(name):
         assert np.all(st[untouched] == 0), f"{k}: state of rows never used must stay zero"
 
 
+@pytest.mark.parametrize("chunk", [1024, 2])          # 2: the rows are updated in several chunks
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_sparse_update_with_all_rows_equals_dense_update(name):
+def test_sparse_update_with_all_rows_equals_dense_update(name, chunk, monkeypatch):
+    monkeypatch.setattr("rnn.optim.SPARSE_CHUNK", chunk)
     rng = np.random.default_rng(6)
     V, E = 5, 3
     grads = [rng.normal(size=(V, E)) for _ in range(3)]

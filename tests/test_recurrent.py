@@ -8,7 +8,7 @@ import pytest
 
 from gradcheck import assert_sequence_grads_close
 from rnn.cells import CELLS
-from rnn.recurrent import flush_threshold, sequence_backward, sequence_forward
+from rnn.recurrent import BUFFERS, flush_threshold, sequence_backward, sequence_forward
 
 KINDS = tuple(CELLS)
 D, H = 3, 3
@@ -281,3 +281,48 @@ def test_vanishing_gradient_is_flushed_to_exact_zero():
     assert np.all(dX[:steps - flushed] == 0), "steps past the flush point get no gradient"
     for g in (dX, *grads.values()):
         assert np.all(np.isfinite(g))
+
+
+def run_layer(kind, B, seed, reverse=False):
+    params, X, lengths, state0, d_out, d_final = make_layer(kind, B, seed=seed)
+    outputs, finals, cache = sequence_forward(X, lengths, params, kind, state0, reverse)
+    return outputs, finals, cache, (d_out, d_final)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reused_buffers_hold_no_stale_values(kind):
+    """The layers' buffers are reused from call to call (BUFFERS): a padded batch after a batch
+    whose buffers were left full of NaN gives the numbers of a fresh pool, NaN-free."""
+    BUFFERS.clear()
+    outputs, finals, cache, (d_out, d_final) = run_layer(kind, 4, seed=11, reverse=True)
+    fresh = (outputs.copy(), [f.copy() for f in finals], *sequence_backward(d_out, d_final, cache)[:2])
+    del outputs, finals, cache
+    for buf in BUFFERS._buffers:                       # what a diverged earlier batch might leave
+        buf.fill(np.nan)
+    outputs, finals, cache, (d_out, d_final) = run_layer(kind, 4, seed=11, reverse=True)
+    dX, grads = sequence_backward(d_out, d_final, cache)[:2]
+    assert len(BUFFERS._buffers) > 0 and np.all(np.isfinite(outputs)) and np.all(np.isfinite(dX))
+    np.testing.assert_array_equal(outputs, fresh[0])
+    for a, b in zip(finals, fresh[1]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(dX, fresh[2])
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], fresh[3][name], err_msg=name)
+
+
+def test_buffers_in_use_are_never_handed_out_twice():
+    """Two forward passes kept alive get separate memory; each backward pass gives the numbers it
+    gives when its forward pass ran alone."""
+    alone = []
+    for seed in (12, 13):
+        outputs, finals, cache, (d_out, d_final) = run_layer("lstm", 4, seed=seed)
+        alone.append((outputs.copy(), sequence_backward(d_out, d_final, cache)[1]))
+        del outputs, finals, cache
+    first, second = run_layer("lstm", 4, seed=12), run_layer("lstm", 4, seed=13)
+    for a, b in zip(first[2].buffers, second[2].buffers):
+        assert not np.shares_memory(a, b)
+    for (outputs, _, cache, (d_out, d_final)), (want_out, want_grads) in zip((first, second), alone):
+        np.testing.assert_array_equal(outputs, want_out)
+        grads = sequence_backward(d_out, d_final, cache)[1]
+        for name in grads:
+            np.testing.assert_array_equal(grads[name], want_grads[name], err_msg=name)
