@@ -1,9 +1,9 @@
 """The `rnn` command (also `python -m rnn`): use trained models and list tracked runs.
 
-    rnn predict  --model models/lstm/seed0 "A wonderful film." ...   (or --file F, or standard input)
-    rnn evaluate --model models/lstm/seed0 --dir aclImdb/test         (or --csv F with text,label columns)
-                 [--workers N|auto]                             (processes; default: all cores)
-    rnn explain  --model models/lstm/seed0 "Not a bad film at all"    [--no-color] [--html page.html]
+    rnn predict  --model models/lstm/seed0 "A wonderful film." ...  (or --file F, or standard input)
+    rnn evaluate --model models/lstm/seed0 --dir aclImdb/test        (or --csv F with text,label columns)
+                 [--workers N|auto]                                  (processes; default: all cores)
+    rnn explain  --model models/lstm/seed0 "Not a bad film at all"   [--no-color] [--html page.html]
     rnn generate --model models/lm/lstm "This movie was"        [--tokens 60] [--temperature 0.8] [--seed 0]
     rnn runs     [--experiment NAME] [--tracking-uri URI]
     rnn ui       [--port 5000] [--link-only]                    MLflow's UI on the project's runs
