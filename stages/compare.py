@@ -67,12 +67,12 @@ def summarize(cells: dict[str, dict], baseline: dict, seeds: list[int], cfg: dic
     out = {"cells": {}, "pairs": {}, "threshold": threshold, "test_reviews": int(len(labels))}
     for cell, c in cells.items():
         runs = c["runs"]
-        mean = lambda key, stage="train": float(np.mean([r[stage][key] or np.nan for r in runs]))  # noqa: E731
+        mean = lambda key, stage="train": float(np.mean([r[stage][key] for r in runs]))  # noqa: E731
         out["cells"][cell] = {
             "test_accuracy": interval_json(stats.mean_interval([r["eval"]["accuracy"] for r in runs]), seeds),
             "val_accuracy": interval_json(stats.mean_interval([r["train"]["best_val_accuracy"] for r in runs]), seeds),
             "ensemble_accuracy": float(stats.correct_predictions(labels, stats.ensemble(probabilities[cell]), threshold).mean()),
-            "test_f1": mean("f1", "eval"), "test_auc": mean("roc_auc", "eval"), "epochs": mean("epochs_run"),
+            "test_f1": mean("f1", "eval"), "test_auc": None if any(r["eval"]["roc_auc"] is None for r in runs) else mean("roc_auc", "eval"), "epochs": mean("epochs_run"),
             "train_seconds": mean("train_seconds"), "parameters": runs[0]["train"]["num_parameters"],
             "lm_val_perplexity": c["pretrain"]["val_perplexity"] if c["pretrain"] else None}
     # The baseline is deterministic (sd 0 over seeds): its interval is a bootstrap over the test reviews.

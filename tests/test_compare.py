@@ -108,3 +108,14 @@ def test_predictions_of_another_test_split_are_refused(project):
     np.savez(path, **arrays)
     with pytest.raises(Exception, match="lstm's test labels differ"):
         compare.main()
+
+
+def test_a_replicate_that_calls_every_review_one_class_is_averaged_not_dropped(project):
+    """F1 of 0.0 (a model that never says positive, possible on tiny data) is a number to average,
+    and one replicate without an AUC (one class in its test labels) makes the cell's AUC null."""
+    path = project / "metrics/rnn/seed1/eval.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "f1": 0.0, "roc_auc": None}))
+    compare.main()
+    rnn = json.loads((project / "reports/summary.json").read_text())["cells"]["rnn"]
+    f1 = [json.loads((project / f"metrics/rnn/seed{s}/eval.json").read_text())["f1"] for s in (0, 1, 2)]
+    assert rnn["test_f1"] == pytest.approx(np.mean(f1)) and rnn["test_auc"] is None
