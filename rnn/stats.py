@@ -290,12 +290,13 @@ def correct_predictions(labels: np.ndarray, probabilities: np.ndarray, threshold
     return (np.asarray(probabilities) >= threshold) == (np.asarray(labels) == 1)
 
 
-def compare_models(correct: dict[str, np.ndarray], probabilities: dict[str, np.ndarray], labels: np.ndarray,
-                   pairs: Sequence[tuple[str, str]], rng: np.random.Generator, resamples: int = 2000,
-                   threshold: float = 0.5) -> dict[tuple[str, str], tuple[Difference, tuple[int, int, float]]]:
+def compare_models(probabilities: dict[str, np.ndarray], labels: np.ndarray, pairs: Sequence[tuple[str, str]],
+                   rng: np.random.Generator, resamples: int = 2000, threshold: float = 0.5
+                   ) -> dict[tuple[str, str], tuple[Difference, tuple[int, int, float]]]:
     """For each pair (a, b): paired_bootstrap of a - b over reviews and seeds, and mcnemar on the
-    two models' seed ensembles. correct: model -> (seeds, reviews) bool; probabilities: model ->
-    (seeds, reviews) P(positive) of the same reviews, whose true labels are `labels` (reviews,)."""
+    two models' seed ensembles. probabilities: model -> (seeds, reviews) P(positive) of the same
+    reviews, whose true labels are `labels` (reviews,)."""
+    correct = {m: correct_predictions(labels, p, threshold) for m, p in probabilities.items()}
     ensemble_right = {m: correct_predictions(labels, ensemble(p), threshold) for m, p in probabilities.items()}
     return {(a, b): (paired_bootstrap(correct[a], correct[b], rng, resamples),
                      mcnemar(ensemble_right[a], ensemble_right[b])) for a, b in pairs}

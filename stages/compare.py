@@ -62,27 +62,28 @@ def summarize(cells: dict[str, dict], baseline: dict, seeds: list[int], cfg: dic
                 raise InputError(f"data/predictions/{settings.replicate_name(cell, seed)}.npz: {cell}'s test labels "
                                  "differ from the baseline's (another test split: rerun evaluate and baseline)")
         probabilities[cell] = np.stack([r["predictions"][1] for r in c["runs"]])
-    correct = {m: stats.correct_predictions(labels, p, threshold) for m, p in probabilities.items()}
     rng = np.random.default_rng(cfg["seed"])
     out = {"cells": {}, "pairs": {}, "threshold": threshold, "test_reviews": int(len(labels))}
     for cell, c in cells.items():
         runs = c["runs"]
         mean = lambda key, stage="train": float(np.mean([r[stage][key] for r in runs]))  # noqa: E731
+        auc = None if any(r["eval"]["roc_auc"] is None for r in runs) else mean("roc_auc", "eval")
         out["cells"][cell] = {
             "test_accuracy": interval_json(stats.mean_interval([r["eval"]["accuracy"] for r in runs]), seeds),
             "val_accuracy": interval_json(stats.mean_interval([r["train"]["best_val_accuracy"] for r in runs]), seeds),
             "ensemble_accuracy": float(stats.correct_predictions(labels, stats.ensemble(probabilities[cell]), threshold).mean()),
-            "test_f1": mean("f1", "eval"), "test_auc": None if any(r["eval"]["roc_auc"] is None for r in runs) else mean("roc_auc", "eval"), "epochs": mean("epochs_run"),
+            "test_f1": mean("f1", "eval"), "test_auc": auc, "epochs": mean("epochs_run"),
             "train_seconds": mean("train_seconds"), "parameters": runs[0]["train"]["num_parameters"],
             "lm_val_perplexity": c["pretrain"]["val_perplexity"] if c["pretrain"] else None}
     # The baseline is deterministic (sd 0 over seeds): its interval is a bootstrap over the test reviews.
-    over_reviews = stats.bootstrap_accuracy(correct["baseline"], rng, cfg["resamples"])
+    over_reviews = stats.bootstrap_accuracy(stats.correct_predictions(labels, probabilities["baseline"], threshold),
+                                            rng, cfg["resamples"])
     out["baseline"] = {"test_accuracy": {**interval_json(over_reviews, [0]), "sd": 0.0}, "interval_over": "test reviews",
                        **{k: baseline["eval"][m] for k, m in (("test_f1", "f1"), ("test_auc", "roc_auc"),
                                                               ("train_seconds", "train_seconds"))}}
     names = list(cells)
     pairs = [(b, a) for i, a in enumerate(names) for b in names[i + 1:]] + [(c, "baseline") for c in names]
-    for (a, b), (d, (only_a, only_b, p)) in stats.compare_models(correct, probabilities, labels, pairs, rng,
+    for (a, b), (d, (only_a, only_b, p)) in stats.compare_models(probabilities, labels, pairs, rng,
                                                                  cfg["resamples"], threshold).items():
         out["pairs"][f"{a}-{b}"] = {"difference": d.difference, "ci95": [d.low, d.high], "p_value": d.p_value,
                                     "mcnemar": {"only_first_right": only_a, "only_second_right": only_b, "p_value": p},
