@@ -58,6 +58,10 @@ class ModelConfig:
     freeze_embedding: bool = False
     embed_dropout: float = 0.0        # dropout on the embedded input: one mask per sequence, the
                                       # same at every step (a dropped feature stays dropped)
+    adversarial_epsilon: float = 0.0  # adversarial training (sentiment, training only): the size of the
+                                      # perturbation of the embedded review, in units of the review's
+                                      # root-mean-square word-vector norm; 0 = off
+    adversarial_weight: float = 1.0   # ... the weight of the loss at the perturbed input
     task: str = "sentiment"           # sentiment | language_model: which head (and model class)
     num_sampled: int = 1024           # language model: candidates drawn per step for the sampled softmax
     dtype: str = "float32"
@@ -74,6 +78,9 @@ class ModelConfig:
         for name in ("dropout", "embed_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        for name in ("adversarial_epsilon", "adversarial_weight"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: expected one of {', '.join(TASKS)}")
         if self.task == "language_model" and self.bidirectional:

@@ -143,17 +143,19 @@ class SentimentModel(Model):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, ids: np.ndarray, lengths: np.ndarray, dropout_seed: int | None = None,
-                keep_cache: bool = True, positions: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+                keep_cache: bool = True, positions: np.ndarray | None = None,
+                perturbation: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """ids: (B, T) token ids, right-padded with 0; lengths: (B,) real lengths, each >= 1.
 
         `dropout_seed` turns dropout on (training); None is inference. The masks of a row are
         drawn from (dropout_seed, its position in the batch) alone, positions (B,) being 0..B-1
         unless given: a worker that runs some rows of a batch draws what the whole batch would.
-        Returns logits (B,) and the cache for `backward` (without `keep_cache`, nothing a backward
-        pass would need is kept)."""
+        `perturbation` (T', B, E), in the cache's sorted order (T' the longest length), is added
+        to the embedded input (adversarial training). Returns logits (B,) and the cache for
+        `backward` (without `keep_cache`, nothing a backward pass would need is kept)."""
         cfg, p = self.config, self.params
         order, ids, lengths, rngs = sort_batch(cfg, ids, lengths, dropout_seed, positions)
-        X, finals, enc = encode(cfg, p, ids, lengths, rngs, keep_cache)
+        X, finals, enc = encode(cfg, p, ids, lengths, rngs, keep_cache, perturbation)
         pooled, pool_cache = _pool(cfg.pooling, X, finals, lengths)
         fc_mask = row_dropout_mask(pooled.shape, cfg.dropout, rngs, X.dtype) if rngs is not None else None
         fc_in = pooled * fc_mask if fc_mask is not None else pooled
@@ -171,14 +173,22 @@ class SentimentModel(Model):
 
         Returns the gradient of every trainable parameter (the embedding's as `SparseRows`) and,
         when `trace` is set, the per-timestep trace of the bottom forward layer (`align_trace`)."""
+        grads, traces, d_embedded = self.backward_to_input(dlogits, cache, trace)
+        return {**grads, **embedding_gradient(self.config, self.params, d_embedded, cache["encoder"])}, traces
+
+    def backward_to_input(self, dlogits: np.ndarray, cache: dict, trace: bool = False,
+                          input_grad: bool | None = None) -> tuple[dict, dict | None, np.ndarray | None]:
+        """`backward` down to the embedded input: the gradients of every parameter but the
+        embedding, the trace, and the gradient of the embedded input (T', B, E) in the cache's
+        sorted order (None when the embedding is frozen, unless `input_grad`)."""
         cfg, p, c = self.config, self.params, cache
         d_sorted = dlogits[c["order"]].astype(p["fc.W"].dtype)[:, None]
         d_fc_in, dW, db = dense_backward(d_sorted, c["fc_in"], p["fc.W"])
         d_pooled = d_fc_in * c["fc_mask"] if c["fc_mask"] is not None else d_fc_in
         d_out, d_finals = _pool_backward(cfg.pooling, d_pooled, c["pool"], c["out_shape"],
                                          c["encoder"]["lengths"], cfg.directions)
-        grads, traces = encode_backward(cfg, p, d_out, d_finals, c["encoder"], trace)
-        return {"fc.W": dW, "fc.b": db, **grads}, traces
+        grads, traces, d_embedded = layers_backward(cfg, d_out, d_finals, c["encoder"], trace, input_grad)
+        return {"fc.W": dW, "fc.b": db, **grads}, traces, d_embedded
 
     # ------------------------------------------------------------------------- conveniences
     def loss(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
@@ -207,13 +217,25 @@ class SentimentModel(Model):
         `total`, so the shares of a batch add up to the batch mean. Returns (loss, grads, extras),
         extras = {"logits": (n,), "trace": per-timestep trace sums and counts or None}.
         """
-        logits, cache = self.forward(batch["ids"], batch["lengths"], seed, positions=positions)
-        loss, dlogits = bce_with_logits(logits, batch["labels"])
-        if len(logits) != total:                  # the share's mean -> its part of the batch mean
-            scale = len(logits) / total
-            loss, dlogits = loss * scale, dlogits * dlogits.dtype.type(scale)
-        grads, traces = self.backward(dlogits, cache, trace)
-        return loss, grads, {"logits": logits, "trace": traces}
+        cfg = self.config
+        ids, lengths, labels = batch["ids"], batch["lengths"], batch["labels"]
+        logits, cache = self.forward(ids, lengths, seed, positions=positions)
+        loss, dlogits = _share_loss(logits, labels, total)
+        if not (cfg.adversarial_epsilon > 0 and seed is not None):
+            grads, traces = self.backward(dlogits, cache, trace)
+            return loss, grads, {"logits": logits, "trace": traces}
+        # Adversarial training: the loss again at the input moved the way that raises it most.
+        grads, traces, d_embedded = self.backward_to_input(dlogits, cache, trace, input_grad=True)
+        enc = cache["encoder"]
+        r = adversarial_perturbation(d_embedded, self.params["embedding.weight"], enc["ids"], enc["lengths"],
+                                     cfg.adversarial_epsilon)
+        adv_logits, adv_cache = self.forward(ids, lengths, seed, positions=positions, perturbation=r)
+        adv_loss, d_adv = _share_loss(adv_logits, labels, total)
+        weight = d_adv.dtype.type(cfg.adversarial_weight)
+        adv_grads, _, d_adv_embedded = self.backward_to_input(d_adv * weight, adv_cache, input_grad=True)
+        grads = {k: g + adv_grads[k] for k, g in grads.items()}
+        grads.update(embedding_gradient(cfg, self.params, d_embedded + d_adv_embedded, enc))
+        return loss + cfg.adversarial_weight * adv_loss, grads, {"logits": logits, "trace": traces}
 
     def logits(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Logits (B,) of one batch, ids (B, T) and lengths (B,): inference, nothing kept."""
@@ -262,10 +284,12 @@ def sort_batch(config: ModelConfig, ids: np.ndarray, lengths: np.ndarray, dropou
 
 
 def encode(config: ModelConfig, params: dict, ids: np.ndarray, lengths: np.ndarray,
-           rngs: list | None = None, keep_cache: bool = True) -> tuple[np.ndarray, list, dict]:
+           rngs: list | None = None, keep_cache: bool = True, perturbation: np.ndarray | None = None
+           ) -> tuple[np.ndarray, list, dict]:
     """Embedding -> recurrent layers, over a batch from `sort_batch`.
 
-    ids: (B, T); lengths: (B,) longest first; rngs: per-row dropout generators (training) or None.
+    ids: (B, T); lengths: (B,) longest first; rngs: per-row dropout generators (training) or None;
+    perturbation: (T, B, E) added to the embedded input after its dropout, or None.
     Returns the top layer's outputs (T, B, F) (F = H, or 2H bidirectional), its final states
     [per direction] (B, H), and the cache for `encode_backward`."""
     cfg, p = config, params
@@ -275,6 +299,8 @@ def encode(config: ModelConfig, params: dict, ids: np.ndarray, lengths: np.ndarr
     if rngs is not None and cfg.embed_dropout > 0:
         embed_mask = row_dropout_mask((len(lengths), X.shape[2]), cfg.embed_dropout, rngs, dtype)
         X = X * embed_mask[None]
+    if perturbation is not None:
+        X = X + perturbation.astype(dtype, copy=False)
     layers, masks = [], []
     for k in range(cfg.num_layers):
         outs, finals = [], []
@@ -298,9 +324,21 @@ def encode_backward(config: ModelConfig, params: dict, d_out: np.ndarray | None,
     top final states [per direction] (B, H), or None. Returns the gradients of the embedding (as
     SparseRows, unless frozen) and recurrent parameters, and the bottom layer's trace (see
     rnn.recurrent.align_trace) when `trace` is set."""
+    grads, traces, d_embedded = layers_backward(config, d_out, d_finals, cache, trace)
+    return {**grads, **embedding_gradient(config, params, d_embedded, cache)}, traces
+
+
+def layers_backward(config: ModelConfig, d_out: np.ndarray | None, d_finals: list | None, cache: dict,
+                    trace: bool = False, input_grad: bool | None = None
+                    ) -> tuple[dict, dict | None, np.ndarray | None]:
+    """`encode_backward` through the recurrent layers only: their gradients, the trace, and the
+    gradient of the embedded input (T, B, E), computed when the embedding trains or `input_grad`
+    asks for it (else None)."""
     cfg, c = config, cache
     names, traces, grads = layer_names(cfg), None, {}
     H = cfg.hidden_size
+    if input_grad is None:
+        input_grad = not cfg.freeze_embedding
     for k in range(cfg.num_layers - 1, -1, -1):
         if k < cfg.num_layers - 1 and c["masks"]:
             d_out = d_out * c["masks"][k]
@@ -309,17 +347,38 @@ def encode_backward(config: ModelConfig, params: dict, d_out: np.ndarray | None,
             idx = k * cfg.directions + d
             d_o = None if d_out is None else d_out[..., d * H:(d + 1) * H]
             d_f = (d_finals[d], None) if d_finals is not None else None
-            need_dX = k > 0 or not cfg.freeze_embedding
-            dX, g, _, tr = sequence_backward(d_o, d_f, c["layers"][idx], trace and idx == 0, need_dX)
+            dX, g, _, tr = sequence_backward(d_o, d_f, c["layers"][idx], trace and idx == 0, k > 0 or input_grad)
             grads.update({f"{names[idx]}.{key}": v for key, v in g.items()})
             traces = tr if idx == 0 else traces
             d_in = dX if d_in is None else d_in + dX
         d_out, d_finals = d_in, None
-    if not cfg.freeze_embedding:
-        if c["embed_mask"] is not None:
-            d_out = d_out * c["embed_mask"][None]
-        grads["embedding.weight"] = embedding_backward(d_out, c["ids"].T, params["embedding.weight"].shape)
-    return grads, traces
+    return grads, traces, d_out
+
+
+def embedding_gradient(config: ModelConfig, params: dict, d_embedded: np.ndarray | None, cache: dict) -> dict:
+    """{"embedding.weight": SparseRows} from the gradient of the embedded input (T, B, E) (through
+    the embedding dropout), or {} when the embedding is frozen."""
+    if config.freeze_embedding:
+        return {}
+    if cache["embed_mask"] is not None:
+        d_embedded = d_embedded * cache["embed_mask"][None]
+    return {"embedding.weight": embedding_backward(d_embedded, cache["ids"].T, params["embedding.weight"].shape)}
+
+
+def adversarial_perturbation(d_embedded: np.ndarray, weight: np.ndarray, ids: np.ndarray, lengths: np.ndarray,
+                             epsilon: float) -> np.ndarray:
+    """The perturbation r (T, B, E) of an embedded batch that raises the loss most to first order
+    (Goodfellow et al. 2015; Miyato et al. 2017 on word embeddings): r = eps * s_b * g / ||g||,
+    the norm over each review's whole sequence, s_b the root-mean-square norm of its word vectors
+    (so that epsilon means the same whatever scale the embedding has or grows to).
+
+    d_embedded: (T, B, E) gradient g of the loss w.r.t. the embedded input; weight: (V, E) the
+    embedding; ids: (B, T) and lengths: (B,) the sorted batch. Padded steps get no perturbation."""
+    g_norm = np.sqrt(np.einsum("tbe,tbe->b", d_embedded, d_embedded, dtype=np.float64))
+    rows = weight[ids]                                          # (B, T, E); padding rows are zero
+    scale = np.sqrt(np.einsum("bte,bte->b", rows, rows, dtype=np.float64) / lengths)
+    factor = epsilon * scale / np.maximum(g_norm, np.finfo(np.float64).tiny)
+    return d_embedded * factor.astype(d_embedded.dtype)[None, :, None]
 
 
 # ------------------------------------------------------------------------------------ pooling
@@ -355,6 +414,16 @@ def _pool_backward(mode, d_pooled, pool_cache, out_shape, lengths, directions):
     d_out = np.zeros(out_shape, d_pooled.dtype)
     np.put_along_axis(d_out, pool_cache[None], d_pooled[None], 0)
     return d_out, None
+
+
+def _share_loss(logits: np.ndarray, labels: np.ndarray, total: int) -> tuple[float, np.ndarray]:
+    """Binary cross-entropy of some rows of a batch as their part of the batch mean, and its
+    gradient w.r.t. their logits (n,)."""
+    loss, dlogits = bce_with_logits(logits, labels)
+    if len(logits) != total:
+        scale = len(logits) / total
+        loss, dlogits = loss * scale, dlogits * dlogits.dtype.type(scale)
+    return loss, dlogits
 
 
 def dense_grad(g) -> np.ndarray:

@@ -117,6 +117,12 @@ class Clip(Section):
     threshold: Positive = 5.0
 
 
+class Adversarial(Section):
+    """Adversarial training on the embeddings (rnn.model.adversarial_perturbation); epsilon 0 = off."""
+    epsilon: Annotated[float, Field(ge=0, le=10)] = 0.0
+    weight: Annotated[float, Field(ge=0, le=10)] = 1.0
+
+
 class Fitting(Section):
     """What every training loop here is given (the classifier's defaults; pretrain sets its own)."""
     epochs: Int1 = 5
@@ -143,6 +149,7 @@ class CellKnobs(Fitting):
     init: Literal["lm", "embeddings"] = "lm"
     pretrained_lr_scale: Decay = 1.0
     clip: Clip = Clip()
+    adversarial: Adversarial = Adversarial()
     patience: Int0 = 1
     trace: bool = True
     trace_every: Int1 = 1
@@ -468,6 +475,8 @@ def model_config(cfg: dict, cell: str, vocab_size: int, task: str = "sentiment")
     """The `ModelConfig` of settings `cfg` (train, pretrain or probe): its keys that name a field,
     the library's defaults for the rest."""
     given = {f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg}
+    if "adversarial" in cfg:
+        given.update(adversarial_epsilon=cfg["adversarial"]["epsilon"], adversarial_weight=cfg["adversarial"]["weight"])
     given.update(vocab_size=vocab_size, cell=cell, task=task,
                  reset_after=cfg.get("reset_after", False) and cell == "gru")   # rnn/lstm have no such switch
     return ModelConfig(**given)
