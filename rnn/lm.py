@@ -155,14 +155,22 @@ def _shift(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray
 ENCODER_SETTINGS = ("vocab_size", "cell", "reset_after", "embed_dim", "hidden_size", "num_layers")
 
 
-def load_encoder(model, lm: LanguageModel) -> None:
+def load_encoder(model, lm: LanguageModel, backward: LanguageModel | None = None) -> None:
     """Copy the language model's encoder (embedding and recurrent layers) into `model` (a
-    SentimentModel), in place; its head keeps its own initialisation. Raises ValueError naming the
-    first setting in which the two differ."""
+    SentimentModel), in place; its head keeps its own initialisation. A bidirectional classifier
+    (one layer) takes its reverse direction from `backward`, a language model of the reversed
+    reviews (ULMFiT's forward and backward pair, here in one model), and the embedding from `lm`
+    (which the backward model should have read, frozen). Raises ValueError naming the first
+    setting in which they differ."""
+    if model.config.bidirectional and (backward is None or model.config.num_layers != 1):
+        raise ValueError("a bidirectional classifier starts from a forward and a backward language model, "
+                         "and only with num_layers 1")
     for name in ENCODER_SETTINGS:
-        mine, theirs = getattr(model.config, name), getattr(lm.config, name)
-        if mine != theirs:
-            raise ValueError(f"the language model has {name} = {theirs!r}, the classifier {mine!r}: "
-                             "pretrain with the classifier's settings")
+        for source in (lm, backward) if model.config.bidirectional else (lm,):
+            mine, theirs = getattr(model.config, name), getattr(source.config, name)
+            if mine != theirs:
+                raise ValueError(f"the language model has {name} = {theirs!r}, the classifier {mine!r}: "
+                                 "pretrain with the classifier's settings")
     for name in encoder_names(model.config):
-        model.params[name][...] = lm.params[name]
+        source = backward if "_reverse." in name else lm       # the embedding: the forward model's
+        model.params[name][...] = source.params[name.replace("_reverse.", ".")]

@@ -356,10 +356,11 @@ def _cross_checks(params: dict, source: str) -> None:
                               f"train.embed_dim = {train['embed_dim']}, the width of the embed stage's vectors")
     for cell in train["cells"]:
         cfg = cell_settings(params, cell)
-        if cfg["init"] == "lm" and cfg["bidirectional"]:
+        if cfg["init"] == "lm" and cfg["bidirectional"] and cfg["num_layers"] > 1:
             where = f"train.overrides.{cell}" if "bidirectional" in train["overrides"].get(cell, {}) else "train"
-            raise ParamsError(f"{source}: {where}.bidirectional = true: needs train.init = embeddings "
-                              "(the pretrained language model reads left to right only)")
+            raise ParamsError(f"{source}: {where}.bidirectional = true with num_layers {cfg['num_layers']}: "
+                              "init lm starts the two directions from two language models, which fit one "
+                              "layer only (above it a layer reads both); set num_layers 1 or init embeddings")
         _check_size(source, f"train ({cell})", cell, params["prepare"]["vocab_size"], cfg["embed_dim"],
                     cfg["hidden_size"], cfg["num_layers"], cfg["bidirectional"], cfg["batch_size"],
                     params["prepare"]["max_len"], "prepare.vocab_size", "prepare.max_len")
@@ -437,7 +438,8 @@ def _merge(base: dict, over: dict) -> dict:
 # Sections that decide what a cell's training computes, besides its own settings.
 RUN_SECTIONS = ("data", "prepare", "embed")
 # The train settings that shape the encoder a language model hands to the classifier.
-ARCHITECTURE = ("embed_dim", "hidden_size", "num_layers", "reset_after", "forget_bias")
+# bidirectional: pretrain then trains a second language model on the reversed reviews.
+ARCHITECTURE = ("embed_dim", "hidden_size", "num_layers", "bidirectional", "reset_after", "forget_bias")
 
 
 def pretrain_settings(params: Params, cell: str) -> dict:

@@ -54,16 +54,16 @@ def main() -> None:
 
 
 def load_inputs(root: Path, embed_dim: int, lm: str | None = None) -> dict:
-    """Train/val splits, the encoder dict, the embeddings (V, embed_dim), the language model in `lm` if
-    given, and the files' digest (the checkpoint key's). Overrides cannot change embed_dim (settings)."""
+    """Train/val splits, the encoder dict, the embeddings (V, embed_dim), the language models in `lm`
+    (and lm/backward) if given, and the files' digest (the checkpoint key's)."""
     prepared = root / "data/prepared"
     files = [prepared / "train.npz", prepared / "val.npz", prepared / "vocab.json", root / "data/embeddings.npy"]
-    language_model = None
+    language_model = backward = None
     if lm is not None:
         if not (root / lm).is_dir():
             raise FileNotFoundError(f"{root / lm}: not found (run the pretrain stage first, or set train.init: embeddings)")
-        language_model = read_model(root / lm)[0]
-        files += sorted(f for f in (root / lm).iterdir() if f.is_file())
+        language_model, backward = (read_model(d)[0] if d.is_dir() else None for d in (root / lm, root / lm / "backward"))
+        files += sorted(f for f in (*(root / lm).iterdir(), *(root / lm).glob("backward/*")) if f.is_file())
     encoder = outputs.load_vocab(files[2])
     if not files[3].is_file():
         raise FileNotFoundError(f"{files[3]}: not found (run the embed stage first)")
@@ -77,7 +77,7 @@ def load_inputs(root: Path, embed_dim: int, lm: str | None = None) -> dict:
     train, val = (outputs.load_split(f) for f in files[:2])
     return {"train": Dataset(train["ids"], train["lengths"], train["labels"]),
             "val": Dataset(val["ids"], val["lengths"], val["labels"]),
-            "encoder": encoder, "embeddings": embeddings, "language_model": language_model,
+            "encoder": encoder, "embeddings": embeddings, "language_model": language_model, "backward_model": backward,
             "digest": settings.digest([outputs.file_digest(f) for f in files])}
 
 
@@ -91,7 +91,7 @@ def train(cell: str, cfg: dict, inputs: dict, root: Path, checkpoint_dir: Path, 
     lr_scale = {}
     if inputs["language_model"] is not None:
         try:
-            load_encoder(model, inputs["language_model"])
+            load_encoder(model, inputs["language_model"], inputs["backward_model"])
         except ValueError as exc:
             raise InputError(f"models/lm/{cell}: {exc}") from None
         lr_scale = dict.fromkeys(encoder_names(config), cfg["pretrained_lr_scale"])

@@ -208,6 +208,39 @@ def test_a_classifier_started_from_the_language_model_reads_with_its_encoder():
         load_encoder(wider, lm)
 
 
+def test_a_bidirectional_classifier_reads_backward_with_the_backward_language_model():
+    """Its reverse direction on a review is the backward model reading the reversed review."""
+    from rnn.data import reverse_sequences
+    from rnn.lm import load_encoder
+    from rnn.model import encode, sort_batch
+
+    forward, backward = make_lm("gru", seed=15), make_lm("gru", seed=16)
+    backward.params["embedding.weight"][...] = forward.params["embedding.weight"]   # pretrain's way
+    classifier = make_model("gru", vocab_size=V, embed_dim=E, hidden_size=H, bidirectional=True, pooling="last")
+    with pytest.raises(ValueError, match="forward and a backward language model"):
+        load_encoder(classifier, forward)
+    load_encoder(classifier, forward, backward)
+    batch = make_batch([6, 3, 7], seed=17)
+    _, cache = classifier.forward(batch["ids"], batch["lengths"])
+    for lm, ids, half in ((forward, batch["ids"], 0), (backward, reverse_sequences(batch["ids"], batch["lengths"]), 1)):
+        _, ids_sorted, lengths, _ = sort_batch(lm.config, ids, batch["lengths"], None, None)
+        _, finals, _ = encode(lm.config, lm.params, ids_sorted, lengths)
+        np.testing.assert_allclose(cache["fc_in"][:, half * H:(half + 1) * H], finals[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(classifier.params["embedding.weight"], forward.params["embedding.weight"])
+    deep = make_model("gru", vocab_size=V, embed_dim=E, hidden_size=H, bidirectional=True, num_layers=2)
+    with pytest.raises(ValueError, match="only with num_layers 1"):
+        load_encoder(deep, make_lm("gru", seed=1, num_layers=2), make_lm("gru", seed=2, num_layers=2))
+
+
+def test_reverse_sequences_reverses_within_each_length():
+    from rnn.data import reverse_sequences
+
+    ids = np.array([[1, 2, 3, 0], [4, 5, 6, 7], [8, 0, 0, 0]])
+    out = reverse_sequences(ids, np.array([3, 4, 1]))
+    assert out.tolist() == [[3, 2, 1, 0], [7, 6, 5, 4], [8, 0, 0, 0]]
+    assert np.array_equal(reverse_sequences(out, np.array([3, 4, 1])), ids)
+
+
 def test_the_output_bias_can_start_at_the_words_log_frequencies():
     from rnn.lm import token_counts, unigram_log_probs
 

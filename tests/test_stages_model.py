@@ -174,7 +174,7 @@ def _write_lm_shapes(project: Path, params: dict) -> None:
 def test_lm_shape_holds_the_shape_keys_only():
     params = settings.validate({"train": {"hidden_size": 8, "overrides": {"lstm": {"num_layers": 2, "lr": 0.1}}}})
     assert outputs.lm_shape(params, "lstm") == {"embed_dim": 100, "hidden_size": 8, "num_layers": 2,
-                                                "reset_after": False, "forget_bias": 1.0}
+                                                "bidirectional": False, "reset_after": False, "forget_bias": 1.0}
     # A train-only setting, shared or a cell's own, leaves every shape (pretrain's dependency) alone.
     for train in ({"lr": 0.5, "dropout": 0.2}, {"overrides": {"lstm": {"lr": 0.001, "dropout": 0.1}}}):
         changed = settings.validate({"train": train})
@@ -208,6 +208,36 @@ def test_pretrain_then_train_from_the_language_model(project, monkeypatch):
     trained = np.load(project / "models/gru/seed0/weights.npz")
     assert trained["rnn.l0.W_h"].shape == lm["rnn.l0.W_h"].shape
     assert not np.array_equal(trained["rnn.l0.W_h"], lm["rnn.l0.W_h"]) and "lm.W" not in trained
+
+
+def test_a_bidirectional_classifier_starts_from_a_forward_and_a_backward_language_model(project, monkeypatch):
+    from stages import pretrain
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(init="lm", bidirectional=True, epochs=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _write_lm_shapes(project, params)
+    _main(pretrain, "lstm", monkeypatch=monkeypatch)
+    metrics = json.loads((project / "metrics/lstm/pretrain.json").read_text())
+    assert metrics["val_perplexity"] > 1 and metrics["backward"]["val_perplexity"] > 1
+    assert metrics["backward"]["val_perplexity"] != metrics["val_perplexity"]
+    history = list(csv.DictReader(io.StringIO((project / "plots/lstm/pretrain.csv").read_text())))
+    assert [r["direction"] for r in history] == ["forward", "backward"]
+    forward, backward = (np.load(project / f"models/lm/lstm/{d}weights.npz") for d in ("", "backward/"))
+    assert json.loads((project / "models/lm/lstm/backward/config.json").read_text())["metadata"]["direction"] == "backward"
+    assert not np.array_equal(forward["rnn.l0.W_h"], backward["rnn.l0.W_h"])
+    assert np.array_equal(forward["embedding.weight"], backward["embedding.weight"])   # read frozen
+    params["train"]["lr"] = 1e-9                  # (almost) no step: the encoder is still the language models'
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _write_lm_shapes(project, params)
+    _main(train, "lstm", "0", monkeypatch=monkeypatch)
+    trained = np.load(project / "models/lstm/seed0/weights.npz")
+    np.testing.assert_allclose(trained["rnn.l0_reverse.W_h"], backward["rnn.l0.W_h"], atol=1e-6)
+    np.testing.assert_allclose(trained["rnn.l0.W_h"], forward["rnn.l0.W_h"], atol=1e-6)
+    params["train"]["num_layers"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="train.bidirectional = true with num_layers 2"):
+        settings.load(project / "params.yaml")
 
 
 # ------------------------------------------------- evaluate: labels it must get right (issue 17)
