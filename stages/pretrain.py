@@ -123,7 +123,7 @@ def write_outputs(root: Path, cell: str, cfg: dict, run_hash: str, model: Langua
         save_model(folder, model, encoder=corpus["encoder"],
                    metadata={"cell": cell, "params_hash": run_hash, "best_epoch": best["epoch"],
                              "val_perplexity": best["val_perplexity"], "pretrain": cfg})
-        out.write_json(f"metrics/{cell}/pretrain.json", metrics)
+        out.write_metrics(f"metrics/{cell}/pretrain.json", metrics)
         out.write_text(f"plots/{cell}/pretrain.csv", outputs.history_csv(history, HISTORY_COLUMNS))
     tracker.log_metrics({("perplexity/val_best" if k == "val_perplexity" else f"train/{k}"): float(v)
                          for k, v in metrics.items() if isinstance(v, (int, float))})
