@@ -68,11 +68,15 @@ class Outputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.publish()
-            return
+        """Publish every output, or on an exception remove every temporary."""
         renamed = self._final_name(exc) if isinstance(exc, OSError) else None
-        self.discard()
+        for tmp, final in self.pending:
+            if exc_type is None:
+                self._remove(final)
+                os.replace(tmp, final)
+            else:
+                self._remove(tmp)
+        self.pending.clear()
         if renamed is not None:
             raise OSError(exc.errno, exc.strerror, renamed) from None
 
@@ -124,17 +128,6 @@ class Outputs:
 
     def save_figure(self, rel: str | Path, fig: Any) -> None:
         self.write(rel, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-
-    def publish(self) -> None:
-        for tmp, final in self.pending:
-            self._remove(final)
-            os.replace(tmp, final)
-        self.pending.clear()
-
-    def discard(self) -> None:
-        for tmp, _ in self.pending:
-            self._remove(tmp)
-        self.pending.clear()
 
     @staticmethod
     def _remove(path: Path) -> None:
