@@ -16,7 +16,8 @@ rnn.interop) and see the same batch. This is a measurement, not a test: nothing 
 Shapes are B x T x E x H (batch, steps, embedding size, hidden size), or a comma list of them. The
 GRU is built with reset_after=True, the form torch implements. Ratios are NumPy time / torch time
 (above 1: NumPy is slower). peak_rss_mb is the whole process's peak so far, torch included when it
-is loaded (worker processes not included).
+is loaded (worker processes not included: workers_peak_rss_mb is the largest ended worker's); the
+table ends with both.
 
 With --workers N, NumPy runs the step as training does (rnn.parallel): once in this process with
 one BLAS thread (1 worker, what workers: 1 does) and once over N worker processes with one BLAS
@@ -499,6 +500,9 @@ def main(args: argparse.Namespace) -> None:
                 print(json.dumps(row), flush=True)
             else:
                 print_table_row(row)
+    if not args.json:       # the workers table has no column for it
+        print(f"peak RSS: {peak_rss_mb():.0f} MB this process, {children_peak_rss_mb():.0f} MB the largest ended "
+              "worker process", flush=True)
 
 
 if __name__ == "__main__":

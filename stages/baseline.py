@@ -118,7 +118,7 @@ def run(cfg: dict, root: Path) -> dict:
                "train_seconds": train_seconds, "seconds": time.perf_counter() - t0,
                "features": len(model.ratio), "settings": cfg}
     with Outputs(root) as out:
-        out.write_json(METRICS, metrics)
+        out.write_metrics(METRICS, metrics)
         out.save_npz(PREDICTIONS, labels=test[1], probabilities=probs, review_ids=test[2])
     return metrics
 

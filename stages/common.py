@@ -1,10 +1,11 @@
 """Shared glue for the stages: bad input reported in one line (`run_stage(main)`), outputs that appear
-whole and together (`with Outputs(root) as out: out.write_json(...)`)."""
+whole and together (`with Outputs(root) as out: out.write_json(...)`), the stage's peak memory."""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 from collections.abc import Callable
@@ -29,8 +30,17 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """The exception's message on one line, cut to `limit` characters if given."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory so far in MiB: this process's (RUSAGE_SELF) plus that of the largest of its
+    ended child processes (RUSAGE_CHILDREN: the training and inference workers, once closed)."""
+    kib = sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return round(kib / (1024 if sys.platform != "darwin" else 1024 ** 2), 1)   # Linux: KiB, macOS: bytes
 
 
 def project_root() -> Path:
@@ -58,11 +68,15 @@ class Outputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.publish()
-            return
+        """Publish every output, or on an exception remove every temporary."""
         renamed = self._final_name(exc) if isinstance(exc, OSError) else None
-        self.discard()
+        for tmp, final in self.pending:
+            if exc_type is None:
+                self._remove(final)
+                os.replace(tmp, final)
+            else:
+                self._remove(tmp)
+        self.pending.clear()
         if renamed is not None:
             raise OSError(exc.errno, exc.strerror, renamed) from None
 
@@ -105,22 +119,15 @@ class Outputs:
     def write_json(self, rel: str | Path, obj: object) -> None:
         self.write_text(rel, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
+    def write_metrics(self, rel: str | Path, metrics: dict) -> None:
+        """A stage's metrics JSON, with the stage's peak memory so far added as `peak_rss_mb`."""
+        self.write_json(rel, {**metrics, "peak_rss_mb": peak_rss_mb()})
+
     def save_npz(self, rel: str | Path, **arrays: np.ndarray) -> None:
         self.write(rel, lambda f: np.savez_compressed(f, **arrays))
 
     def save_figure(self, rel: str | Path, fig: Any) -> None:
         self.write(rel, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-
-    def publish(self) -> None:
-        for tmp, final in self.pending:
-            self._remove(final)
-            os.replace(tmp, final)
-        self.pending.clear()
-
-    def discard(self) -> None:
-        for tmp, _ in self.pending:
-            self._remove(tmp)
-        self.pending.clear()
 
     @staticmethod
     def _remove(path: Path) -> None:

@@ -132,7 +132,7 @@ def main() -> None:
     val_figure, trace_figure = figures(cells)
     with Outputs(root) as out:
         out.write_text("reports/summary.csv", outputs.csv_text(COLUMNS, ([r[c] for c in COLUMNS] for r in summary_rows(summary))))
-        out.write_json("reports/summary.json", summary)
+        out.write_metrics("reports/summary.json", summary)
         out.write_text("reports/summary.md", summary_markdown(summary))
         out.save_figure("reports/val_accuracy.png", val_figure)
         out.save_figure("reports/grad_trace.png", trace_figure)

@@ -61,7 +61,7 @@ def run(cfg: dict, dim: int, root: Path) -> dict:
     }
     with Outputs(root) as out:
         out.write("data/embeddings.npy", lambda f: np.save(f, emb))
-        out.write_json("metrics/embed.json", metrics)
+        out.write_metrics("metrics/embed.json", metrics)
     return metrics
 
 

@@ -73,7 +73,7 @@ def run(replicate: str, cfg: dict, root: Path, tracker, workers: int = 1) -> dic
 
     plots = f"plots/{replicate}"
     with Outputs(root) as out:
-        out.write_json(f"metrics/{replicate}/eval.json", metrics)
+        out.write_metrics(f"metrics/{replicate}/eval.json", metrics)
         out.save_npz(f"data/predictions/{replicate}.npz", labels=labels.astype(np.int8),
                          probabilities=probs.astype(np.float32))
         out.write_text(f"{plots}/roc.csv", outputs.csv_text(["fpr", "tpr", "threshold"], zip(fpr, tpr, thresholds)))

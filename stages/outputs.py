@@ -128,6 +128,17 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(f, algorithm).hexdigest()
 
 
+def model_digest(folder: str | Path) -> str:
+    """sha256 over a model folder's file names and bytes: the `model_digest` tag of the run that
+    trained it. Equal folders give equal digests on any machine (after `dvc pull` too)."""
+    folder = Path(folder)
+    lines = [f"{f.relative_to(folder).as_posix()} {file_digest(f)}\n"
+             for f in sorted(folder.rglob("*")) if f.is_file()]
+    if not lines:
+        raise FileNotFoundError(f"{folder}: no model files")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 # The pretrained vectors file (embed.path) by content, written by the check stage on every `dvc repro`:
 # new vectors in the same file rerun the embed stage. {"pretrained": {"sha256", "size"} or null}
 VECTORS = "data/vectors.json"

@@ -136,7 +136,7 @@ def write_outputs(root: Path, cell: str, cfg: dict, run_hash: str, fitted: dict,
             save_model(folder / DIRECTIONS_FOLDER[direction], model, encoder=corpus["encoder"],
                        metadata={"cell": cell, "params_hash": run_hash, "best_epoch": m["best_epoch"],
                                  "val_perplexity": m["val_perplexity"], "pretrain": cfg, "direction": direction})
-        out.write_json(f"metrics/{cell}/pretrain.json", {**metrics["forward"], **{d: metrics[d] for d in fitted if d != "forward"}})
+        out.write_metrics(f"metrics/{cell}/pretrain.json", {**metrics["forward"], **{d: metrics[d] for d in fitted if d != "forward"}})
         rows = [{**r, "direction": d} for d, f in fitted.items() for r in f[1]["history"]]
         out.write_text(f"plots/{cell}/pretrain.csv", outputs.history_csv(rows, HISTORY_COLUMNS))
     for direction, (_, _, tracker, _) in fitted.items():

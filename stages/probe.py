@@ -64,7 +64,7 @@ def run(cell: str, cfg: dict, root: Path, tracker=None) -> dict:
     columns = [(w, name) for w in traces for name in sorted(traces[w])]     # a, and c for the LSTM
     names = [f"probe/{cell}.json", f"probe/{cell}.csv", f"probe/{cell}_trace.csv"]
     with Outputs(root) as out:
-        out.write_json(names[0], metrics)
+        out.write_metrics(names[0], metrics)
         out.write_text(names[1], outputs.csv_text(
             ["distance", "accuracy", "grad_ratio_first", "grad_ratio_last"],
             ([d, r["accuracy"], r["grad_ratio_first"], r["grad_ratio_last"]] for d, r in results.items())))

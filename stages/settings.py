@@ -40,7 +40,6 @@ def did_you_mean(word: object, options, prefix: str = "") -> str:
     return f" (did you mean {prefix}{lowered[hint[0]]}?)" if hint else ""
 
 
-# ------------------------------------------------------------------------------------ schemas
 def _check(test, why: str):
     """An after-validator: the value if `test(value)`, else a ValueError saying `why`."""
     def check(value):
@@ -242,7 +241,6 @@ AllParams = create_model("AllParams", __base__=Section, **{name: (m, m()) for na
 CELL_KNOBS = tuple(CellKnobs.model_fields)
 
 
-# ------------------------------------------------------------------------------------ loading
 Params = dict       # the validated params: {section: {key: value}}
 
 
@@ -323,17 +321,13 @@ def _one_line(exc: ValidationError, source: str) -> str:
         why = f"must be {sign} {ctx[bound]:g}"
     else:
         why = str(ctx.get("error", error["msg"]))
-    return f"{source}: {key} = {_fmt(error['input'])}: {why}"
+    value = error["input"]      # as YAML would write it, strings quoted
+    return f"{source}: {key} = {json.dumps(value) if value is None or isinstance(value, bool) else repr(value)}: {why}"
 
 
 def _fields(model: type[BaseModel]) -> dict:
     """{key as params.yaml writes it: pydantic FieldInfo} of a section."""
     return {info.alias or name: info for name, info in model.model_fields.items()}
-
-
-def _fmt(value: object) -> str:
-    """A value as it would look in YAML, strings quoted."""
-    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
 def _cross_checks(params: dict, source: str) -> None:
@@ -361,18 +355,20 @@ def _cross_checks(params: dict, source: str) -> None:
             raise ParamsError(f"{source}: {where}.bidirectional = true with num_layers {cfg['num_layers']}: "
                               "init lm starts the two directions from two language models, which fit one "
                               "layer only (above it a layer reads both); set num_layers 1 or init embeddings")
-        _check_size(source, f"train ({cell})", cell, params["prepare"]["vocab_size"], cfg["embed_dim"],
-                    cfg["hidden_size"], cfg["num_layers"], cfg["bidirectional"], cfg["batch_size"],
-                    params["prepare"]["max_len"], "prepare.vocab_size", "prepare.max_len")
+        _check_size(source, f"train ({cell})", cell, cfg, params["prepare"]["vocab_size"], params["prepare"]["max_len"],
+                    "prepare.vocab_size", "prepare.max_len")
     for cell in probe["cells"]:
-        _check_size(source, f"probe ({cell})", cell, probe["vocab_size"], probe["embed_dim"], probe["hidden_size"],
-                    1, False, probe["batch_size"], probe["distances"][-1] + 1 + probe["lead"],
-                    "probe.vocab_size", "the longest probe sequence")
+        _check_size(source, f"probe ({cell})", cell, {**probe, "num_layers": 1, "bidirectional": False},
+                    probe["vocab_size"], probe["distances"][-1] + 1 + probe["lead"], "probe.vocab_size",
+                    "the longest probe sequence")
 
 
-def _check_size(source: str, where: str, cell: str, vocab_size: int, embed_dim: int, hidden_size: int,
-                num_layers: int, bidirectional: bool, batch_size: int, length: int, vocab_key: str,
+def _check_size(source: str, where: str, cell: str, cfg: dict, vocab_size: int, length: int, vocab_key: str,
                 length_key: str) -> None:
+    """The model of settings `cfg` within MAX_PARAMETERS, a training step of sequences of `length` within
+    MAX_ACTIVATIONS cached values."""
+    embed_dim, hidden_size, num_layers, bidirectional, batch_size = (
+        cfg[k] for k in ("embed_dim", "hidden_size", "num_layers", "bidirectional", "batch_size"))
     n = model_size(cell, vocab_size, embed_dim, hidden_size, num_layers, bidirectional)
     if n > MAX_PARAMETERS:
         raise ParamsError(f"{source}: {where}: {vocab_key} {vocab_size}, embed_dim {embed_dim}, hidden_size "
@@ -385,7 +381,6 @@ def _check_size(source: str, where: str, cell: str, vocab_size: int, embed_dim: 
                           f"values, more than {MAX_ACTIVATIONS:.0e}")
 
 
-# ---------------------------------------------------------------------------- cells and hashes
 def _usage(argv: list[str], more: str = "", why: str = "") -> ParamsError:
     name = Path(argv[0]).stem if argv else "<stage>"
     return ParamsError(f"usage: python -m stages.{name} <cell>{more}  (cell: {' | '.join(CELLS)}{why})")
@@ -472,7 +467,6 @@ def digest(obj: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# ------------------------------------------------------------------------ rnn's config records
 def model_config(cfg: dict, cell: str, vocab_size: int, task: str = "sentiment") -> ModelConfig:
     """The `ModelConfig` of settings `cfg` (train, pretrain or probe): its keys that name a field,
     the library's defaults for the rest."""

@@ -1,4 +1,5 @@
-"""What an MLflow run logs, for the train, evaluate, pretrain and probe stages (the store: stages/mlstore.py).
+"""What an MLflow run logs, for the train, evaluate, pretrain and probe stages (which run, and the
+model's logging: stages/mlstore.py).
 
 One run per `train@<cell>`: settings, datasets (digest: their DVC md5), metrics by step and epoch,
 system metrics, the gradient trace (step = distance from the last token) and the model as a pyfunc.
@@ -12,15 +13,10 @@ not be logged is counted in `lost` and `end()` reports it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
 import math
-import os
-import shutil
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -29,7 +25,9 @@ from typing import Any
 
 from rnn.train import TrainingInterrupted
 from stages import outputs, settings
-from stages.mlstore import TrackingUnavailable, connect, one_line    # (it turns MLflow's telemetry off)
+from stages.mlstore import (EXPERIMENT_NOTES, connect, continued_run, find_run, log_pyfunc_model, new_run,
+                            one_line, warn)
+from stages.outputs import model_digest
 
 # fit's per-step and per-epoch records, train.json (step 0) and binary_metrics (evaluate) -> metric
 STEP_METRICS = {"loss": "train/step_loss", "grad_norm": "train/step_grad_norm",
@@ -47,20 +45,6 @@ TEST_METRICS = {"accuracy": "accuracy/test", "log_loss": "loss/test", "f1": "tes
                 "precision": "test/precision", "recall": "test/recall", "roc_auc": "test/roc_auc"}
 ACCURACY_BY_LENGTH = "test/accuracy_by_length"      # step = the bucket's shortest review (tokens)
 
-# The runs' colours in the UI (else hashed from the run id), as in reports/*.png (matplotlib's C0-C2).
-CELL_COLORS = {"rnn": "#1f77b4", "gru": "#ff7f0e", "lstm": "#2ca02c"}
-EXPERIMENT_NOTES = {     # the experiments' descriptions in the UI (set once; an edit made there is kept)
-    "train": "One run per `train@<cell>` stage; `evaluate@<cell>` adds the test metrics to it. `gradient/`: "
-             "log10 of the mean gradient norm by distance from the last token (the chart's step is the "
-             "distance: the vanishing gradient). Sweeps: group by the tag `dvc.exp_name` or by a param.",
-    "pretrain": "One run per `pretrain@<cell>` stage: the cell trained as a next-token language model. "
-                "`perplexity/val` by epoch (full softmax), `loss/train` (sampled softmax), `train/` by step.",
-    "probe": "One run per `probe@<cell>` stage: the memory probe. `probe/accuracy` by distance of the decisive "
-             "token from the end (the chart's step), `probe/log10_dL_d*` the gradient by steps from the end.",
-}
-MODEL_NAME = "model"         # `runs:/<run id>/model` loads the logged model
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-INPUT_EXAMPLE = ["A wonderful, moving film with a great cast.", "Two hours I will never get back."]
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
 # MLflow's limits, and how many metrics wait for a failing store before the oldest are dropped (lost).
 MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PENDING_METRICS = 6000, 100, 1000, 400_000
@@ -81,50 +65,44 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def model_digest(folder: str | Path) -> str:
-    """sha256 over a model folder's file names and bytes: the `model_digest` tag of the run that
-    trained it. Equal folders give equal digests on any machine (after `dvc pull` too)."""
-    folder = Path(folder)
-    lines = [f"{f.relative_to(folder).as_posix()} {outputs.file_digest(f)}\n"
-             for f in sorted(folder.rglob("*")) if f.is_file()]
-    if not lines:
-        raise FileNotFoundError(f"{folder}: no model files")
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
 dvc_md5 = functools.partial(outputs.file_digest, algorithm="md5")     # what DVC 3 records in dvc.lock
 
 
-def _logging(method):
-    """A Tracker method that does nothing when tracking is off (no client)."""
-    @functools.wraps(method)
-    def when_tracking(self, *args, **kwargs):
-        if self.client is not None:
-            return method(self, *args, **kwargs)
-    return when_tracking
+class Off:
+    """The tracker with `mlflow.enabled: false`: every Tracker method does nothing (MLflow is never imported)."""
+    client = run_id = model_id = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+    def __enter__(self) -> Off:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 class Tracker:
-    """One MLflow run written through an `MlflowClient` (no global active run); nothing when `client`
-    is None. Step metrics go out in batches every `log_every_steps` steps and at each epoch end: one
-    request per step would cost ~3-8 ms against SQLite and more over HTTP."""
+    """One MLflow run written through an `MlflowClient` (no global active run). Step metrics go out in
+    batches every `log_every_steps` steps and at each epoch end: one request per step would cost
+    ~3-8 ms against SQLite and more over HTTP."""
 
-    def __init__(self, client: Any = None, run: Any = None, cell: str = "", log_every_steps: int = 1,
-                 resumed: bool = False, continued: bool = False) -> None:
+    def __init__(self, client: Any, run: Any, cell: str, log_every_steps: int, resumed: bool = False,
+                 continued: bool = False) -> None:
         self.client, self.cell, self.log_every_steps = client, cell, log_every_steps
-        self.run_id = run.info.run_id if run else None
-        self.experiment_id = run.info.experiment_id if run else None
-        self.tracking_uri = client.tracking_uri if client else None
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+        self.tracking_uri = client.tracking_uri
         self.resumed = resumed            # another stage's run: its status is left alone
         self.continued = continued        # this stage's own run, from an interrupted attempt
         self.lost: Counter[str] = Counter()       # what could not be logged, by kind
         self.first_error: str | None = None
-        models = run.outputs.model_outputs if run and run.outputs else []
+        models = run.outputs.model_outputs if run.outputs else []
         self.model_id: str | None = models[-1].model_id if models else None     # the run's logged model
         self.register_as: str | None = None       # registered model name for log_model, if any
         self.datasets: dict[str, tuple[str, str]] = {}    # split -> (name, digest) as logged
         self._pending: list = []          # mlflow.entities.Metric not yet sent
-        self._steps_since_flush = 0
         self._failing = False             # after a failed flush only epoch ends and end() retry
         self._first_trace_logged = False
         self._monitor = None              # MLflow's SystemMetricsMonitor while training
@@ -132,22 +110,22 @@ class Tracker:
 
     @classmethod
     def start(cls, params: settings.Params, cell: str, stage: str, run_hash: str | None = None,
-              run_file: str | Path | None = None, resume: bool = False, seed: int | None = None) -> Tracker:
+              run_file: str | Path | None = None, resume: bool = False, seed: int | None = None) -> Tracker | Off:
         """The run of `stage` (e.g. "train@lstm-0"), tagged `params_hash` and `seed`. With `resume` the
         run named in run_file continues if the store has it; else a new run starts and run_file names
         it. Raises TrackingUnavailable when the store is unusable."""
         cfg = params["mlflow"]
         if not cfg["enabled"]:
-            return cls()
+            return Off()
         kind = stage.partition("@")[0] if stage.startswith(("probe@", "pretrain@")) else "train"
         client, experiment_id = connect(cfg.get(f"{kind}_experiment", cfg["experiment"]),
                                         {"mlflow.note.content": EXPERIMENT_NOTES[kind]})
-        run = _continued_run(client, Path(run_file)) if resume and run_file else None
+        run = continued_run(client, Path(run_file)) if resume and run_file else None
         if run is not None:
             print(f"{cell}: continuing MLflow run {run.info.run_id}", flush=True)
             tracker = cls(client, run, cell, cfg["log_every_steps"], continued=True)
         else:
-            tracker = cls(client, _new_run(client, experiment_id, cell, stage, run_hash, seed), cell,
+            tracker = cls(client, new_run(client, experiment_id, cell, stage, run_hash, seed), cell,
                           cfg["log_every_steps"])
             if stage.startswith("train@"):     # effective values (runs compare key by key), and the overrides
                 flat = flatten(settings.cell_settings(params, cell, seed), "train")
@@ -171,24 +149,18 @@ class Tracker:
         return tracker
 
     @classmethod
-    def for_model(cls, params: settings.Params, model_dir: str | Path, stage: str) -> Tracker:
+    def for_model(cls, params: settings.Params, model_dir: str | Path, stage: str) -> Tracker | Off:
         """The newest run tagged with the digest of the model in `model_dir` (the run that trained it);
         else, with a warning, a new run (tracking was off, another store, a copied model)."""
         cfg = params["mlflow"]
         if not cfg["enabled"]:
-            return cls()
+            return Off()
         cell, digest = stage.partition("@")[2] or stage, model_digest(model_dir)
         client, experiment_id = connect(cfg["experiment"])
-        uri = client.tracking_uri
-        try:
-            runs = client.search_runs([experiment_id], filter_string=f"tags.model_digest = '{digest}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
-            run = client.get_run(runs[0].info.run_id) if runs else None     # search results carry no outputs
-        except Exception as exc:
-            raise TrackingUnavailable(f"MLflow store {uri}: cannot search runs: {one_line(exc)}") from None
+        run = find_run(client, experiment_id, f"tags.model_digest = '{digest}'")
         if run is None:
-            _warn(f"no run in {uri} (experiment {cfg['experiment']!r}) trained the model in {model_dir} "
-                  f"(tag model_digest = {digest[:12]}...); starting a new run")
+            warn(f"no run in {client.tracking_uri} (experiment {cfg['experiment']!r}) trained the model in "
+                 f"{model_dir} (tag model_digest = {digest[:12]}...); starting a new run")
             tracker = cls.start(params, cell, stage)
             tracker._set_tags({"model_digest": digest})
             return tracker
@@ -198,7 +170,6 @@ class Tracker:
             tracker._set_tags({"dvc.stages": f"{stages},{stage}" if stages else stage})
         return tracker
 
-    @_logging
     def log_params(self, flat: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
         items = [Param(str(k), _param_value(v)) for k, v in flat.items()]
@@ -206,13 +177,11 @@ class Tracker:
             chunk = items[i:i + MAX_PARAMS_PER_BATCH]
             self._call("params", len(chunk), self.client.log_batch, self.run_id, params=chunk)
 
-    @_logging
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Metrics, sent now (e.g. the test metrics); non-numbers raise TypeError."""
         self._add(metrics, step or 0)
         self._flush()
 
-    @_logging
     def log_series(self, key: str, values: Sequence[float | None]) -> None:
         """A curve as log10 values with step = index (a gradient trace: the distance from the last token);
         None (a distance no sequence reached) and 0 (a norm flushed to zero) are left out."""
@@ -221,7 +190,6 @@ class Tracker:
                 self._add({key: math.log10(value)}, step)
         self._flush()
 
-    @_logging
     def log_datasets(self, root: Path, rows: Mapping[str, int]) -> None:
         """data/prepared/<split>.npz as inputs imdb-<split>, digest = the DVC md5: the data version."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -235,21 +203,18 @@ class Tracker:
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", DATASET_CONTEXT[split])]))
         self._call("datasets", len(inputs), self.client.log_inputs, self.run_id, datasets=inputs)
 
-    @_logging
     def on_step(self, info: Mapping[str, Any]) -> None:
         self._add({name: info[key] for key, name in STEP_METRICS.items()}, int(info["step"]))
-        self._steps_since_flush += 1
-        if self._steps_since_flush >= self.log_every_steps and not self._failing:
+        # Only step metrics wait between flushes (the others are sent at once): count steps by them.
+        if len(self._pending) >= self.log_every_steps * len(STEP_METRICS) and not self._failing:
             self._flush()
 
-    @_logging
     def on_epoch(self, info: Mapping[str, Any]) -> None:
         self._add({name: info[key] for key, name in EPOCH_METRICS.items() if key in info}, int(info["epoch"]))
         self._flush()
         if info.get("trace") and int(info["epoch"]) == 1:
             self._log_trace(info["trace"], "first_epoch")
 
-    @_logging
     def log_summary(self, metrics: Mapping[str, Any], traces: Sequence[Mapping[str, list]]) -> None:
         """After `log_model`: train.json's figures (the best val accuracy linked to the model), the last
         epoch's gradient trace (the first's too if this run missed it)."""
@@ -263,7 +228,6 @@ class Tracker:
                 self._log_trace(traces[0], "first_epoch")
             self._log_trace(traces[-1], "last_epoch")
 
-    @_logging
     def log_test_metrics(self, scores: Mapping[str, Any], buckets: Sequence[Mapping[str, Any]]) -> None:
         numbers = {name: scores[key] for key, name in TEST_METRICS.items() if scores.get(key) is not None}
         self._add(numbers, 0, model_id=self.model_id, dataset=self.datasets.get("test"))
@@ -271,54 +235,23 @@ class Tracker:
             self._add({ACCURACY_BY_LENGTH: row["accuracy"]}, int(row["min_length"]))
         self._flush()
 
-    @_logging
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call("artifacts", 1, self.client.log_artifact, self.run_id, str(path), artifact_path)
+        """A file, or a folder's files, under `artifact_path`."""
+        log = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+        self._call("artifacts", 1, log, self.run_id, str(path), artifact_path)
 
-    @_logging
-    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        self._call("artifacts", 1, self.client.log_artifacts, self.run_id, str(directory), artifact_path)
+    log_artifacts = log_artifact
 
-    @_logging
     def set_model_digest(self, folder: Path) -> None:
         self._set_tags({"model_digest": model_digest(folder)})
 
-    @_logging
     def log_model(self, folder: Path) -> None:
-        """The folder as the run's pyfunc model (stages/pyfunc_model.py, a copy of `rnn` inside: text in,
-        P(positive) out), registered as <experiment>-<cell> with `mlflow.register`."""
-        self._call("models", 1, self._log_model, Path(folder))
+        """The folder as the run's pyfunc model, registered as <experiment>-<cell> with `mlflow.register`."""
+        def log() -> None:
+            self.model_id = log_pyfunc_model(self.client, self.run_id, self.experiment_id, Path(folder),
+                                             {"cell": self.cell, "model_digest": model_digest(folder)}, self.register_as)
+        self._call("models", 1, log)
 
-    def _log_model(self, folder: Path) -> None:
-        import mlflow
-        import numpy as np
-        import pandas as pd
-        from mlflow.entities import LoggedModelOutput
-        from mlflow.models import ModelSignature
-        from mlflow.types import ColSpec, Schema
-
-        import rnn
-        mlflow.set_tracking_uri(self.tracking_uri)     # logging the files and registering read the global URI
-        params = {k: v for k, v in self.client.get_run(self.run_id).data.params.items() if k.startswith("train.")}
-        model = self.client.create_logged_model(
-            self.experiment_id, name=MODEL_NAME, source_run_id=self.run_id, params=params,
-            tags={"cell": self.cell, "model_digest": model_digest(folder)}, model_type="sentiment-classifier")
-        with tempfile.TemporaryDirectory(prefix="rnn-code-") as tmp:
-            code = shutil.copytree(Path(rnn.__file__).parent, Path(tmp) / "rnn",
-                                   ignore=shutil.ignore_patterns("__pycache__"))
-            # No run_id: MLflow would copy every metric at step 0 onto the model (the gradient at
-            # distance 0 too); the run is linked to the model below instead.
-            mlflow.pyfunc.log_model(
-                name=MODEL_NAME, model_id=model.model_id, python_model=str(PYFUNC_FILE),
-                artifacts={"model_dir": str(folder)}, code_paths=[str(code)],
-                signature=ModelSignature(Schema([ColSpec("string", "text")]),
-                                         Schema([ColSpec("double", "p_positive")])),
-                input_example=pd.DataFrame({"text": INPUT_EXAMPLE}), registered_model_name=self.register_as,
-                pip_requirements=[f"{m.__name__}=={m.__version__}" for m in (mlflow, np, pd)])
-        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
-        self.model_id = model.model_id
-
-    @_logging
     def end(self, status: str = "FINISHED") -> None:
         """Send what is buffered, close the run (a resumed one keeps its status), report what could not
         be logged. Safe to call twice."""
@@ -331,7 +264,7 @@ class Tracker:
         if not self.resumed:
             self._call("status updates", 1, self.client.set_terminated, self.run_id, status)
         if +self.lost:      # (unary + drops the kinds counted 0)
-            _warn(f"could not log {', '.join(f'{v} {k}' for k, v in (+self.lost).items())} to run {self.run_id} "
+            warn(f"could not log {', '.join(f'{v} {k}' for k, v in (+self.lost).items())} to run {self.run_id} "
                   f"at {self.tracking_uri} (first error: {self.first_error}); the local outputs are complete")
 
     def __enter__(self) -> Tracker:
@@ -364,7 +297,6 @@ class Tracker:
             self.lost["metrics"] += excess
 
     def _flush(self) -> None:
-        self._steps_since_flush = 0
         while self._pending:
             chunk = self._pending[:MAX_METRICS_PER_BATCH]
             if not self._call("metrics", 0, self.client.log_batch, self.run_id, metrics=chunk):
@@ -389,48 +321,8 @@ class Tracker:
             self.lost[kind] += count
             if self.first_error is None:
                 self.first_error = one_line(exc)
-                _warn(f"logging to {self.tracking_uri} failed ({self.first_error}); training goes on, "
+                warn(f"logging to {self.tracking_uri} failed ({self.first_error}); training goes on, "
                       "what cannot be logged is counted and reported at the end")
             return False
 
 
-def _new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: str | None,
-             seed: int | None = None) -> Any:
-    """A new run of `stage` tagged with its cell, seed, colour, DVC stage and experiment, commit and sweep."""
-    from mlflow.utils.git_utils import get_git_commit
-    exp_name, base_rev = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
-    commit = get_git_commit(os.getcwd())    # in a queued experiment: the copy being run, at the baseline
-    tags = {"cell": cell, "mlflow.runColor": CELL_COLORS.get(cell, "#7f7f7f"), "dvc.stage": stage,
-            "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
-            "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
-            "mlflow.source.git.commit": commit or base_rev, "seed": None if seed is None else str(seed),
-            "sweep.study": os.environ.get("RNN_SWEEP_STUDY")}
-    if trial := json.loads(os.environ.get("RNN_SWEEP_TRIAL") or "{}"):      # a sweep worker's trial (sweeps/)
-        tags["sweep.trial"] = str(trial.get("trial"))
-        if stage.startswith(("train@", "baseline")):     # the study's parent run is in this experiment
-            tags["mlflow.parentRunId"] = trial.get("mlflow_parent_run_id")
-    # e.g. "lstm-1" (seed 1) beside "probe@lstm"
-    name = (cell if seed is None else f"{cell}-{seed}") if stage.startswith(("train@", "baseline")) else stage
-    try:
-        return client.create_run(experiment_id, run_name=f"{name} ({exp_name})" if exp_name else name,
-                                 tags={k: v for k, v in tags.items() if v})
-    except Exception as exc:
-        raise TrackingUnavailable(f"MLflow store {client.tracking_uri}: cannot create a run: {one_line(exc)}") from None
-
-
-def _continued_run(client: Any, run_file: Path) -> Any:
-    """The run an interrupted training recorded in `run_file`, running again; else None, with a warning."""
-    try:
-        record = json.loads(run_file.read_text(encoding="utf-8"))
-        if record["tracking_uri"] != client.tracking_uri:
-            raise ValueError(f"its run was logged to {record['tracking_uri']}, not {client.tracking_uri}")
-        run = client.get_run(record["run_id"])
-        client.update_run(run.info.run_id, status="RUNNING")
-        return run
-    except Exception as exc:  # noqa: BLE001 - no usable record or run: a new run instead
-        _warn(f"{run_file}: cannot continue its run ({one_line(exc)}); the resumed training starts a new run")
-        return None
-
-
-def _warn(message: str) -> None:
-    print(f"warning: mlflow: {message}", file=sys.stderr, flush=True)

@@ -123,7 +123,7 @@ def write_outputs(root: Path, cell: str, seed: int, cfg: dict, run_hash: str, mo
         save_model(folder, model, encoder=encoder,
                    metadata={"cell": cell, "seed": seed, "params_hash": run_hash, "best_epoch": result["best_epoch"],
                              "best_val_accuracy": result["best_val_accuracy"], "train": cfg})
-        out.write_json(f"metrics/{replicate}/train.json", metrics)
+        out.write_metrics(f"metrics/{replicate}/train.json", metrics)
         out.write_text(f"plots/{replicate}/history.csv", outputs.history_csv(history))
         out.write_text(f"plots/{replicate}/grad_trace.csv", outputs.trace_csv(rows))
         out.save_figure(f"plots/{replicate}/grad_trace.png", figure)

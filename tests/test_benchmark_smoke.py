@@ -51,7 +51,7 @@ def test_table_with_random_lengths_and_no_flush():
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("cpu: ") and lines[1].startswith("numpy BLAS: ")
     assert "flush=False" in lines[2] and lines[3].split()[0] == "cell"
-    assert lines[4].split()[:2] == ["lstm", "4x5x8x8"]
+    assert lines[4].split()[:2] == ["lstm", "4x5x8x8"] and lines[5].startswith("peak RSS: ")
 
 
 WORKER_KEYS = {"workers", "numpy_workers_train_step_s", "numpy_workers_infer_tokens_per_s",
@@ -76,7 +76,9 @@ def test_quick_with_two_workers():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[2].startswith("workers=2") and lines[4].split()[:2] == ["cell", "BxTxExH"]
-    assert lines[5].split()[:2] == ["lstm", "4x5x8x8"] and len(lines) == 6
+    assert lines[5].split()[:2] == ["lstm", "4x5x8x8"] and len(lines) == 7
+    process_mb, worker_mb = (float(w) for w in lines[6].split() if w.isdigit())    # the peak RSS line
+    assert lines[6].startswith("peak RSS: ") and process_mb > 0 and worker_mb > 0
 
 
 def test_bad_shape_is_a_usage_error():

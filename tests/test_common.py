@@ -17,11 +17,14 @@ from stages.settings import ParamsError
 def test_outputs_appear_together_when_the_block_succeeds(tmp_path):
     with Outputs(tmp_path) as out:
         out.write_json("metrics/a.json", {"x": 1.5})
+        out.write_metrics("metrics/b.json", {"x": 1.5})
         out.save_npz("data/b.npz", ids=np.arange(3))
         folder = out.path("models/lstm", folder=True)
         (folder / "weights.bin").write_bytes(b"w")
         assert not (tmp_path / "metrics/a.json").exists(), "visible before the block ended"
     assert json.loads((tmp_path / "metrics/a.json").read_text()) == {"x": 1.5}
+    with_memory = json.loads((tmp_path / "metrics/b.json").read_text())
+    assert with_memory.pop("peak_rss_mb") > 0 and with_memory == {"x": 1.5}     # a stage's peak RSS in MiB
     assert np.load(tmp_path / "data/b.npz")["ids"].tolist() == [0, 1, 2]
     assert (tmp_path / "models/lstm/weights.bin").read_bytes() == b"w"
     assert not [p for p in tmp_path.rglob(".*tmp-*")], "temporaries left behind"

@@ -194,6 +194,7 @@ def test_pretrain_then_train_from_the_language_model(project, monkeypatch):
     _main(pretrain, "gru", monkeypatch=monkeypatch)
     metrics = json.loads((project / "metrics/gru/pretrain.json").read_text())
     assert metrics["reviews"] == 64 + 40 and metrics["val_perplexity"] > 1 and metrics["resumed"] is False
+    assert metrics["peak_rss_mb"] > 0
     lm = np.load(project / "models/lm/gru/weights.npz")
     assert json.loads((project / "models/lm/gru/config.json").read_text())["model"]["task"] == "language_model"
     assert not any((project / "checkpoints").rglob("*.*")), "a finished pretraining leaves its checkpoint"
@@ -260,7 +261,7 @@ def test_evaluate_scores_a_model_that_is_always_right_as_always_right(project, m
     _main(evaluate, "rnn", "0", monkeypatch=monkeypatch)
     labels = np.load(project / "data/prepared/test.npz")["labels"]
     ev = json.loads((project / "metrics/rnn/seed0/eval.json").read_text())
-    assert ev["accuracy"] == 1.0 and ev["roc_auc"] == 1.0 and ev["f1"] == 1.0
+    assert ev["accuracy"] == 1.0 and ev["roc_auc"] == 1.0 and ev["f1"] == 1.0 and ev["peak_rss_mb"] > 0
     assert ev["confusion"] == {"tn": int((labels == 0).sum()), "fp": 0, "fn": 0, "tp": int(labels.sum())}
     rows = list(csv.DictReader(open(project / "plots/rnn/seed0/confusion.csv")))
     assert [int(r["actual"]) for r in rows] == labels.tolist() == [int(r["predicted"]) for r in rows]
