@@ -118,7 +118,7 @@ class Clip(Section):
 
 class Adversarial(Section):
     """Adversarial training on the embeddings (rnn.model.adversarial_perturbation); epsilon 0 = off."""
-    epsilon: Annotated[float, Field(ge=0, le=10)] = 0.0
+    epsilon: Annotated[float, Field(ge=0, le=10)] = 0.1
     weight: Annotated[float, Field(ge=0, le=10)] = 1.0
 
 
