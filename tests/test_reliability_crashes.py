@@ -1,0 +1,90 @@
+"""Issue 25: crashes without a message. Each test fails on the code before the fix: a worker killed
+inside a real stage, a pool's shared memory that does not fit /dev/shm, a shared-memory view that
+outlives its pool (the "Exception ignored ... BufferError" at exit)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from rnn import ModelConfig, SentimentModel, parallel
+from rnn.errors import InputError
+from test_reliability import REPO, _stage_project, _start, _wait_for_line
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The pool's worker processes among the children of `pid` (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_worker_killed_inside_the_train_stage_ends_it_with_one_line(tmp_path):
+    root = _stage_project(tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(workers=2, epochs=200)            # minutes of training unless stopped
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = _start(root)
+    _wait_for_line(proc, "lstm epoch 1/200")
+    workers = _workers_of(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: worker 1 (pid {workers[1]}) died from signal SIGKILL"), err
+
+
+def test_a_pool_that_would_not_fit_in_dev_shm_is_refused_in_one_line(monkeypatch):
+    model = SentimentModel.create(ModelConfig(vocab_size=50, embed_dim=4, hidden_size=4), np.random.default_rng(0))
+    data = {"ids": np.ones((1000, 20), np.int32), "lengths": np.full(1000, 20), "labels": np.zeros(1000, np.int8)}
+    monkeypatch.setattr(parallel, "shm_free_bytes", lambda: 64 << 10)        # 64 KiB free
+    own = dict(model.params)
+    with pytest.raises(InputError) as info:
+        parallel.make_runner(model, data, 2)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("/dev/shm has 0.1 MiB free, 2 worker processes need 0.")
+    assert "train.workers: 1" in message
+    assert all(model.params[k] is v for k, v in own.items()), "the model lost its own arrays"
+    monkeypatch.setattr(parallel, "shm_free_bytes", lambda: 1 << 30)
+    with parallel.make_runner(model, data, 2) as runner:                     # room enough: it runs
+        loss, _, _ = runner.gradients(np.arange(8), 0)
+    assert np.isfinite(loss)
+
+
+def test_the_free_space_of_dev_shm_is_read_from_the_file_system():
+    free = parallel.shm_free_bytes()
+    if Path("/dev/shm").is_dir():
+        st = os.statvfs("/dev/shm")
+        assert free == st.f_bavail * st.f_frsize
+    else:
+        assert free is None
+
+
+KEPT_VIEW = """
+import numpy as np
+from rnn import ModelConfig, SentimentModel
+from rnn.parallel import WorkerPool
+if __name__ == "__main__":
+    model = SentimentModel.create(ModelConfig(vocab_size=6, embed_dim=2, hidden_size=2), np.random.default_rng(0))
+    with WorkerPool(model, 2) as pool:
+        kept = model.params["fc.b"]          # a view into the shared block that outlives the pool
+    print("closed")
+"""
+
+
+def test_a_view_that_outlives_its_pool_prints_nothing_at_exit(tmp_path):
+    """Issue 25: `Exception ignored ... BufferError: cannot close exported pointers exist` at the end
+    of every fresh pretrain: SharedMemory.__del__ retried the close that had failed on a live view."""
+    (tmp_path / "kept.py").write_text(KEPT_VIEW)
+    proc = subprocess.run([sys.executable, str(tmp_path / "kept.py")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout == "closed\n", proc.stderr
+    assert "Exception ignored" not in proc.stderr and proc.stderr == "", proc.stderr
