@@ -97,6 +97,18 @@ PARAMS = [  # (what, params.yaml, message); every row: issue 17 items 4, 9, 10
     ("pretrained, no path", {"embed": {"method": "pretrained"}}, "embed.path = null: required"),
     ("pretrained, missing file", {"embed": {"method": "pretrained", "path": "glove.txt"}},
      "embed.path = 'glove.txt'"),
+    # issue 25: what a later stage refuses (after DVC removed its outputs), check refuses first
+    ("train.lr .inf", {"train": {"lr": float("inf")}}, "params.yaml: train.lr = inf: Input should be a finite number"),
+    ("pretrain.lr .nan", {"pretrain": {"lr": float("nan")}}, "pretrain.lr = nan: Input should be a finite number"),
+    ("probe.lr .inf", {"probe": {"lr": float("inf")}}, "probe.lr = inf: Input should be a finite number"),
+    ("override lr .inf", {"train": {"overrides": {**OVERRIDES, "gru": {"lr": float("inf")}}}},
+     "train.overrides.gru.lr = inf: Input should be a finite number"),
+    ("data.limit 1", {"data": {"limit": 1}}, "params.yaml: data.limit = 1: must be >= 4"),
+    ("data.limit 3", {"data": {"limit": 3}}, "params.yaml: data.limit = 3: must be >= 4"),
+    ("tokens_per_epoch 1", {"pretrain": {"tokens_per_epoch": 1}},
+     "params.yaml: pretrain.tokens_per_epoch = 1: must be at least one batch of reviews, pretrain.batch_size 32 x "
+     "prepare.max_len 400 = 12800 tokens"),
+    ("workers 1000", {"train": {"workers": 1000}}, "params.yaml: train.workers = 1000: more than 4 x the"),
 ]
 
 
@@ -118,6 +130,25 @@ def test_a_good_project_passes_the_check_and_its_source_is_the_archive_content(c
     assert (tmp_path / "data/source.json").read_bytes() == first, "the same archive elsewhere changed the source"
     assert json.loads(first)["archive"]["sha256"] == file_digest(good_archive)
     assert json.loads((tmp_path / "data/vectors.json").read_text()) == {"pretrained": None}
+
+
+def test_a_refused_check_names_the_values_that_differ_from_the_committed_params(checked_project, tmp_path):
+    """Issue 25: `dvc exp run -S train.lr=.inf` writes the value into params.yaml before check refuses it,
+    and there it stays: the error says so, and how to undo it."""
+    checked_project({"train": {"overrides": OVERRIDES, "lr": 0.002}})
+    shutil.rmtree(tmp_path / "data")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for command in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
+        subprocess.run(git + command, cwd=tmp_path, check=True, capture_output=True)
+    with pytest.raises(InputError) as info:
+        checked_project({"train": {"overrides": OVERRIDES, "lr": float("inf"), "workers": 3}})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("params.yaml: train.lr = inf: Input should be a finite number; "
+                                                       "params.yaml differs from the committed one in "
+                                                       "train.lr (0.002 -> inf), train.workers (absent -> 3)"), message
+    assert message.endswith("undo with `git checkout params.yaml`"), message
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=tmp_path, check=True, capture_output=True)
+    check.main()                                                   # undone: the committed params pass
 
 
 # --------------------------------------------------------------------------------- archives
