@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig
+from .errors import InputError
 from .layers import row_dropout_mask
 from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_softmax_loss,
                      softmax_cross_entropy)
@@ -92,7 +93,15 @@ class LanguageModel(Model):
 
     def perplexity(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 64, runner=None) -> float:
         """exp(mean negative log-likelihood per prediction) over many sequences, in batches of
-        similar length; on a runner's workers when one is given (rnn.parallel)."""
+        similar length; on a runner's workers when one is given (rnn.parallel). Raises InputError
+        when every target is the same word: a model learns to always predict it, and its
+        perplexity of 1.0 would look perfect (a vocabulary of only <unk> does that)."""
+        _, _, targets = _shift(ids, lengths)
+        real = targets[targets != PAD]
+        if real.size and (real == real[0]).all():
+            word = "<unk>" if real[0] == UNK else f"id {int(real[0])}"
+            raise InputError(f"every one of the {real.size:,} next-token targets is the word {word}: a perplexity "
+                             "over them says nothing (does the vocabulary know too few words?)")
         batches = map_by_length(runner or LocalRunner(self), "nll", ids, lengths, batch_size)
         total, count = map(sum, zip(*(result for _, result in batches)))
         return float(np.exp(total / max(count, 1)))

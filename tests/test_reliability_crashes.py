@@ -88,3 +88,32 @@ def test_a_view_that_outlives_its_pool_prints_nothing_at_exit(tmp_path):
                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout == "closed\n", proc.stderr
     assert "Exception ignored" not in proc.stderr and proc.stderr == "", proc.stderr
+
+
+# ------------------------------------------------------------------ issue 25: silently wrong
+def test_a_vocabulary_that_leaves_most_of_the_text_unk_is_refused(tmp_path, make_imdb_archive):
+    from stages import download, prepare
+    download.run({"limit": None}, tmp_path, str(make_imdb_archive(n_per_class=10)))
+    cfg = {"max_len": 30, "truncate": "both", "vocab_size": 1000, "min_freq": 1_000_000, "val_fraction": 0.25, "seed": 0}
+    with pytest.raises(InputError) as info:
+        prepare.run(cfg, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        "params.yaml: the vocabulary (2 words with prepare.min_freq 1000000, prepare.vocab_size 1000) covers 0.0% "
+        "of the training text's tokens, less than 50%"), message
+    assert not (tmp_path / "data/prepared").exists()
+    metrics = prepare.run({**cfg, "min_freq": 1}, tmp_path)                 # a real vocabulary passes
+    assert metrics["oov_rate"]["train"] < 0.5
+
+
+def test_no_perplexity_over_targets_that_are_all_one_word():
+    from rnn.lm import LanguageModel
+    config = ModelConfig(vocab_size=6, embed_dim=3, hidden_size=4, task="language_model", num_sampled=3)
+    model = LanguageModel.create(config, np.random.default_rng(0))
+    lengths = np.array([5, 3, 4])
+    unk = np.where(np.arange(5) < lengths[:, None], 1, 0)                   # every word <unk>
+    with pytest.raises(InputError, match=r"^every one of the 9 next-token targets is the word <unk>: a perplexity"):
+        model.perplexity(unk, lengths)
+    varied = unk.copy()
+    varied[0, 2] = 4
+    assert 1 < model.perplexity(varied, lengths) < 100
