@@ -3,6 +3,7 @@ inside a real stage, a pool's shared memory that does not fit /dev/shm, a shared
 outlives its pool (the "Exception ignored ... BufferError" at exit)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -70,6 +72,7 @@ def test_the_free_space_of_dev_shm_is_read_from_the_file_system():
 
 KEPT_VIEW = """
 import numpy as np
+import pandas as pd
 from rnn import ModelConfig, SentimentModel
 from rnn.parallel import WorkerPool
 if __name__ == "__main__":
@@ -117,3 +120,38 @@ def test_no_perplexity_over_targets_that_are_all_one_word():
     varied = unk.copy()
     varied[0, 2] = 4
     assert 1 < model.perplexity(varied, lengths) < 100
+
+
+def test_the_text_a_model_trained_on_reads_back_through_rnn_predict_as_the_prepared_ids(tmp_path, make_imdb_archive,
+                                                                                        monkeypatch, capsys):
+    """Issue 25: a tokenizer that differs between training and prediction (lowercasing removed on the
+    prediction path alone) passed every test. The training reviews, given to `rnn predict` as text,
+    must reach the model as exactly the ids the prepare stage wrote."""
+    from rnn.cli import main as rnn_main
+    from rnn.io import save_model
+    from stages import download, prepare
+    shouting = [("aclImdb/train/pos/900_10.txt", b"Great. Wonderful, EXCELLENT film!<br />The ACTING?"),
+                ("aclImdb/train/neg/901_1.txt", "Caf\u00e9 SCENES: dull, Dull, DULL... Not \"good\"".encode())]
+    download.run({"limit": None}, tmp_path, str(make_imdb_archive(n_per_class=8, extra_members=shouting)))
+    prepare.run({"max_len": 12, "truncate": "both", "vocab_size": 1000, "min_freq": 1, "val_fraction": 0.25,
+                 "seed": 0}, tmp_path)
+    prepared = np.load(tmp_path / "data/prepared/train.npz")
+    encoder = json.loads((tmp_path / "data/prepared/vocab.json").read_text())
+    model = SentimentModel.create(ModelConfig(vocab_size=len(encoder["tokens"]), embed_dim=3, hidden_size=3),
+                                  np.random.default_rng(0))
+    save_model(tmp_path / "model", model, encoder)
+    raw = pd.read_parquet(tmp_path / "data/raw/train.parquet").set_index(["id", "label"])["text"]
+    texts = [raw[(i, y)] for i, y in zip(prepared["review_ids"], prepared["labels"])]
+    assert {900, 901} & set(prepared["review_ids"].tolist()) and any(t != t.lower() for t in texts)
+
+    capsys.readouterr()
+    seen = []
+    real = SentimentModel.predict_logits
+    monkeypatch.setattr(SentimentModel, "predict_logits",
+                        lambda self, ids, lengths, *a, **k: seen.append((ids, lengths)) or real(self, ids, lengths, *a, **k))
+    assert rnn_main(["predict", "--model", str(tmp_path / "model"), "--json", *texts]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(texts)
+    ids, lengths = seen[0]
+    assert lengths.tolist() == prepared["lengths"].tolist()
+    for row, n in enumerate(lengths):
+        assert ids[row, :n].tolist() == prepared["ids"][row, :n].tolist(), texts[row]
