@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .config import MAX_REVIEW_BYTES
+from .errors import shorten
 from .io import atomic_file
 from .metrics import binary_metrics
 from .parallel import resolve_workers
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, OSError) as e:
-        print(f"rnn {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"rnn {args.command}: error: {shorten(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -116,6 +119,10 @@ def _predict(args) -> int:
     if not texts:
         raise ValueError(f"no reviews in {args.file or 'standard input'}")
     probs = _probabilities(predictor, texts, args.model)
+    wordless = sum(not tokenize(t) for t in texts)
+    if wordless:                   # what the model says about nothing: no more than its bias
+        print(f"rnn predict: note: {wordless} of the {len(texts)} reviews hold no word; such a review is read "
+              "as one unknown word (<unk>)", file=sys.stderr)
     if args.json:
         for text, p in zip(texts, probs):
             label = LABELS[int(p >= 0.5)]
@@ -211,8 +218,12 @@ def _read_labelled_dir(folder: Path) -> tuple[list[str], list[int]]:
             if not f.is_file():              # a FIFO would block the read forever; a folder fails it
                 skipped.append(f)
                 continue
+            with open(f, "rb") as review:       # never more than the cap: the file may be huge
+                data = review.read(MAX_REVIEW_BYTES + 1)
+            if len(data) > MAX_REVIEW_BYTES:
+                raise ValueError(f"{f}: more than the {MAX_REVIEW_BYTES >> 20} MiB a review may have")
             # Corpora other than IMDB are not always clean UTF-8; a stray byte should not stop scoring.
-            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            texts.append(data.decode("utf-8", errors="replace"))
             labels.append(label)
     if skipped:
         what = "entry that is not a regular file" if len(skipped) == 1 else "entries that are not regular files"
@@ -293,8 +304,8 @@ the logit when the word is left out; hover for the value). Model: {html.escape(m
 def _generate(args) -> int:
     if args.tokens < 1 or args.tokens > 10_000:
         raise ValueError(f"--tokens must lie in [1, 10000], got {args.tokens}")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be >= 0 and finite, got {args.temperature}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     writer = load_language_model(args.model)

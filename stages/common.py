@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rnn.errors import InputError
+from rnn.errors import InputError, shorten
 from rnn.parallel import WorkerDied
 
 
@@ -35,7 +35,7 @@ def run_stage(main: Callable[[], None]) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return shorten(exc) or type(exc).__name__
 
 
 def project_root() -> Path:

@@ -169,6 +169,7 @@ def _archive(tmp: Path, kind: str) -> Path:
         "escaping path": [("aclImdb/../../evil.txt", b"x")],
         "FIFO member": [_fifo("aclImdb/train/pos/fifo")],
         "unpacks too far": [("aclImdb/imdb.vocab", bytes(3 << 20))],
+        "300 empty members": [(f"aclImdb/empty/{i}", b"") for i in range(300)],
     }.get(kind)
     if kind == "missing":
         return path
@@ -198,12 +199,14 @@ ARCHIVES = [  # (kind, message): issue 17 items 1, 4, 7, 9
     ("duplicate id", "duplicate review id 0 in train/pos"),
     ("escaping path", "unsafe member path 'aclImdb/../../evil.txt'"),
     ("FIFO member", "refusing special file member 'aclImdb/train/pos/fifo'"),
+    ("300 empty members", "more than 200 members (the IMDB archive has 100,016); refusing it"),   # issue 25
 ]
 
 
 @pytest.mark.parametrize("kind, message", ARCHIVES, ids=[row[0] for row in ARCHIVES])
 def test_archives(checked_project, tmp_path, monkeypatch, kind, message):
     monkeypatch.setattr(imdb, "MAX_UNPACKED_BYTES", 2 << 20)
+    monkeypatch.setattr(imdb, "MAX_MEMBERS", 200)             # the good archive has 32
     (tmp_path / "archives").mkdir()
     bad = _archive(tmp_path / "archives", kind)
     with pytest.raises((InputError, OSError)) as info:
@@ -295,6 +298,9 @@ MODEL_FILES = [  # (what, edit of a saved model folder, message): issue 17 items
      "encoder.json: bad text encoder: max_len must lie in [1, 10000], got 1000000000000"),
     ("encoder max_len a float", _edit_json("encoder.json", "max_len", 1e12), "max_len must be an integer, got 1000000000000.0"),
     ("encoder without tokens", _edit_json("encoder.json", "tokens", "good bad"), "expected a mapping with a list"),
+    # issue 25: 3,000,000 missing arrays made a 48 MB error line
+    ("num_layers 1e6", _edit_json("config.json", "num_layers", 1_000_000),
+     "weights.npz: missing arrays rnn.l1.W_h, rnn.l1.W_x, rnn.l1.b, rnn.l10.W_h, rnn.l10.W_x and 2,999,992 more"),
 ]
 
 
@@ -307,7 +313,7 @@ def test_model_files(tmp_path, what, edit, message):
     with pytest.raises(InputError) as info:
         load_model(folder)
     assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
-    assert "allow_pickle" not in str(info.value)
+    assert "allow_pickle" not in str(info.value) and len(str(info.value)) < 400
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes"])
@@ -357,11 +363,21 @@ def _evaluate_json_not_finite(tmp: Path, monkeypatch) -> list:
     return ["evaluate", "--json", "--csv", tmp / "r.csv"]
 
 
+def _huge_review(tmp: Path, monkeypatch) -> list:
+    for label in ("pos", "neg"):
+        (tmp / label).mkdir()
+        (tmp / label / "1_9.txt").write_text("a fine film")
+    with open(tmp / "pos" / "2_9.txt", "wb") as f:          # sparse: 3 MiB that take no room
+        f.truncate(3 << 20)
+    return ["evaluate", "--workers", "1", "--dir", tmp]
+
+
 COMMANDS = [  # (what, setup(tmp, monkeypatch) -> argv without --model, message): issue 17 items 3, 10
     ("binary --file", _binary_file, "b.bin: not UTF-8 text (byte 0x89 at offset 0)"),
     ("--file with NUL bytes", _nul_bytes, "z.txt: not a text file (it holds NUL bytes)"),
     ("predict --json, overflow", _predict_json_not_finite, "the model gives no finite probability for 1 of 1"),
     ("evaluate --json, overflow", _evaluate_json_not_finite, "the model gives no finite probability for 1 of 1"),
+    ("evaluate --dir, a 3 MiB review", _huge_review, "pos/2_9.txt: more than the 1 MiB a review may have"),  # issue 25
 ]
 
 

@@ -155,3 +155,60 @@ def test_the_text_a_model_trained_on_reads_back_through_rnn_predict_as_the_prepa
     assert lengths.tolist() == prepared["lengths"].tolist()
     for row, n in enumerate(lengths):
         assert ids[row, :n].tolist() == prepared["ids"][row, :n].tolist(), texts[row]
+
+
+# ------------------------------------------------------------------------- issue 25: bounds
+@pytest.fixture
+def language_model(tmp_path) -> Path:
+    from rnn.io import save_model
+    from rnn.lm import LanguageModel
+    tokens = ["<pad>", "<unk>", "good", "bad", "film"]
+    config = ModelConfig(vocab_size=len(tokens), embed_dim=3, hidden_size=4, task="language_model", num_sampled=3)
+    save_model(tmp_path / "lm", LanguageModel.create(config, np.random.default_rng(0)),
+               {"tokens": tokens, "max_len": 10, "truncate": "head"})
+    return tmp_path / "lm"
+
+
+def _rnn(capsys, *argv) -> tuple[int, str, str]:
+    from rnn.cli import main as rnn_main
+    status = rnn_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("temperature", ["inf", "nan", "-1"])
+def test_generate_refuses_a_temperature_that_is_not_a_finite_number_from_0(capsys, language_model, temperature):
+    status, out, err = _rnn(capsys, "generate", "--model", language_model, "--temperature", temperature, "good")
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--temperature must be >= 0 and finite, got {float(temperature)}" in err
+    status, out, _ = _rnn(capsys, "generate", "--model", language_model, "--temperature", "0", "--tokens", "3", "good")
+    assert status == 0 and "<pad>" not in out and len(out.split()) == 4
+
+
+def test_generate_refuses_weights_that_overflow_as_predict_does(capsys, language_model, tmp_path):
+    """Weights of 3e38 are finite, so they load; `predict` refused what they compute, `generate` wrote."""
+    from rnn.io import load_arrays, save_arrays
+    arrays = load_arrays(language_model / "weights.npz")
+    save_arrays(language_model / "weights.npz", {k: np.full_like(v, 3e38) for k, v in arrays.items()})
+    status, out, err = _rnn(capsys, "generate", "--model", language_model, "good film")
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert "the model gives no finite next-word scores (its weights overflow float arithmetic)" in err
+
+
+def test_predict_an_empty_review_says_it_is_read_as_one_unknown_word(capsys, tmp_path):
+    from test_predict import train_toy_model
+    model = train_toy_model(tmp_path / "lstm")
+    status, out, err = _rnn(capsys, "predict", "--model", model, "--json", "", "great film")
+    assert status == 0 and len(out.splitlines()) == 2
+    assert err == "rnn predict: note: 1 of the 2 reviews hold no word; such a review is read as one unknown word (<unk>)\n"
+    assert json.loads(out.splitlines()[0])["text"] == ""
+    status, out, err = _rnn(capsys, "predict", "--model", model, "great film")
+    assert status == 0 and err == ""
+
+
+def test_an_error_line_quotes_at_most_a_few_hundred_characters(capsys):
+    from stages.common import one_line
+    from rnn.errors import shorten
+    assert shorten("x" * 1000) == "x" * 300 + "... (700 more characters)"
+    assert shorten("a\n b") == "a b"
+    assert one_line(InputError("y" * 10**6)).endswith("... (999,700 more characters)")
