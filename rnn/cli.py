@@ -375,22 +375,48 @@ def tracking_location(root: Path, environ: dict[str, str] | None = None) -> tupl
     return f"sqlite:///{db.as_posix()}" + (f"?{query}" if query else ""), (db.parent / "mlartifacts").as_uri()
 
 
+def login() -> tuple[str | None, dict[str, str]]:
+    """(user name, HTTP headers) of the MLflow account this process logs in with, as MLflow's client
+    finds it: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, else ~/.mlflow/credentials;
+    (None, {}) without one."""
+    import base64
+    import configparser
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not (user and password):
+        file = configparser.ConfigParser()
+        try:
+            file.read(Path.home() / ".mlflow" / "credentials", encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            pass                                   # MLflow's client will say what is wrong with it
+        user = user or file.get("mlflow", "mlflow_tracking_username", fallback=None)
+        password = password or file.get("mlflow", "mlflow_tracking_password", fallback=None)
+    if not (user and password):
+        return None, {}
+    return user, {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
 def check_store(uri: str, writing: bool = False) -> Path | None:
     """Fail in one line, within STORE_TIMEOUT_S, when the store at `uri` cannot be used: no server
-    answers at an http(s) URI; an SQLite file is no readable database, or (`writing`, as the stages
-    do) cannot be created or written, or (reading) is missing or without MLflow's tables. Returns the
-    SQLite file, if any. Raises TrackingUnavailable."""
+    answers at an http(s) URI, or it refuses our login (`login`: HTTP 401 or 403); an SQLite file is
+    no readable database, or (`writing`, as the stages do) cannot be created or written, or
+    (reading) is missing or without MLflow's tables. Returns the SQLite file, if any. Raises
+    TrackingUnavailable."""
     fix = "fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml" if writing else \
         "fix --tracking-uri / MLFLOW_TRACKING_URI"
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
         url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=probe"
+        user, header = login()
         try:
-            with urllib.request.urlopen(url, timeout=STORE_TIMEOUT_S):
+            with urllib.request.urlopen(urllib.request.Request(url, headers=header), timeout=STORE_TIMEOUT_S):
                 pass
-        except urllib.error.HTTPError:
-            pass                                   # any HTTP status is an answer
+        except urllib.error.HTTPError as e:        # any other HTTP status is an answer
+            if e.code in (401, 403):               # a server with logins (mlflow server --app-name basic-auth)
+                who = f"the account {user!r}" if user else "a client without a login"
+                raise TrackingUnavailable(
+                    f"MLflow tracking server {uri} refuses {who} (HTTP {e.code}): set MLFLOW_TRACKING_USERNAME and "
+                    f"MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) to an account of yours; {fix}") from None
         except OSError as e:                       # URLError, refused, timed out
             reason = " ".join(str(getattr(e, "reason", e)).split())
             raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); start it, {fix}") \

@@ -212,3 +212,71 @@ def test_an_error_line_quotes_at_most_a_few_hundred_characters(capsys):
     assert shorten("x" * 1000) == "x" * 300 + "... (700 more characters)"
     assert shorten("a\n b") == "a b"
     assert one_line(InputError("y" * 10**6)).endswith("... (999,700 more characters)")
+
+
+# ---------------------------------------------------------------- issue 25: a server with logins
+@pytest.fixture
+def server_with_logins():
+    """An HTTP server on loopback that answers 401 without alice's login, 403 to bob, 404 to alice
+    (no experiment 'probe': an answer) as `mlflow server --app-name basic-auth` would."""
+    import base64
+    import http.server
+    import threading
+    alice = "Basic " + base64.b64encode(b"alice:secret").decode()
+    bob = "Basic " + base64.b64encode(b"bob:pw").decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            auth = self.headers.get("Authorization")
+            self.send_response(404 if auth == alice else 403 if auth == bob else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("login, message", [
+    ({}, "refuses a client without a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+    ({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "wrong"}, "refuses the account 'alice' (HTTP 401)"),
+    ({"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "pw"}, "refuses the account 'bob' (HTTP 403)"),
+    ({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "secret"}, None),
+    ({"HOME": "alice's"}, None),                      # ~/.mlflow/credentials, MLflow's other way
+], ids=["no login", "wrong password", "no permission", "alice", "credentials file"])
+def test_the_check_stage_says_a_server_needs_a_login(server_with_logins, monkeypatch, tmp_path, login, message):
+    from stages import mlstore
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if login.get("HOME"):
+        (tmp_path / ".mlflow").mkdir()
+        (tmp_path / ".mlflow/credentials").write_text("[mlflow]\nmlflow_tracking_username = alice\n"
+                                                      "mlflow_tracking_password = secret\n")
+    else:
+        for name, value in login.items():
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server_with_logins)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    if message is None:
+        mlstore.check_store()
+        return
+    with pytest.raises(mlstore.TrackingUnavailable) as info:
+        mlstore.check_store()
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert "secret" not in str(info.value) and "wrong" not in str(info.value)
+
+
+def test_a_run_is_tagged_with_the_account_that_logged_it(tmp_path, monkeypatch):
+    import mlflow
+    from stages.tracking import _new_run
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    run = _new_run(client, experiment, "lstm", "train@lstm", "abc", seed=0)
+    assert client.get_run(run.info.run_id).data.tags["mlflow.user"] == "alice"
