@@ -280,3 +280,18 @@ def test_a_run_is_tagged_with_the_account_that_logged_it(tmp_path, monkeypatch):
     experiment = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
     run = _new_run(client, experiment, "lstm", "train@lstm", "abc", seed=0)
     assert client.get_run(run.info.run_id).data.tags["mlflow.user"] == "alice"
+
+
+def test_a_grid_of_ten_million_points_is_refused_before_it_is_expanded(monkeypatch):
+    from sweeps import spec
+    monkeypatch.setattr(spec, "grid_points", lambda *a: pytest.fail("the grid was expanded"))
+    study = {"name": "g", "objective": {"metrics": "metrics.json", "key": "cells.lstm.val_accuracy.mean"},
+             "sampler": "grid", "pruner": {"type": "none"},
+             "params": {f"train.{k}": {"choices": list(range(1, 6))} for k in (
+                 "hidden_size", "embed_dim", "epochs", "batch_size", "num_layers", "patience", "trace_every")}
+             | {"train.lr": {"choices": [0.1, 0.01, 0.001, 0.002, 0.003]},
+                "train.dropout": {"choices": [0.0, 0.1, 0.2, 0.3, 0.4]},
+                "train.momentum": {"choices": [0.0, 0.5, 0.8, 0.9, 0.95]}}}
+    with pytest.raises(spec.SpecError) as info:
+        spec.parse_spec(study)
+    assert str(info.value) == "study: params: the grid has 9,765,625 points, more than 10,000 runs"
