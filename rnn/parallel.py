@@ -50,17 +50,13 @@ from multiprocessing import connection, get_context, shared_memory
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, WorkerDied
 from .layers import SparseRows
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 JOIN_SECONDS = 2.0          # how long `close` waits for a worker to exit before killing it
 SHM_FOLDER = "/dev/shm"     # where POSIX shared memory lives on Linux (a tmpfs: 64 MB in Docker by default)
-
-
-class WorkerDied(RuntimeError):
-    """A worker process ended while the pool was open."""
 
 
 class SharedMemoryTooSmall(InputError):

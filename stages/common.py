@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rnn.errors import InputError, shorten
-from rnn.parallel import WorkerDied
+from rnn.errors import InputError, WorkerDied, shorten
 
 
 def run_stage(main: Callable[[], None]) -> None:

@@ -9,6 +9,10 @@ of a table, one parametrised test per category, so that `pytest -v` shows the co
     outputs        a full disk or a read-only folder: every old output stays whole, the file is named
     kills          a training stage killed mid-epoch resumes to exactly the uninterrupted result
 
+Issue 25 (round 3) added rows to params, archives, model files and commands; its other attempts (a
+killed worker inside a stage, a small /dev/shm, a vocabulary of only <unk>, a tokenizer differing
+between training and prediction, a server with logins, ...) are in test_reliability_issue25.py.
+
 The DVC-level guarantees (a typo stops `dvc repro` and `dvc exp run` before any output is removed;
 the archive is a dependency; the models beat chance; the MLflow store holds the runs) are checked in
 test_pipeline_e2e.py; the evaluate stage against labels it must get right in test_stages_model.py.
