@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .config import MAX_REVIEW_BYTES
+from .errors import shorten
 from .io import atomic_file
 from .metrics import binary_metrics
 from .parallel import resolve_workers
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, OSError) as e:
-        print(f"rnn {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"rnn {args.command}: error: {shorten(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -116,6 +119,10 @@ def _predict(args) -> int:
     if not texts:
         raise ValueError(f"no reviews in {args.file or 'standard input'}")
     probs = _probabilities(predictor, texts, args.model)
+    wordless = sum(not tokenize(t) for t in texts)
+    if wordless:                   # what the model says about nothing: no more than its bias
+        print(f"rnn predict: note: {wordless} of the {len(texts)} reviews hold no word; such a review is read "
+              "as one unknown word (<unk>)", file=sys.stderr)
     if args.json:
         for text, p in zip(texts, probs):
             label = LABELS[int(p >= 0.5)]
@@ -211,8 +218,12 @@ def _read_labelled_dir(folder: Path) -> tuple[list[str], list[int]]:
             if not f.is_file():              # a FIFO would block the read forever; a folder fails it
                 skipped.append(f)
                 continue
+            with open(f, "rb") as review:       # never more than the cap: the file may be huge
+                data = review.read(MAX_REVIEW_BYTES + 1)
+            if len(data) > MAX_REVIEW_BYTES:
+                raise ValueError(f"{f}: more than the {MAX_REVIEW_BYTES >> 20} MiB a review may have")
             # Corpora other than IMDB are not always clean UTF-8; a stray byte should not stop scoring.
-            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            texts.append(data.decode("utf-8", errors="replace"))
             labels.append(label)
     if skipped:
         what = "entry that is not a regular file" if len(skipped) == 1 else "entries that are not regular files"
@@ -293,8 +304,8 @@ the logit when the word is left out; hover for the value). Model: {html.escape(m
 def _generate(args) -> int:
     if args.tokens < 1 or args.tokens > 10_000:
         raise ValueError(f"--tokens must lie in [1, 10000], got {args.tokens}")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be >= 0 and finite, got {args.temperature}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     writer = load_language_model(args.model)
@@ -364,22 +375,48 @@ def tracking_location(root: Path, environ: dict[str, str] | None = None) -> tupl
     return f"sqlite:///{db.as_posix()}" + (f"?{query}" if query else ""), (db.parent / "mlartifacts").as_uri()
 
 
+def login() -> tuple[str | None, dict[str, str]]:
+    """(user name, HTTP headers) of the MLflow account this process logs in with, as MLflow's client
+    finds it: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, else ~/.mlflow/credentials;
+    (None, {}) without one."""
+    import base64
+    import configparser
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not (user and password):
+        file = configparser.ConfigParser()
+        try:
+            file.read(Path.home() / ".mlflow" / "credentials", encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            pass                                   # MLflow's client will say what is wrong with it
+        user = user or file.get("mlflow", "mlflow_tracking_username", fallback=None)
+        password = password or file.get("mlflow", "mlflow_tracking_password", fallback=None)
+    if not (user and password):
+        return None, {}
+    return user, {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
 def check_store(uri: str, writing: bool = False) -> Path | None:
     """Fail in one line, within STORE_TIMEOUT_S, when the store at `uri` cannot be used: no server
-    answers at an http(s) URI; an SQLite file is no readable database, or (`writing`, as the stages
-    do) cannot be created or written, or (reading) is missing or without MLflow's tables. Returns the
-    SQLite file, if any. Raises TrackingUnavailable."""
+    answers at an http(s) URI, or it refuses our login (`login`: HTTP 401 or 403); an SQLite file is
+    no readable database, or (`writing`, as the stages do) cannot be created or written, or
+    (reading) is missing or without MLflow's tables. Returns the SQLite file, if any. Raises
+    TrackingUnavailable."""
     fix = "fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml" if writing else \
         "fix --tracking-uri / MLFLOW_TRACKING_URI"
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
         url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=probe"
+        user, header = login()
         try:
-            with urllib.request.urlopen(url, timeout=STORE_TIMEOUT_S):
+            with urllib.request.urlopen(urllib.request.Request(url, headers=header), timeout=STORE_TIMEOUT_S):
                 pass
-        except urllib.error.HTTPError:
-            pass                                   # any HTTP status is an answer
+        except urllib.error.HTTPError as e:        # any other HTTP status is an answer
+            if e.code in (401, 403):               # a server with logins (mlflow server --app-name basic-auth)
+                who = f"the account {user!r}" if user else "a client without a login"
+                raise TrackingUnavailable(
+                    f"MLflow tracking server {uri} refuses {who} (HTTP {e.code}): set MLFLOW_TRACKING_USERNAME and "
+                    f"MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) to an account of yours; {fix}") from None
         except OSError as e:                       # URLError, refused, timed out
             reason = " ".join(str(getattr(e, "reason", e)).split())
             raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); start it, {fix}") \

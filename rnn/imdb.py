@@ -2,8 +2,9 @@
 
 The archive is streamed, never extracted, so a hostile member name or link can't write outside the
 project, and its size is bounded: a review may hold at most MAX_REVIEW_BYTES (the real data's
-largest is 14 KB) and the whole archive may unpack to at most MAX_UNPACKED_BYTES (the real one:
-139 MB), so a small archive that unpacks to gigabytes is refused instead of filling the memory.
+largest is 14 KB), the whole archive may unpack to at most MAX_UNPACKED_BYTES (the real one:
+139 MB), so a small archive that unpacks to gigabytes is refused instead of filling the memory, and
+it may hold at most MAX_MEMBERS files and folders (tarfile keeps a record of each one it has read).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rnn.errors import InputError
 SPLITS = {"train": ("pos", "neg", "unsup"), "test": ("pos", "neg")}
 LABELS = {"pos": 1, "neg": 0, "unsup": -1}
 MAX_UNPACKED_BYTES = 1 << 30
+MAX_MEMBERS = 150_000                 # the real archive has 100,016 (300,000 empty ones: 222 MB, 11 s)
 MAX_RATING = 10                       # IMDB's scale; unlabelled reviews have 0
 MAX_ID = 2**63 - 1                    # ids are stored as int64
 GZIP_MAGIC = b"\x1f\x8b"
@@ -83,7 +85,10 @@ def read_archive(archive: Path, keep: bool = True) -> Reviews:
         with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw) as gz:
             stream = _Capped(gz, MAX_UNPACKED_BYTES, archive)
             with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
+                for count, member in enumerate(tar, start=1):
+                    if count > MAX_MEMBERS:
+                        raise InputError(f"{archive}: more than {MAX_MEMBERS:,} members (the IMDB archive has "
+                                         "100,016); refusing it")
                     _read_member(archive, tar, member, found, keep)
             while stream.read(1 << 20):  # reach the gzip trailer so truncation and CRC errors surface
                 pass

@@ -128,7 +128,8 @@ def read_model(folder: str | Path) -> tuple[SentimentModel | LanguageModel, dict
     arrays = load_arrays(folder / WEIGHTS, max_bytes=16 * n + (1 << 20))
     missing = sorted(set(expected) - set(arrays))
     if missing:
-        raise InputError(f"{folder / WEIGHTS}: missing arrays {', '.join(missing)}")
+        more = f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
+        raise InputError(f"{folder / WEIGHTS}: missing arrays {', '.join(missing[:5])}{more}")
     for name, shape in expected.items():
         if arrays[name].dtype.kind not in "fiu":
             raise InputError(f"{folder / WEIGHTS}: {name} has dtype {arrays[name].dtype}, not numbers")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig
+from .errors import InputError
 from .layers import row_dropout_mask
 from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_softmax_loss,
                      softmax_cross_entropy)
@@ -92,7 +93,15 @@ class LanguageModel(Model):
 
     def perplexity(self, ids: np.ndarray, lengths: np.ndarray, batch_size: int = 64, runner=None) -> float:
         """exp(mean negative log-likelihood per prediction) over many sequences, in batches of
-        similar length; on a runner's workers when one is given (rnn.parallel)."""
+        similar length; on a runner's workers when one is given (rnn.parallel). Raises InputError
+        when every target is the same word: a model learns to always predict it, and its
+        perplexity of 1.0 would look perfect (a vocabulary of only <unk> does that)."""
+        _, _, targets = _shift(ids, lengths)
+        real = targets[targets != PAD]
+        if real.size and (real == real[0]).all():
+            word = "<unk>" if real[0] == UNK else f"id {int(real[0])}"
+            raise InputError(f"every one of the {real.size:,} next-token targets is the word {word}: a perplexity "
+                             "over them says nothing (does the vocabulary know too few words?)")
         batches = map_by_length(runner or LocalRunner(self), "nll", ids, lengths, batch_size)
         total, count = map(sum, zip(*(result for _, result in batches)))
         return float(np.exp(total / max(count, 1)))
@@ -102,22 +111,27 @@ class LanguageModel(Model):
                  rng: np.random.Generator, exclude: tuple[int, ...] = (PAD, UNK)) -> np.ndarray:
         """Continue the token ids `prompt` (L,) (L >= 1) by `num_tokens` ids, each drawn from the
         full softmax at `temperature` (0: the most likely word), never one of `exclude`. The state
-        carries from step to step, so each new word costs one step of the network."""
+        carries from step to step, so each new word costs one step of the network. Raises
+        InputError when the scores overflow (weights finite but huge)."""
         cfg, p = self.config, self.params
         layers = [{k.rsplit(".", 1)[1]: v for k, v in p.items() if k.startswith(name + ".")}
                   for name in layer_names(cfg)]
         states = [None] * len(layers)
         tokens = np.asarray(prompt, dtype=np.int64).reshape(-1, 1)           # (L, 1): time-major
         out = []
-        for _ in range(num_tokens):
-            X = p["embedding.weight"][tokens]                                 # (L, 1, E)
-            for k, sub in enumerate(layers):
-                X, states[k], _ = sequence_forward(X, np.array([len(tokens)]), sub, cfg.kind, states[k],
-                                                   keep_cache=False)
-            logits = X[-1, 0] @ p["lm.W"].T + p["lm.b"]
-            token = int(sample_next_token(logits, temperature, rng, exclude))
-            out.append(token)
-            tokens = np.array([[token]])
+        with np.errstate(over="ignore", invalid="ignore"):    # huge weights: refused below, not warned about
+            for _ in range(num_tokens):
+                X = p["embedding.weight"][tokens]                                 # (L, 1, E)
+                for k, sub in enumerate(layers):
+                    X, states[k], _ = sequence_forward(X, np.array([len(tokens)]), sub, cfg.kind, states[k],
+                                                       keep_cache=False)
+                logits = X[-1, 0] @ p["lm.W"].T + p["lm.b"]
+                if not np.isfinite(logits).all():         # as rnn predict refuses such a classifier
+                    raise InputError("the model gives no finite next-word scores "
+                                     "(its weights overflow float arithmetic)")
+                token = int(sample_next_token(logits, temperature, rng, exclude))
+                out.append(token)
+                tokens = np.array([[token]])
         return np.array(out, dtype=np.int64)
 
 

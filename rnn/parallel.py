@@ -36,6 +36,7 @@ LanguageModel, rnn/lm.py); inference calls any of its methods by name (`map`).
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import pickle
 import secrets
@@ -49,15 +50,39 @@ from multiprocessing import connection, get_context, shared_memory
 
 import numpy as np
 
+from .errors import InputError, WorkerDied
 from .layers import SparseRows
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 JOIN_SECONDS = 2.0          # how long `close` waits for a worker to exit before killing it
+SHM_FOLDER = "/dev/shm"     # where POSIX shared memory lives on Linux (a tmpfs: 64 MB in Docker by default)
 
 
-class WorkerDied(RuntimeError):
-    """A worker process ended while the pool was open."""
+class SharedMemoryTooSmall(InputError):
+    """The pool's shared memory would not fit in /dev/shm (writing past its end kills with SIGBUS)."""
+
+
+def shm_free_bytes() -> int | None:
+    """Bytes free in SHM_FOLDER, None where there is no such folder (not Linux)."""
+    try:
+        st = os.statvfs(SHM_FOLDER)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_shm_space(size: int, workers: int) -> None:
+    """Raise SharedMemoryTooSmall when a block of `size` bytes would not fit in SHM_FOLDER. A tmpfs
+    hands out pages only when they are written, so an oversized block is created without complaint
+    and the first write past the free space kills the process with SIGBUS, without a message."""
+    free = shm_free_bytes()
+    if free is not None and size > free:
+        raise SharedMemoryTooSmall(
+            f"{SHM_FOLDER} has {free / 2**20:,.1f} MiB free, {workers} worker processes need "
+            f"{size / 2**20:,.1f} MiB of shared memory (the data, the weights and a gradient slot per worker): "
+            "set train.workers: 1 in params.yaml (--workers 1 for the rnn command; no shared memory), "
+            "or give it more room (docker run --shm-size=2g)")
 
 
 def resolve_workers(value: int | str) -> int:
@@ -186,6 +211,7 @@ class WorkerPool:
                 specs[f"grad{w}/{k}"] = (v.shape, v.dtype)         # a dense gradient, or sparse values
                 specs[f"rows{w}/{k}"] = ((v.shape[0],), np.int64)  # ... and their row indices
         layout, size = _layout(specs)
+        check_shm_space(size, self.workers)
         self._shm = shared_memory.SharedMemory(f"rnn_{os.getpid()}_{secrets.token_hex(4)}", create=True,
                                                size=size)
         self._linked = True
@@ -349,10 +375,7 @@ class WorkerPool:
         if self._linked:
             self._shm.unlink()
             self._linked = False
-        try:
-            self._shm.close()
-        except BufferError:           # someone still holds a view: the mapping goes when it does
-            pass
+        _close_block(self._shm)
 
     def __enter__(self):
         return self
@@ -449,10 +472,22 @@ def _worker_main(index: int, conn, block: str, layout: dict, model_class, config
         except OSError:
             break
     del model, data, slots, arrays
-    try:
-        shm.close()
-    except BufferError:
-        pass
+    _close_block(shm)
+
+
+def _close_block(shm: shared_memory.SharedMemory) -> None:
+    """Unmap the block. Arrays over it that are still alive (in a reference cycle not yet
+    collected, or kept by a caller) would make close raise BufferError, and SharedMemory.__del__
+    would try again at exit and print "Exception ignored ... BufferError: cannot close exported
+    pointers exist": collect the cycles first; if a view still lives, the mapping goes with it."""
+    for attempt in range(2):
+        try:
+            shm.close()
+            return
+        except BufferError:
+            if attempt == 0:
+                gc.collect()
+    shm.close = lambda: None          # what __del__ calls: the last view's end unmaps the block
 
 
 def _share_gradients(model, data: dict, slots: dict, rows, positions, seed, total, trace):

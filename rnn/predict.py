@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,8 @@ class Writer:
     def generate(self, prompt: str, tokens: int = 60, temperature: float = 0.8, seed: int = 0) -> list[str]:
         """The words that follow `prompt` (tokenized as in training; an empty prompt starts from
         the most frequent word), `tokens` of them, drawn at `temperature` with a seeded generator."""
+        if not (math.isfinite(temperature) and temperature >= 0):     # inf would write only <pad>
+            raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
         ids = self.encoder.vocab.encode(tokenize(prompt))
         if len(ids) == 0:
             ids = np.array([UNK + 1])

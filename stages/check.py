@@ -5,7 +5,9 @@
 DVC removes a stage's outputs just before running it, so a stage that fails on a typo has already
 lost its old outputs (a trained model). This stage runs first on every `dvc repro` (always_changed;
 every other stage depends on one of its outputs) and stops the run, in one line, on:
-- any section of params.yaml (settings.load: keys, types, ranges, the model's size);
+- any section of params.yaml (settings.load: keys, types, ranges, the model's size), and what a later
+  stage would refuse: a pretrain.tokens_per_epoch too small for one batch, more train.workers than
+  WORKERS_PER_CORE times the cores;
 - the archive: IMDB_ARCHIVE names a gzip file whose content passes the download stage's checks
   (the full check runs once per archive content, ~3 s on the real one; then a 0.1 s hash), or,
   without IMDB_ARCHIVE and before the first download, data.url answers;
@@ -16,15 +18,21 @@ Writes data/source.json (the archive by content, or the URL and md5: what the do
 data/vectors.json (embed.path's file by content: the embed stage's), data/lm/<cell>.json (the shape
 of each cell's language model: pretrain@<cell>'s), and data/checked (constant: the stages that read
 no data depend on it so that DVC orders them after this one).
+
+Its error names the values in which params.yaml differs from the committed one (`dvc exp run -S`
+writes them there before this stage runs, and leaves them after it fails) and how to undo them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import yaml
 
 from rnn import imdb
 from rnn.errors import InputError
@@ -36,11 +44,26 @@ CHECKED = "data/checked"
 PROBE_TIMEOUT_S = 10.0
 # Archives (by sha256 and the limits they passed) already read in full: not the stage's output, a cache.
 MEMO = "data/download/checked_archives.json"
+# More worker processes than cores only slow training down (each runs its share of every batch on one
+# core); a few times the cores still allows for a machine whose core count is misreported.
+WORKERS_PER_CORE = 4
+QUOTE_CHARS = 60               # how much of a changed value the error line quotes
 
 
 def main() -> None:
     root = project_root()
+    try:
+        check(root)
+    except InputError as exc:
+        changed = uncommitted_params(root)
+        if changed:
+            raise InputError(f"{' '.join(str(exc).split())}; {changed}") from None
+        raise
+
+
+def check(root: Path) -> None:
     params = settings.load(root / "params.yaml")
+    check_sizes(params)
     if (root / "dvc.yaml").is_file():
         check_dvc_params(settings.read_yaml(root / "params.yaml"), params["train"]["cells"])
     data = params["data"]
@@ -74,6 +97,60 @@ def main() -> None:
             (folder / f"{cell}.json").write_text(json.dumps(lm_shape(params, cell), indent=2) + "\n", encoding="utf-8")
         out.write_text(CHECKED, "params.yaml and the environment passed stages/check.py\n")
     print(f"check: params.yaml valid; source {json.dumps(source)}")
+
+
+def check_sizes(params: dict) -> None:
+    """Settings that pass their own range but fail a later stage, or the machine."""
+    pre, max_len = params["pretrain"], params["prepare"]["max_len"]
+    if pre["tokens_per_epoch"] is not None and pre["tokens_per_epoch"] < pre["batch_size"] * max_len:
+        raise InputError(f"params.yaml: pretrain.tokens_per_epoch = {pre['tokens_per_epoch']}: must be at least "
+                         f"one batch of reviews, pretrain.batch_size {pre['batch_size']} x prepare.max_len "
+                         f"{max_len} = {pre['batch_size'] * max_len} tokens (or null: all of them)")
+    workers, cores = params["train"]["workers"], os.cpu_count() or 1
+    if workers != "auto" and workers > WORKERS_PER_CORE * cores:
+        raise InputError(f"params.yaml: train.workers = {workers}: more than {WORKERS_PER_CORE} x the {cores} "
+                         "cores of this machine (each worker is a process that computes on one core: more "
+                         "than the cores only slows training down); use auto")
+
+
+def uncommitted_params(root: Path) -> str:
+    """'params.yaml differs from the committed one in a.b (1 -> 2), ...: undo with `git checkout
+    params.yaml`', or '' outside git, without a committed params.yaml, or when nothing differs."""
+    try:
+        committed = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=root, capture_output=True,
+                                   timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if committed.returncode != 0:
+        return ""
+    try:        # the same loader for both: only what differs in the files differs here
+        old, new = (yaml.safe_load(text) for text in (committed.stdout.decode("utf-8"),
+                                                      (root / "params.yaml").read_text(encoding="utf-8")))
+    except (OSError, ValueError, yaml.YAMLError):
+        return ""
+    before, after = (_flat(tree if isinstance(tree, dict) else {}) for tree in (old, new))
+    keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k, ...) != after.get(k, ...)]
+    if not keys:
+        return ""
+    shown = ", ".join(f"{k} ({_quote(before.get(k, ...))} -> {_quote(after.get(k, ...))})" for k in keys[:3])
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return (f"params.yaml differs from the committed one in {shown}{more} (a `dvc exp run -S` leaves its values "
+            "there): undo with `git checkout params.yaml`")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _quote(value: object) -> str:
+    text = "absent" if value is ... else repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
 
 
 def check_dvc_params(raw: dict, cells: list[str]) -> None:

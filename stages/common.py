@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from rnn.errors import InputError
+from rnn.errors import MAX_MESSAGE_CHARS, InputError, WorkerDied, shorten
 
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(). Bad input (InputError, which ParamsError is, and OSError: a missing file,
-    a full disk) exits 2 with one `error:` line; anything else is a bug and keeps its traceback."""
+    a full disk) exits 2 with one `error:` line, a killed worker process (WorkerDied) 1; anything else
+    is a bug and keeps its traceback."""
     try:
         main()
     except KeyboardInterrupt:
@@ -28,12 +29,15 @@ def run_stage(main: Callable[[], None]) -> None:
     except (InputError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except WorkerDied as exc:           # SIGKILL is most often the kernel's out-of-memory killer
+        print(f"error: {one_line(exc)} (out of memory? see `dmesg`); rerun the stage", file=sys.stderr)
+        sys.exit(1)
 
 
-def one_line(exc: BaseException, limit: int | None = None) -> str:
-    """The exception's message on one line, cut to `limit` characters if given."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+def one_line(exc: BaseException, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """The exception's message on one line, cut to `limit` characters (an error that quotes a bad
+    value quotes a bounded part of it)."""
+    return shorten(exc, limit) or type(exc).__name__
 
 
 def peak_rss_mb() -> float:

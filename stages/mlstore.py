@@ -125,7 +125,8 @@ def new_run(client: Any, experiment_id: str, cell: str, stage: str, run_hash: st
             "dvc.stages": stage, "mlflow.source.type": "LOCAL", "mlflow.source.name": stage,
             "params_hash": run_hash, "dvc.exp_name": exp_name, "dvc.baseline_rev": base_rev,
             "mlflow.source.git.commit": commit or base_rev, "seed": None if seed is None else str(seed),
-            "sweep.study": os.environ.get("RNN_SWEEP_STUDY")}
+            "sweep.study": os.environ.get("RNN_SWEEP_STUDY"),
+            "mlflow.user": os.environ.get("MLFLOW_TRACKING_USERNAME")}   # the account, on a server with logins
     if trial := json.loads(os.environ.get("RNN_SWEEP_TRIAL") or "{}"):      # a sweep worker's trial (sweeps/)
         tags["sweep.trial"] = str(trial.get("trial"))
         if stage.startswith(("train@", "baseline")):     # the study's parent run is in this experiment

@@ -3,7 +3,9 @@
     python -m stages.prepare
 
 The vocabulary comes from the training part only (after the validation split
-is removed), so validation and test OOV rates are honest.
+is removed), so validation and test OOV rates are honest. A vocabulary that leaves most of the
+training text <unk> is refused: the models would train to chance and the language model's
+perplexity would look perfect.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from rnn.errors import InputError
 from rnn.text import TextEncoder, Vocabulary, encode_tokenized, tokenize
 from stages import settings
 from stages.common import Outputs, project_root, run_stage
+
+MIN_COVERAGE = 0.5          # the share of the training part's tokens the vocabulary must know
 
 
 def _read_raw(path: Path) -> pd.DataFrame:
@@ -66,6 +70,7 @@ def run(cfg: dict, root: Path) -> dict:
         metrics["truncated_fraction"][name] = stats["truncated_fraction"]
         if name == "train":
             metrics["length_percentiles"] = stats["length_percentiles"]
+            check_coverage(1.0 - stats["oov_rate"], len(vocab), cfg)
     with Outputs(root) as out:
         for name, arrs in arrays.items():
             out.save_npz(f"data/prepared/{name}.npz", **arrs)
@@ -73,6 +78,15 @@ def run(cfg: dict, root: Path) -> dict:
         out.write_json("metrics/prepare.json", metrics)
     print(f"prepared {sum(len(df) for df in parts.values())} reviews in {time.perf_counter() - t0:.1f}s")
     return metrics
+
+
+def check_coverage(coverage: float, words: int, cfg: dict) -> None:
+    """Refuse a vocabulary that knows less than MIN_COVERAGE of the training part's tokens."""
+    if coverage < MIN_COVERAGE:
+        raise InputError(f"params.yaml: the vocabulary ({words} words with prepare.min_freq {cfg['min_freq']}, "
+                         f"prepare.vocab_size {cfg['vocab_size']}) covers {coverage:.1%} of the training text's "
+                         f"tokens, less than {MIN_COVERAGE:.0%} (the rest would be <unk>): lower prepare.min_freq "
+                         "or raise prepare.vocab_size")
 
 
 def main() -> None:

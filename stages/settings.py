@@ -70,7 +70,7 @@ Md5 = Annotated[str, _check(lambda v: re.fullmatch(r"[0-9a-fA-F]{32}", v), "must
 Int0 = Annotated[int, Field(ge=0)]
 Int1 = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, Field(ge=0, le=0.95)]
-Positive = Annotated[float, Field(gt=0)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Decay = Annotated[float, Field(gt=0, le=1)]
 
 
@@ -88,7 +88,7 @@ class Section(BaseModel):
 class Data(Section):
     url: Url = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
     md5: Md5 = "7c2ac02c03563afcf9b574c7e56c153a"
-    limit: Optional[Int1] = None
+    limit: Optional[Annotated[int, Field(ge=4)]] = None    # 2 a class: one for training, one to validate
     retries: Int0 = 3
     timeout: Positive = 60.0
 

@@ -324,5 +324,3 @@ class Tracker:
                 warn(f"logging to {self.tracking_uri} failed ({self.first_error}); training goes on, "
                       "what cannot be logged is counted and reported at the end")
             return False
-
-

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 SAMPLERS = ("tpe", "random", "grid")
+MAX_GRID_POINTS = 10_000        # each a whole pipeline run; a bigger grid is a typo (10^7 points: 3.9 GB)
 PRUNERS = {   # type -> the keyword arguments it takes besides `report` and `metric` (Optuna's names)
     "median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
     "asha": {"min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"},
@@ -148,6 +149,8 @@ def parse_spec(data: Any, where: str = "study") -> StudySpec:
         if ranges:
             raise SpecError(f"{where}: params.{ranges[0]}: a grid study takes lists of values, not ranges")
     grid_size = math.prod(len(p.choices) for p in searched) if sampler == "grid" else None
+    if grid_size is not None and grid_size > MAX_GRID_POINTS:
+        raise SpecError(f"{where}: params: the grid has {grid_size:,} points, more than {MAX_GRID_POINTS:,} runs")
     n_trials = data.get("n_trials", grid_size)
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise SpecError(f"{where}: n_trials: {n_trials!r}: a positive integer")

@@ -9,6 +9,10 @@ of a table, one parametrised test per category, so that `pytest -v` shows the co
     outputs        a full disk or a read-only folder: every old output stays whole, the file is named
     kills          a training stage killed mid-epoch resumes to exactly the uninterrupted result
 
+Issue 25 (round 3) added rows to params, archives, model files and commands; its other attempts (a
+killed worker inside a stage, a small /dev/shm, a vocabulary of only <unk>, a tokenizer differing
+between training and prediction, a server with logins, ...) are in test_reliability_issue25.py.
+
 The DVC-level guarantees (a typo stops `dvc repro` and `dvc exp run` before any output is removed;
 the archive is a dependency; the models beat chance; the MLflow store holds the runs) are checked in
 test_pipeline_e2e.py; the evaluate stage against labels it must get right in test_stages_model.py.
@@ -97,6 +101,18 @@ PARAMS = [  # (what, params.yaml, message); every row: issue 17 items 4, 9, 10
     ("pretrained, no path", {"embed": {"method": "pretrained"}}, "embed.path = null: required"),
     ("pretrained, missing file", {"embed": {"method": "pretrained", "path": "glove.txt"}},
      "embed.path = 'glove.txt'"),
+    # issue 25: what a later stage refuses (after DVC removed its outputs), check refuses first
+    ("train.lr .inf", {"train": {"lr": float("inf")}}, "params.yaml: train.lr = inf: Input should be a finite number"),
+    ("pretrain.lr .nan", {"pretrain": {"lr": float("nan")}}, "pretrain.lr = nan: Input should be a finite number"),
+    ("probe.lr .inf", {"probe": {"lr": float("inf")}}, "probe.lr = inf: Input should be a finite number"),
+    ("override lr .inf", {"train": {"overrides": {**OVERRIDES, "gru": {"lr": float("inf")}}}},
+     "train.overrides.gru.lr = inf: Input should be a finite number"),
+    ("data.limit 1", {"data": {"limit": 1}}, "params.yaml: data.limit = 1: must be >= 4"),
+    ("data.limit 3", {"data": {"limit": 3}}, "params.yaml: data.limit = 3: must be >= 4"),
+    ("tokens_per_epoch 1", {"pretrain": {"tokens_per_epoch": 1}},
+     "params.yaml: pretrain.tokens_per_epoch = 1: must be at least one batch of reviews, pretrain.batch_size 32 x "
+     "prepare.max_len 400 = 12800 tokens"),
+    ("workers 1000", {"train": {"workers": 1000}}, "params.yaml: train.workers = 1000: more than 4 x the"),
 ]
 
 
@@ -120,6 +136,25 @@ def test_a_good_project_passes_the_check_and_its_source_is_the_archive_content(c
     assert json.loads((tmp_path / "data/vectors.json").read_text()) == {"pretrained": None}
 
 
+def test_a_refused_check_names_the_values_that_differ_from_the_committed_params(checked_project, tmp_path):
+    """Issue 25: `dvc exp run -S train.lr=.inf` writes the value into params.yaml before check refuses it,
+    and there it stays: the error says so, and how to undo it."""
+    checked_project({"train": {"overrides": OVERRIDES, "lr": 0.002}})
+    shutil.rmtree(tmp_path / "data")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for command in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
+        subprocess.run(git + command, cwd=tmp_path, check=True, capture_output=True)
+    with pytest.raises(InputError) as info:
+        checked_project({"train": {"overrides": OVERRIDES, "lr": float("inf"), "workers": 3}})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("params.yaml: train.lr = inf: Input should be a finite number; "
+                                                       "params.yaml differs from the committed one in "
+                                                       "train.lr (0.002 -> inf), train.workers (absent -> 3)"), message
+    assert message.endswith("undo with `git checkout params.yaml`"), message
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=tmp_path, check=True, capture_output=True)
+    check.main()                                                   # undone: the committed params pass
+
+
 # --------------------------------------------------------------------------------- archives
 def _fifo(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
@@ -138,6 +173,7 @@ def _archive(tmp: Path, kind: str) -> Path:
         "escaping path": [("aclImdb/../../evil.txt", b"x")],
         "FIFO member": [_fifo("aclImdb/train/pos/fifo")],
         "unpacks too far": [("aclImdb/imdb.vocab", bytes(3 << 20))],
+        "300 empty members": [(f"aclImdb/empty/{i}", b"") for i in range(300)],
     }.get(kind)
     if kind == "missing":
         return path
@@ -167,12 +203,14 @@ ARCHIVES = [  # (kind, message): issue 17 items 1, 4, 7, 9
     ("duplicate id", "duplicate review id 0 in train/pos"),
     ("escaping path", "unsafe member path 'aclImdb/../../evil.txt'"),
     ("FIFO member", "refusing special file member 'aclImdb/train/pos/fifo'"),
+    ("300 empty members", "more than 200 members (the IMDB archive has 100,016); refusing it"),   # issue 25
 ]
 
 
 @pytest.mark.parametrize("kind, message", ARCHIVES, ids=[row[0] for row in ARCHIVES])
 def test_archives(checked_project, tmp_path, monkeypatch, kind, message):
     monkeypatch.setattr(imdb, "MAX_UNPACKED_BYTES", 2 << 20)
+    monkeypatch.setattr(imdb, "MAX_MEMBERS", 200)             # the good archive has 32
     (tmp_path / "archives").mkdir()
     bad = _archive(tmp_path / "archives", kind)
     with pytest.raises((InputError, OSError)) as info:
@@ -264,6 +302,9 @@ MODEL_FILES = [  # (what, edit of a saved model folder, message): issue 17 items
      "encoder.json: bad text encoder: max_len must lie in [1, 10000], got 1000000000000"),
     ("encoder max_len a float", _edit_json("encoder.json", "max_len", 1e12), "max_len must be an integer, got 1000000000000.0"),
     ("encoder without tokens", _edit_json("encoder.json", "tokens", "good bad"), "expected a mapping with a list"),
+    # issue 25: 3,000,000 missing arrays made a 48 MB error line
+    ("num_layers 1e6", _edit_json("config.json", "num_layers", 1_000_000),
+     "weights.npz: missing arrays rnn.l1.W_h, rnn.l1.W_x, rnn.l1.b, rnn.l10.W_h, rnn.l10.W_x and 2,999,992 more"),
 ]
 
 
@@ -276,7 +317,7 @@ def test_model_files(tmp_path, what, edit, message):
     with pytest.raises(InputError) as info:
         load_model(folder)
     assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
-    assert "allow_pickle" not in str(info.value)
+    assert "allow_pickle" not in str(info.value) and len(str(info.value)) < 400
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes"])
@@ -326,11 +367,21 @@ def _evaluate_json_not_finite(tmp: Path, monkeypatch) -> list:
     return ["evaluate", "--json", "--csv", tmp / "r.csv"]
 
 
+def _huge_review(tmp: Path, monkeypatch) -> list:
+    for label in ("pos", "neg"):
+        (tmp / label).mkdir()
+        (tmp / label / "1_9.txt").write_text("a fine film")
+    with open(tmp / "pos" / "2_9.txt", "wb") as f:          # sparse: 3 MiB that take no room
+        f.truncate(3 << 20)
+    return ["evaluate", "--workers", "1", "--dir", tmp]
+
+
 COMMANDS = [  # (what, setup(tmp, monkeypatch) -> argv without --model, message): issue 17 items 3, 10
     ("binary --file", _binary_file, "b.bin: not UTF-8 text (byte 0x89 at offset 0)"),
     ("--file with NUL bytes", _nul_bytes, "z.txt: not a text file (it holds NUL bytes)"),
     ("predict --json, overflow", _predict_json_not_finite, "the model gives no finite probability for 1 of 1"),
     ("evaluate --json, overflow", _evaluate_json_not_finite, "the model gives no finite probability for 1 of 1"),
+    ("evaluate --dir, a 3 MiB review", _huge_review, "pos/2_9.txt: more than the 1 MiB a review may have"),  # issue 25
 ]
 
 
