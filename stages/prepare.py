@@ -75,7 +75,7 @@ def run(cfg: dict, root: Path) -> dict:
         for name, arrs in arrays.items():
             out.save_npz(f"data/prepared/{name}.npz", **arrs)
         out.write_json("data/prepared/vocab.json", encoder.to_dict())
-        out.write_json("metrics/prepare.json", metrics)
+        out.write_metrics("metrics/prepare.json", metrics)
     print(f"prepared {sum(len(df) for df in parts.values())} reviews in {time.perf_counter() - t0:.1f}s")
     return metrics
 

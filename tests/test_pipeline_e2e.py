@@ -132,11 +132,11 @@ def _check_outputs(root: Path) -> None:
         assert json.loads((root / "probe" / f"{cell}.json").read_text())
         assert _csv(root / "probe" / f"{cell}_trace.csv")
     assert not any((root / "checkpoints").rglob("checkpoint.npz")), "checkpoints left after success"
-    # Every stage's metrics carry its peak memory (train's with its two workers'); prepare.json aside.
+    # Every stage's metrics carry its peak memory (train's with its two workers').
     metric_files = [*(root / "metrics").rglob("*.json"), *(root / "probe").glob("*.json"), root / "reports/summary.json"]
     assert len(metric_files) == 1 + 1 + 2 * len(REPLICATES) + 2 * len(CELLS) + 1 + 1, metric_files
     for path in metric_files:
-        assert path.name == "prepare.json" or json.loads(path.read_text())["peak_rss_mb"] > 0, path
+        assert json.loads(path.read_text())["peak_rss_mb"] > 0, path
     nbsvm = json.loads((root / "metrics" / "baseline" / "eval.json").read_text())
     assert nbsvm["accuracy"] > 0.8 and nbsvm["n"] == N_TEST, nbsvm
     assert (root / "data" / "predictions" / "baseline.npz").is_file()

@@ -274,11 +274,11 @@ def test_the_check_stage_says_a_server_needs_a_login(server_with_logins, monkeyp
 
 def test_a_run_is_tagged_with_the_account_that_logged_it(tmp_path, monkeypatch):
     import mlflow
-    from stages.tracking import _new_run
+    from stages.mlstore import new_run
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
-    run = _new_run(client, experiment, "lstm", "train@lstm", "abc", seed=0)
+    run = new_run(client, experiment, "lstm", "train@lstm", "abc", seed=0)
     assert client.get_run(run.info.run_id).data.tags["mlflow.user"] == "alice"
 
 
