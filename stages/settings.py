@@ -124,7 +124,7 @@ class Adversarial(Section):
 
 class Fitting(Section):
     """What every training loop here is given (the classifier's defaults; pretrain sets its own)."""
-    epochs: Int1 = 5
+    epochs: Int1 = 4
     batch_size: Int1 = 64
     lr: Positive = 0.002
     lr_decay: Decay = 0.5

@@ -172,6 +172,7 @@ def test_prepare_split_vocab_and_metrics(tmp_path, make_imdb_archive):
 
     # Val words outside the train part's vocabulary exist, so its OOV rate is positive.
     saved = json.loads((tmp_path / "metrics/prepare.json").read_text())
+    assert saved.pop("peak_rss_mb") > 0
     assert saved == metrics and saved["splits"] == {"train": 30, "val": 10, "test": 40}
     assert saved["oov_rate"]["train"] == 0.0 and saved["oov_rate"]["test"] > 0
     assert set(saved["length_percentiles"]) == {"p50", "p90", "p95", "p99"}
