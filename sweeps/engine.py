@@ -124,8 +124,11 @@ class StaleTrials:
         self.retry(study, trial)
         name = trial.user_attrs.get("experiment")
         if name:
-            with contextlib.suppress(Exception):      # MLflow unreachable: the trial is retried all the same
+            try:
                 mlflow_runs(self.root, name, fail_running=True)
+            except Exception as exc:  # noqa: BLE001 - MLflow unreachable or refusing: retried all the same
+                print(f"trial {trial.number}: its MLflow runs left RUNNING could not be marked FAILED: "
+                      f"{' '.join(str(exc).split())[:200]}", flush=True)
 
 
 def budget_used(trials: list[FrozenTrial]) -> int:
