@@ -21,8 +21,8 @@ Nothing answers without a password (docs/team-security.md):
   secure and back up, not a second store in a file). Its password is in a 0600 pgpass file
   (PGPASSFILE), so no URI or command line holds it. The sweep workers' Optuna studies
   (docs/sweeps.md) are in a database `optuna` of their own, owned by a role `sweeps` as
-  unprivileged, whose password is in a pgpass file of its own: a machine that runs trials can
-  read and write studies, not MLflow's tables.
+  unprivileged as MLflow's, whose password is in a pgpass file of its own: a machine that runs
+  trials can read and write studies, not MLflow's tables.
 - MLflow: the basic-auth app. An `admin` account with a generated password, one account per person
   or machine (`add_user`), credentials given to clients as MLFLOW_TRACKING_USERNAME/PASSWORD or in
   a credentials file. default_permission READ: whoever creates an experiment manages it (MLflow
@@ -167,18 +167,18 @@ def _database_user() -> str | None:
 
 
 def _spawn(stack: contextlib.ExitStack, name: str, args: list[str], log_dir: Path, env: dict,
-           user: str | None = None) -> subprocess.Popen:
+           user: str | None = None, stop_signal: int = signal.SIGTERM) -> subprocess.Popen:
     log = stack.enter_context(open(log_dir / f"{name}.log", "wb"))
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, user=user)
-    stack.callback(stop_group, proc)
+    stack.callback(stop_group, proc, stop_signal)
     return proc
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process's group (server, workers, backends), SIGKILL what is left after a while."""
+def stop_group(proc: subprocess.Popen, stop_signal: int = signal.SIGTERM) -> None:
+    """Signal the process's group (server, workers, backends) to stop, SIGKILL what is left after a while."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, stop_signal)
     try:
         proc.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -253,11 +253,13 @@ def start_postgres(stack: contextlib.ExitStack, log_dir: Path, secret_dir: Path)
     if init.returncode != 0:
         raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout[-2000:]}\n{init.stderr[-2000:]}")
     port = free_port()
+    # Stopped by SIGINT, PostgreSQL's fast shutdown: after SIGTERM it would wait for every client to
+    # disconnect (a connection pool left open in a test never does) until stop_group's SIGKILL.
     proc = _spawn(stack, "postgres", [
         str(bindir / "postgres"), "-D", str(data), "-p", str(port),
         "-c", f"listen_addresses={HOST}", "-c", "unix_socket_directories=",
         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-    ], log_dir, env, user=user)
+    ], log_dir, env, user=user, stop_signal=signal.SIGINT)
     superuser = {"host": HOST, "port": port, "user": "postgres", "password": superuser_password,
                  "dbname": "postgres", "connect_timeout": 5}
 

@@ -154,6 +154,8 @@ def _stop_leftovers(folder: Path, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while _pids_in(folder) and time.monotonic() < deadline:
         time.sleep(0.5)
+    if _pids_in(folder):
+        print("[team] left running, to be killed:", [_cmdline(pid)[:120] for pid in _pids_in(folder)], flush=True)
     for _ in range(5):
         pids = _pids_in(folder)
         if not pids:
@@ -388,6 +390,8 @@ def test_two_machines_run_one_study_through_shared_services_and_survive_a_dead_o
             passed = True
         finally:
             _stop_leftovers(tmp_path, wait_s=30 if passed else 0)
+            _mark("leftovers stopped")
+    _mark("services stopped")
 
 
 def _flow(tmp_path: Path, svc, users: dict, envs: dict[str, dict], machines: list[Path], boto3,
