@@ -484,6 +484,7 @@ def _flow(tmp_path: Path, svc, users: dict, envs: dict[str, dict], machines: lis
         [run] = [r for r in runs if r.data.tags["dvc.exp_name"] == name]
         assert run.info.status == "FINISHED" and run.data.tags["sweep.trial"] == str(trial.number)
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert trial.user_attrs["mlflow_runs"] == {run.info.run_name: run.info.run_id}    # what `show` lists
         assert float(run.data.params["train.lr"]) == trial.params["train.overrides.lstm.lr"]
     killed_runs = [r for r in runs if r.data.tags["dvc.exp_name"] == failed.user_attrs["experiment"]]
     assert {r.info.run_id for r in killed_runs} == {r.info.run_id for r in left_running}
