@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -123,8 +124,11 @@ class StaleTrials:
         self.retry(study, trial)
         name = trial.user_attrs.get("experiment")
         if name:
-            with contextlib.suppress(Exception):      # MLflow unreachable: the trial is retried all the same
+            try:
                 mlflow_runs(self.root, name, fail_running=True)
+            except Exception as exc:  # noqa: BLE001 - MLflow unreachable or refusing: retried all the same
+                print(f"trial {trial.number}: its MLflow runs left RUNNING could not be marked FAILED: "
+                      f"{' '.join(str(exc).split())[:200]}", flush=True)
 
 
 def budget_used(trials: list[FrozenTrial]) -> int:
@@ -534,7 +538,14 @@ def create_parent_run(spec: StudySpec, root: Path, commit: str) -> str | None:
 def close_parent_run(root: Path, run_id: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(_mlflow_environ(root)["MLFLOW_TRACKING_URI"]).set_terminated(run_id, status="FINISHED")
+    _terminate(MlflowClient(_mlflow_environ(root)["MLFLOW_TRACKING_URI"]), run_id, "FINISHED")
+
+
+def _terminate(client: Any, run_id: str, status: str) -> None:
+    """End a run; quietly: against a tracking server MLflow prints two "View run" links per call,
+    which would land in the worker's one-line-per-trial output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        client.set_terminated(run_id, status=status)
 
 
 def _mlflow_environ(root: Path) -> dict:
@@ -561,7 +572,7 @@ def mlflow_runs(root: Path, name: str, fail_running: bool = False) -> dict:
     for run in runs:
         found[run.info.run_name or run.info.run_id] = run.info.run_id
         if fail_running and run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FAILED")
+            _terminate(client, run.info.run_id, "FAILED")
     return found
 
 

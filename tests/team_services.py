@@ -19,7 +19,10 @@ Nothing answers without a password (docs/team-security.md):
   can run shell commands), may create neither roles nor databases, and owns exactly two databases:
   `mlflow` (runs) and `mlflow_auth` (MLflow's accounts and permissions: one database server to
   secure and back up, not a second store in a file). Its password is in a 0600 pgpass file
-  (PGPASSFILE), so no URI or command line holds it.
+  (PGPASSFILE), so no URI or command line holds it. The sweep workers' Optuna studies
+  (docs/sweeps.md) are in a database `optuna` of their own, owned by a role `sweeps` as
+  unprivileged as MLflow's, whose password is in a pgpass file of its own: a machine that runs
+  trials can read and write studies, not MLflow's tables.
 - MLflow: the basic-auth app. An `admin` account with a generated password, one account per person
   or machine (`add_user`), credentials given to clients as MLFLOW_TRACKING_USERNAME/PASSWORD or in
   a credentials file. default_permission READ: whoever creates an experiment manages it (MLflow
@@ -64,6 +67,7 @@ PYTHON_MODULES = {"psycopg": "psycopg[binary]", "boto3": "boto3", "moto": "moto[
                   "flask_wtf": "mlflow[auth]"}
 DB_ROLE = "mlflow"                              # PostgreSQL's role for MLflow, no superuser
 DATABASES = ("mlflow", "mlflow_auth")           # runs; MLflow's accounts and permissions
+SWEEP_ROLE, SWEEP_DATABASE = "sweeps", "optuna"  # the sweep workers' role and their studies' database
 ADMIN = "admin"                                 # MLflow's admin account
 # Seconds a checked password is trusted (per server worker): each check costs ~0.1 s of CPU
 # (scrypt), and the pipeline sends hundreds of requests. With one worker a password changed or a
@@ -94,11 +98,13 @@ class Credentials:
 @dataclass(frozen=True)
 class Services:
     database_uri: str       # postgresql+psycopg://mlflow@127.0.0.1:<port>/mlflow (password: pgpass)
+    sweep_storage: str      # postgresql+psycopg://sweeps@127.0.0.1:<port>/optuna (password: sweeps.pgpass)
     s3_endpoint: str        # http://127.0.0.1:<port>
     bucket: str
     tracking_uri: str       # http://127.0.0.1:<port>, the MLflow server
     admin: Credentials      # MLflow's admin account
-    secrets: Path           # 0700 folder: pgpass (role mlflow), basic_auth.ini (0600 each)
+    secrets: Path           # 0700 folder: pgpass (role mlflow), sweeps.pgpass (role sweeps),
+                            # basic_auth.ini (0600 each)
 
 
 def new_password() -> str:
@@ -161,18 +167,18 @@ def _database_user() -> str | None:
 
 
 def _spawn(stack: contextlib.ExitStack, name: str, args: list[str], log_dir: Path, env: dict,
-           user: str | None = None) -> subprocess.Popen:
+           user: str | None = None, stop_signal: int = signal.SIGTERM) -> subprocess.Popen:
     log = stack.enter_context(open(log_dir / f"{name}.log", "wb"))
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, user=user)
-    stack.callback(stop_group, proc)
+    stack.callback(stop_group, proc, stop_signal)
     return proc
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process's group (server, workers, backends), SIGKILL what is left after a while."""
+def stop_group(proc: subprocess.Popen, stop_signal: int = signal.SIGTERM) -> None:
+    """Signal the process's group (server, workers, backends) to stop, SIGKILL what is left after a while."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, stop_signal)
     try:
         proc.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -213,11 +219,13 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return "(no log)"
 
 
-def start_postgres(stack: contextlib.ExitStack, log_dir: Path, secret_dir: Path) -> str:
+def start_postgres(stack: contextlib.ExitStack, log_dir: Path, secret_dir: Path) -> tuple[str, str]:
     """initdb into a fresh folder with password authentication (scram-sha-256), run the server on
-    127.0.0.1 only, create the role `mlflow` and its databases (DATABASES); its password goes to
-    <secret_dir>/pgpass. Returns the SQLAlchemy URI of database `mlflow`, without password: libpq
-    finds it through PGPASSFILE."""
+    127.0.0.1 only, create the role `mlflow` and its databases (DATABASES), and the role `sweeps`
+    and its database `optuna` (the sweep workers' Optuna studies, docs/sweeps.md); their passwords
+    go to <secret_dir>/pgpass and <secret_dir>/sweeps.pgpass, a file each, so the machines get the
+    studies' password and not MLflow's. Returns the SQLAlchemy URIs of databases `mlflow` and
+    `optuna`, without passwords: libpq finds them through PGPASSFILE."""
     import psycopg
     from psycopg import sql
 
@@ -245,11 +253,13 @@ def start_postgres(stack: contextlib.ExitStack, log_dir: Path, secret_dir: Path)
     if init.returncode != 0:
         raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout[-2000:]}\n{init.stderr[-2000:]}")
     port = free_port()
+    # Stopped by SIGINT, PostgreSQL's fast shutdown: after SIGTERM it would wait for every client to
+    # disconnect (a connection pool left open in a test never does) until stop_group's SIGKILL.
     proc = _spawn(stack, "postgres", [
         str(bindir / "postgres"), "-D", str(data), "-p", str(port),
         "-c", f"listen_addresses={HOST}", "-c", "unix_socket_directories=",
         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-    ], log_dir, env, user=user)
+    ], log_dir, env, user=user, stop_signal=signal.SIGINT)
     superuser = {"host": HOST, "port": port, "user": "postgres", "password": superuser_password,
                  "dbname": "postgres", "connect_timeout": 5}
 
@@ -258,18 +268,21 @@ def start_postgres(stack: contextlib.ExitStack, log_dir: Path, secret_dir: Path)
             return True
 
     _wait("postgres", accepting, proc, log_dir / "postgres.log")
-    password = new_password()
+    passwords = {DB_ROLE: new_password(), SWEEP_ROLE: new_password()}
     with psycopg.connect(**superuser, autocommit=True) as conn:
-        # The server stores only this SCRAM verifier; the password itself never reaches it (nor
-        # its logs).
-        verifier = conn.pgconn.encrypt_password(password.encode(), DB_ROLE.encode(), b"scram-sha-256")
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
-                             "PASSWORD {}").format(sql.Identifier(DB_ROLE), sql.Literal(verifier.decode())))
-        for name in DATABASES:
-            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(DB_ROLE)))
-            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
-    write_secret(secret_dir / "pgpass", f"{HOST}:{port}:*:{DB_ROLE}:{password}\n")
-    return f"postgresql+psycopg://{DB_ROLE}@{HOST}:{port}/{DATABASES[0]}"
+        for role, databases in ((DB_ROLE, DATABASES), (SWEEP_ROLE, (SWEEP_DATABASE,))):
+            # The server stores only this SCRAM verifier; the password itself never reaches it (nor
+            # its logs).
+            verifier = conn.pgconn.encrypt_password(passwords[role].encode(), role.encode(), b"scram-sha-256")
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+                                 "PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier.decode())))
+            for name in databases:
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(role)))
+                conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+    write_secret(secret_dir / "pgpass", f"{HOST}:{port}:*:{DB_ROLE}:{passwords[DB_ROLE]}\n")
+    write_secret(secret_dir / "sweeps.pgpass", f"{HOST}:{port}:{SWEEP_DATABASE}:{SWEEP_ROLE}:{passwords[SWEEP_ROLE]}\n")
+    return (f"postgresql+psycopg://{DB_ROLE}@{HOST}:{port}/{DATABASES[0]}",
+            f"postgresql+psycopg://{SWEEP_ROLE}@{HOST}:{port}/{SWEEP_DATABASE}")
 
 
 def start_s3(stack: contextlib.ExitStack, log_dir: Path, bucket: str = BUCKET) -> str:
@@ -333,10 +346,10 @@ def services(log_dir: Path) -> Iterator[Services]:
     with contextlib.ExitStack() as stack:
         secret_dir = Path(tempfile.mkdtemp(prefix="rnn-team-secrets-"))      # 0700
         stack.callback(shutil.rmtree, secret_dir, True)
-        database_uri = start_postgres(stack, log_dir, secret_dir)
+        database_uri, sweep_storage = start_postgres(stack, log_dir, secret_dir)
         s3_endpoint = start_s3(stack, log_dir)
         tracking_uri, admin = start_mlflow(stack, log_dir, database_uri, s3_endpoint, secret_dir)
-        yield Services(database_uri, s3_endpoint, BUCKET, tracking_uri, admin, secret_dir)
+        yield Services(database_uri, sweep_storage, s3_endpoint, BUCKET, tracking_uri, admin, secret_dir)
 
 
 def call(tracking_uri: str, path: str, method: str = "GET", who: Credentials | None = None,
@@ -436,6 +449,7 @@ def main() -> None:
         experiments = share_experiments(s.tracking_uri, s.admin, team_experiments(), args.user) if users else {}
         accounts = "\n".join(f"  {u.username:<12}{s.secrets / (u.username + '.credentials')}" for u in [s.admin, *users])
         print(f"""PostgreSQL  {s.database_uri}  (password: PGPASSFILE={s.secrets / 'pgpass'})
+Studies     {s.sweep_storage}  (password: PGPASSFILE={s.secrets / 'sweeps.pgpass'})
 S3 (moto)   {s.s3_endpoint}  bucket {s.bucket}
 MLflow      {s.tracking_uri}  (UI and API; artifacts in s3://{s.bucket}/mlartifacts)
 logs        {log_dir}
@@ -452,6 +466,7 @@ In each project clone, as one of the users:
   dvc remote modify --local storage secret_access_key testing
   export MLFLOW_TRACKING_URI={s.tracking_uri}
   install -m 600 -D {s.secrets}/NAME.credentials ~/.mlflow/credentials
+  export RNN_SWEEP_STORAGE={s.sweep_storage} PGPASSFILE={s.secrets / 'sweeps.pgpass'}   # sweeps
 
 Ctrl-C stops all three (their data and the accounts go with them).""", flush=True)
         try:
