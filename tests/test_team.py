@@ -52,6 +52,7 @@ CELLS = ["rnn", "lstm"]
 # trials go on meanwhile); 10 beats missed in a row, which a busy 2-core machine does not cause.
 LRS = (0.001, 0.003, 0.01)
 DROPOUTS = (0.0, 0.5)
+ARCHIVE = "imdb.tar.gz"            # in the test's folder; every machine reads it (IMDB_ARCHIVE)
 STUDY = {
     "name": "team-lstm",
     "objective": {"metrics": "reports/summary.json", "key": "cells.lstm.val_accuracy.mean", "direction": "maximize"},
@@ -111,11 +112,13 @@ def _project(root: Path) -> None:
 def _env(tmp_path: Path, tracking_uri: str, user: team_services.Credentials | None = None,
          home: Path | None = None) -> dict:
     """A machine's environment: its MLflow account in MLFLOW_TRACKING_USERNAME/PASSWORD, or with
-    home, in <home>/.mlflow/credentials (MLflow's other way), and nothing else of MLflow's."""
+    home, in <home>/.mlflow/credentials (MLflow's other way), and nothing else of MLflow's; the
+    test's archive in IMDB_ARCHIVE (`make test` exports the real one where ../shared/data has it:
+    a trial reading that would rerun the whole pipeline)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "AWS_", "PG"))}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        MLFLOW_TRACKING_URI=tracking_uri,
+        MLFLOW_TRACKING_URI=tracking_uri, IMDB_ARCHIVE=str(tmp_path / ARCHIVE),
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
         CI="1",
@@ -416,7 +419,7 @@ def _flow(tmp_path: Path, svc, users: dict, envs: dict[str, dict], machines: lis
     _dvc(["remote", "modify", "--local", "storage", "access_key_id", "testing"], lead, env)
     _dvc(["remote", "modify", "--local", "storage", "secret_access_key", "testing"], lead, env)
     assert (lead / ".dvc" / "config.local").read_text() == LOCAL_CONFIG
-    archive = build_imdb_archive(tmp_path / "imdb.tar.gz", n_per_class=100, unsup=5)
+    archive = build_imdb_archive(tmp_path / ARCHIVE, n_per_class=100, unsup=5)
     _dvc(["repro"], lead, {**env, "IMDB_ARCHIVE": str(archive)})
     _run(["git", "add", "."], lead, env)
     _run(["git", "commit", "-q", "-m", "baseline"], lead, env)
