@@ -71,8 +71,8 @@ def main() -> None:
             tracker.log_params({**flatten(cfg, "pretrain"), "pretrain.direction": direction})
             if direction == "backward":   # the same reviews right to left, on the forward model's embedding
                 corpus.update({k: corpus[k]._replace(ids=reverse_sequences(corpus[k].ids, corpus[k].lengths))
-                               for k in ("train", "val")}, embeddings=model.params["embedding.weight"], frozen=True)
-            model, result = pretrain(cell, cfg, corpus, checkpoint_dir, workers, tracker)
+                               for k in ("train", "val")}, embeddings=model.params["embedding.weight"])
+            model, result = pretrain(cell, cfg, corpus, checkpoint_dir, workers, tracker, direction == "backward")
             fitted[direction] = (model, {**result, "resumed": resumed}, tracker, checkpoint_dir)
         write_outputs(root, cell, cfg, run_hash, fitted, corpus)
     for *_, checkpoint_dir in fitted.values():
@@ -96,11 +96,11 @@ def load_corpus(root: Path, cfg: dict) -> dict:
             "encoder": encoder, "embeddings": np.load(root / "data/embeddings.npy", allow_pickle=False)}
 
 
-def pretrain(cell: str, cfg: dict, corpus: dict, checkpoint_dir: Path, workers: int, tracker) -> tuple:
+def pretrain(cell: str, cfg: dict, corpus: dict, checkpoint_dir: Path, workers: int, tracker, freeze_embedding: bool = False) -> tuple:
     """Build the language model and fit it (resuming a checkpoint in checkpoint_dir): (model, the
     fit's result with the stage's metrics)."""
     t0 = time.perf_counter()
-    config = settings.model_config({**cfg, "bidirectional": False, "freeze_embedding": corpus.get("frozen", False)},
+    config = settings.model_config({**cfg, "bidirectional": False, "freeze_embedding": freeze_embedding},
                                    cell, len(corpus["encoder"]["tokens"]), task="language_model")
     if corpus["embeddings"].shape != (config.vocab_size, config.embed_dim):
         raise InputError(f"data/embeddings.npy: shape {corpus['embeddings'].shape} does not fit "
