@@ -45,14 +45,6 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def reverse_sequences(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Each right-padded row of ids (N, T) reversed within its own length (N,); padding stays put.
-    A language model of the reversed reviews is the backward one a bidirectional classifier's
-    reverse direction starts from."""
-    t = np.arange(ids.shape[1])[None, :]
-    return np.take_along_axis(ids, np.where(t < lengths[:, None], lengths[:, None] - 1 - t, t), axis=1)
-
-
 def language_model_corpus(parts: list[tuple[np.ndarray, np.ndarray]], max_tokens: int | None,
                           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The reviews a language model reads: the padded parts stacked, one-token reviews left out.

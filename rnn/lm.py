@@ -22,7 +22,7 @@ from .losses import (PAD, UNK, sample_log_uniform, sample_next_token, sampled_so
                      softmax_cross_entropy)
 from .model import Model, encode, encode_backward, encoder_names, layer_names, sort_batch
 from .parallel import LocalRunner, map_by_length
-from .recurrent import sequence_forward
+from .recurrent import reverse_index, sequence_forward
 
 CANDIDATES_KEY = 2**32        # keys the step's candidate draw apart from the rows' dropout draws
 
@@ -166,6 +166,12 @@ def _shift(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 # The settings that fix the encoder's parameters: a classifier inherits a language model's encoder
 # only where they agree.
+def reverse_sequences(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Each right-padded row of ids (N, T) reversed within its own length (N,); padding stays put:
+    the text of the backward language model a bidirectional classifier's reverse direction starts from."""
+    return np.take_along_axis(ids, reverse_index(lengths, ids.shape[1]).T, axis=1)
+
+
 ENCODER_SETTINGS = ("vocab_size", "cell", "reset_after", "embed_dim", "hidden_size", "num_layers")
 
 

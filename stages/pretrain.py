@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rnn.data import language_model_corpus, reverse_sequences
+from rnn.data import language_model_corpus
 from rnn.errors import InputError
 from rnn.io import save_model
-from rnn.lm import LanguageModel, token_counts
+from rnn.lm import LanguageModel, reverse_sequences, token_counts
 from rnn.optim import make_optimizer
 from rnn.parallel import resolve_workers
 from rnn.text import TextEncoder

@@ -210,7 +210,7 @@ def test_a_classifier_started_from_the_language_model_reads_with_its_encoder():
 
 def test_a_bidirectional_classifier_reads_backward_with_the_backward_language_model():
     """Its reverse direction on a review is the backward model reading the reversed review."""
-    from rnn.data import reverse_sequences
+    from rnn.lm import reverse_sequences
     from rnn.lm import load_encoder
     from rnn.model import encode, sort_batch
 
@@ -233,7 +233,7 @@ def test_a_bidirectional_classifier_reads_backward_with_the_backward_language_mo
 
 
 def test_reverse_sequences_reverses_within_each_length():
-    from rnn.data import reverse_sequences
+    from rnn.lm import reverse_sequences
 
     ids = np.array([[1, 2, 3, 0], [4, 5, 6, 7], [8, 0, 0, 0]])
     out = reverse_sequences(ids, np.array([3, 4, 1]))
