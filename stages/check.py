@@ -36,7 +36,7 @@ import yaml
 
 from rnn import imdb
 from rnn.errors import InputError
-from stages import archive, settings
+from stages import archive, runguard, settings
 from stages.common import Outputs, project_root, run_stage
 from stages.outputs import LM_SHAPES, VECTORS, describe_vectors, lm_shape, pretrained_vectors
 
@@ -52,6 +52,7 @@ QUOTE_CHARS = 60               # how much of a changed value the error line quot
 
 def main() -> None:
     root = project_root()
+    runguard.claim(root)
     try:
         check(root)
     except InputError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from rnn.errors import MAX_MESSAGE_CHARS, InputError, WorkerDied, shorten
+from stages import runguard
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -22,6 +23,7 @@ def run_stage(main: Callable[[], None]) -> None:
     a full disk) exits 2 with one `error:` line, a killed worker process (WorkerDied) 1; anything else
     is a bug and keeps its traceback."""
     try:
+        runguard.verify()
         main()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -72,7 +74,14 @@ class Outputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """Publish every output, or on an exception remove every temporary."""
+        """Publish every output, or on an exception (or a params.yaml changed under this DVC run:
+        runguard) remove every temporary."""
+        refused = None
+        if exc_type is None:
+            try:
+                runguard.verify(self.root)
+            except InputError as changed:
+                exc_type = refused = changed
         renamed = self._final_name(exc) if isinstance(exc, OSError) else None
         for tmp, final in self.pending:
             if exc_type is None:
@@ -83,6 +92,8 @@ class Outputs:
         self.pending.clear()
         if renamed is not None:
             raise OSError(exc.errno, exc.strerror, renamed) from None
+        if refused is not None:
+            raise refused
 
     def _final_name(self, exc: OSError) -> str | None:
         """models/.lstm.tmp-42/weights.npz -> models/lstm/weights.npz"""
