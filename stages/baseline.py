@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from rnn import stats
 from rnn.errors import InputError
 from rnn.metrics import binary_metrics
 from rnn.text import tokenize
@@ -55,14 +55,6 @@ def read_reviews(raw: Path, split: Path | None = None) -> tuple[list[str], np.nd
     return found["text"].tolist(), found["label"].to_numpy(np.int8), found["id"].to_numpy(np.int64)
 
 
-def nb_ratio(features: sparse.csr_matrix, labels: np.ndarray, alpha: float) -> np.ndarray:
-    """Naive-Bayes log-count ratio r (F,) float32 of binary features (N, F): log of how much more often
-    each feature occurs in positive than in negative reviews, with `alpha` added to every count."""
-    counts = [alpha + np.asarray(features[labels == c].sum(axis=0)).ravel() for c in (1, 0)]
-    p, q = (c / c.sum() for c in counts)
-    return np.log(p / q).astype(np.float32)
-
-
 class NBSVM:
     """Binary n-gram features x, NB-scaled r * x, logistic regression on them; the weights then move
     towards their mean magnitude as in Wang & Manning: w' = (1 - beta) * mean|w| + beta * w."""
@@ -78,7 +70,7 @@ class NBSVM:
 
     def fit(self, texts: list[str], labels: np.ndarray) -> "NBSVM":
         x = self.vectorizer.fit_transform(texts)
-        self.ratio = nb_ratio(x, labels, self.cfg["alpha"])
+        self.ratio = stats.nb_ratio(x, labels, self.cfg["alpha"])
         # liblinear's dual solver: fast when features (millions of bigrams) outnumber reviews.
         clf = LogisticRegression(C=self.cfg["C"], solver="liblinear", dual=True, max_iter=1000,
                                  random_state=self.cfg["seed"])

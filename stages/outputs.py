@@ -9,13 +9,13 @@ import hashlib
 import io
 import json
 import math
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from rnn.errors import InputError
+from rnn.npz import load_arrays
 from stages import settings
 
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
@@ -93,22 +93,17 @@ def read_csv(path: Path, stage: str, columns: Iterable[str] = ()) -> list[dict]:
         return list(reader)
 
 
-def load_arrays(path: Path, stage: str, required: Iterable[str]) -> dict[str, np.ndarray]:
+def read_npz(path: Path, stage: str, required: Iterable[str]) -> dict[str, np.ndarray]:
     """The arrays of a stage's .npz output; one-line errors for a missing, unreadable or incomplete file."""
-    try:
-        with np.load(_exists(path, stage), allow_pickle=False) as npz:       # never pickle: a file cannot run code
-            arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
-    missing = set(required) - set(arrays)
-    if missing:
+    arrays = load_arrays(_exists(path, stage))
+    if missing := set(required) - set(arrays):
         raise InputError(f"{path}: missing arrays {', '.join(sorted(missing))}")
     return arrays
 
 
 def load_split(path: Path) -> dict[str, np.ndarray]:
     """A prepared split (data/prepared/<split>.npz): ids (N, T), lengths (N,), labels (N,), ..."""
-    arrays = load_arrays(path, "prepare", ("ids", "lengths", "labels"))
+    arrays = read_npz(path, "prepare", ("ids", "lengths", "labels"))
     if len(arrays["labels"]) == 0:
         raise InputError(f"{path}: no examples")
     return arrays

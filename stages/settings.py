@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import re
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -275,6 +276,37 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def uncommitted_changes(root: Path) -> str:
+    """'params.yaml differs from the committed one in a.b (1 -> 2), ...: undo with `git checkout
+    params.yaml`', or '' outside git, without a committed params.yaml, or when nothing differs."""
+    try:
+        committed = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=root, capture_output=True,
+                                   timeout=10, check=True).stdout.decode("utf-8")
+        old, new = (yaml.load(text, Loader=_Loader) for text in (committed, (root / "params.yaml").read_text("utf-8")))
+    except (OSError, ValueError, subprocess.SubprocessError, yaml.YAMLError):
+        return ""
+    before, after = (_flat(tree if isinstance(tree, dict) else {}) for tree in (old, new))
+    keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k, ...) != after.get(k, ...)]
+    if not keys:
+        return ""
+
+    def quote(value: object) -> str:      # at most 60 characters of a value
+        text = "absent" if value is ... else repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    shown = ", ".join(f"{k} ({quote(before.get(k, ...))} -> {quote(after.get(k, ...))})" for k in keys[:3])
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return (f"params.yaml differs from the committed one in {shown}{more} (a `dvc exp run -S` leaves its values "
+            "there): undo with `git checkout params.yaml`")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a.b": value} of a nested mapping (an empty mapping is a value)."""
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return out
+
+
 def load(path: str | Path = "params.yaml") -> Params:
     """Read and validate the whole params file (see `validate`)."""
     return validate(read_yaml(path), Path(path).name)
@@ -340,6 +372,11 @@ def _cross_checks(params: dict, source: str) -> None:
     if probe["trace_steps"] > probe["steps"]:
         raise ParamsError(f"{source}: probe.trace_steps = {probe['trace_steps']}: must be <= probe.steps")
     probe["distances"] = sorted(probe["distances"])
+    pre, max_len = params["pretrain"], params["prepare"]["max_len"]
+    if pre["tokens_per_epoch"] is not None and pre["tokens_per_epoch"] < pre["batch_size"] * max_len:
+        raise ParamsError(f"{source}: pretrain.tokens_per_epoch = {pre['tokens_per_epoch']}: must be at least "
+                          f"one batch of reviews, pretrain.batch_size {pre['batch_size']} x prepare.max_len "
+                          f"{max_len} = {pre['batch_size'] * max_len} tokens (or null: all of them)")
     train = params["train"]
     for cell, over in train["overrides"].items():
         if over and cell not in train["cells"]:
