@@ -25,9 +25,10 @@ from pathlib import Path
 
 from rnn import imdb
 from rnn.errors import InputError
-from stages import archive, settings
+from stages import settings
 from stages.common import Outputs, project_root, run_stage
-from stages.outputs import LM_SHAPES, VECTORS, describe_vectors, lm_shape, pretrained_vectors
+from stages.outputs import (DOWNLOADED, LM_SHAPES, SOURCE, VECTORS, describe_vectors, file_digest, lm_shape,
+                            pretrained_vectors, read_source)
 
 CHECKED = "data/checked"
 PROBE_TIMEOUT_S = 10.0
@@ -56,20 +57,20 @@ def check(root: Path) -> None:
         check_dvc_params(settings.read_yaml(root / "params.yaml"), params["train"]["cells"])
     data = params["data"]
     local = os.environ.get("IMDB_ARCHIVE") or None
-    source = archive.describe_source(data["url"], data["md5"], local)
+    source = {"url": data["url"], "md5": data["md5"]}
     if local:
-        check_archive_content(root, Path(local), source["archive"]["sha256"])
-    elif not (root / archive.DOWNLOADED).is_file():
+        source = describe_archive(root, local)
+    elif not (root / DOWNLOADED).is_file():
         try:
             check_reachable(data["url"], min(data["timeout"], PROBE_TIMEOUT_S))
         except InputError as unreachable:
             try:
-                source = archive.read_source(root)      # committed: the data comes from the DVC remote
+                source = read_source(root)      # committed: the data comes from the DVC remote
             except (OSError, InputError):
                 raise unreachable from None
             # A clone of a team's project (README, "Working as a team"): the download stage reruns only
             # if something it reads changed, and then fails on the missing archive.
-            print(f"check: no archive here and data.url unreachable; keeping {archive.SOURCE} (the data "
+            print(f"check: no archive here and data.url unreachable; keeping {SOURCE} (the data "
                   "comes from the DVC remote: dvc pull)")
     vectors = describe_vectors(pretrained_vectors(root, params["embed"]))
     if params["mlflow"]["enabled"]:
@@ -77,7 +78,7 @@ def check(root: Path) -> None:
 
         check_store()
     with Outputs(root) as out:
-        out.write_json(archive.SOURCE, source)
+        out.write_json(SOURCE, source)
         out.write_json(VECTORS, vectors)
         folder = out.path(LM_SHAPES, folder=True)
         for cell in params["train"]["cells"]:
@@ -115,23 +116,27 @@ def check_reachable(url: str, timeout: float) -> None:
             raise InputError(f"params.yaml: data.url = {url!r}: HTTP {exc.code} {exc.reason}") from None
     except OSError as exc:                       # URLError, refused, timed out
         raise InputError(f"params.yaml: data.url = {url!r} is unreachable ({getattr(exc, 'reason', exc)}) and "
-                         f"{archive.DOWNLOADED} does not exist: go online, or name a local copy of the "
+                         f"{DOWNLOADED} does not exist: go online, or name a local copy of the "
                          "archive with IMDB_ARCHIVE (make pipeline does when ../shared/data has one)") from None
 
 
-def check_archive_content(root: Path, path: Path, sha256: str) -> None:
-    """Read the archive as the download stage will (no text kept), unless this content already passed."""
+def describe_archive(root: Path, local: str) -> dict:
+    """{"archive": {sha256, size}} of the gzip file IMDB_ARCHIVE names, once read as the download stage
+    will (no text kept) unless this content already passed: the same archive anywhere, the same source."""
+    path = Path(local)
+    imdb.check_gzip_file(path, f"IMDB_ARCHIVE={local}")
+    source = {"archive": {"sha256": (sha256 := file_digest(path)), "size": path.stat().st_size}}
     key = f"{sha256}:{imdb.MAX_REVIEW_BYTES}:{imdb.MAX_UNPACKED_BYTES}"
     memo = root / MEMO
     try:
         seen = json.loads(memo.read_text(encoding="utf-8")) if memo.is_file() else []
     except ValueError:
         seen = []                          # a damaged cache is only a cache
-    if key in seen:
-        return
-    imdb.read_archive(path, keep=False)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps([*seen, key][-20:]), encoding="utf-8")
+    if key not in seen:
+        imdb.read_archive(path, keep=False)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps([*seen, key][-20:]), encoding="utf-8")
+    return source
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The files the stages hand to each other: prepared splits and vocabulary, history.csv and
 grad_trace.csv (one schema each, for every writer and reader), what the check stage describes for
-other stages (data/vectors.json, data/lm/<cell>.json), and files by digest."""
+other stages (data/source.json, data/vectors.json, data/lm/<cell>.json), and files by digest."""
 
 from __future__ import annotations
 
@@ -132,6 +132,20 @@ def model_digest(folder: str | Path) -> str:
     if not lines:
         raise FileNotFoundError(f"{folder}: no model files")
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+# The IMDB archive by content, written by the check stage on every `dvc repro` and read by the download
+# stage: a different archive reruns the pipeline, the same one wherever it lies reruns nothing.
+SOURCE = "data/source.json"
+DOWNLOADED = "data/download/aclImdb_v1.tar.gz"   # the download stage's copy, kept once its md5 matched
+
+
+def read_source(root: Path) -> dict:
+    """data/source.json: {"archive": {sha256, size}} (the copy IMDB_ARCHIVE names) or {"url", "md5"}."""
+    source = read_json(root / SOURCE, "check")
+    if not isinstance(source, dict) or not (isinstance(source.get("archive"), dict) or "url" in source):
+        raise InputError(f"{root / SOURCE}: names neither an archive nor a url; run the check stage again")
+    return source
 
 
 # The pretrained vectors file (embed.path) by content, written by the check stage on every `dvc repro`:

@@ -285,7 +285,7 @@ def uncommitted_changes(root: Path) -> str:
         old, new = (yaml.load(text, Loader=_Loader) for text in (committed, (root / "params.yaml").read_text("utf-8")))
     except (OSError, ValueError, subprocess.SubprocessError, yaml.YAMLError):
         return ""
-    before, after = (_flat(tree if isinstance(tree, dict) else {}) for tree in (old, new))
+    before, after = (flatten(tree if isinstance(tree, dict) else {}) for tree in (old, new))
     keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k, ...) != after.get(k, ...)]
     if not keys:
         return ""
@@ -299,12 +299,13 @@ def uncommitted_changes(root: Path) -> str:
             "there): undo with `git checkout params.yaml`")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"a.b": value} of a nested mapping (an empty mapping is a value)."""
-    out = {}
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train.clip.mode": value, ...} of a nested mapping, keys under `prefix` (an empty mapping is a value)."""
+    flat = {}
     for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
-    return out
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return flat
 
 
 def load(path: str | Path = "params.yaml") -> Params:
@@ -467,8 +468,6 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-# Sections that decide what a cell's training computes, besides its own settings.
-RUN_SECTIONS = ("data", "prepare", "embed")
 # The train settings that shape the encoder a language model hands to the classifier.
 # bidirectional: pretrain then trains a second language model on the reversed reviews.
 ARCHITECTURE = ("embed_dim", "hidden_size", "num_layers", "bidirectional", "reset_after", "forget_bias")
@@ -486,7 +485,7 @@ def run_hash(params: Params, cell: str, stage: str = "train", workers: int | str
     """sha256 of what decides the model `stage` (train or pretrain) trains for `cell`: data, prepare and
     embed, the cell's settings (with init lm the language model's too) and the workers (they change
     the sums' rounding). The MLflow runs' `params_hash` tag and the checkpoint keys use it."""
-    relevant = {s: params[s] for s in RUN_SECTIONS}
+    relevant = {s: params[s] for s in ("data", "prepare", "embed")}
     relevant.update(cell=cell, stage=stage,
                     workers=params["train"]["workers"] if workers is None else workers)
     if stage == "pretrain":
