@@ -10,7 +10,6 @@ set. The functions here put a number on both.
 - `mcnemar`: the exact McNemar test between two sets of predictions on the same reviews.
 - `ensemble`: the mean predicted probability over seeds (a seed ensemble).
 - `replicate_band`: the mean and range of replicates' curves (a band in a figure).
-- `nb_ratio`: the naive-Bayes log-count ratio of binary features (the NBSVM baseline's scaling).
 
 NumPy and the standard library only: the Student-t quantile and the binomial tail are computed
 here (a continued fraction for the incomplete beta function, Newton's method to invert it, and
@@ -361,12 +360,3 @@ def replicate_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]]
     common = sorted(set.intersection(*(set(np.asarray(x).tolist()) for x, _ in curves)))
     ys = np.array([[dict(zip(np.asarray(x).tolist(), y))[v] for v in common] for x, y in curves], dtype=np.float64)
     return np.array(common), ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
-
-
-def nb_ratio(features, labels: np.ndarray, alpha: float) -> np.ndarray:
-    """Naive-Bayes log-count ratio r (F,) float32 of binary features (N, F) (an array or a SciPy sparse
-    matrix), labels (N,) 0/1: log of how much more often each feature occurs in positive than in
-    negative reviews, with `alpha` added to every count (Wang & Manning, 2012)."""
-    counts = [alpha + np.asarray(features[labels == c].sum(axis=0)).ravel() for c in (1, 0)]
-    p, q = (c / c.sum() for c in counts)
-    return np.log(p / q).astype(np.float32)

@@ -23,9 +23,9 @@ import pandas as pd
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from rnn import stats
 from rnn.errors import InputError
 from rnn.metrics import binary_metrics
+from rnn.nbsvm import interpolate_weights, nb_ratio
 from rnn.text import tokenize
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
@@ -70,14 +70,12 @@ class NBSVM:
 
     def fit(self, texts: list[str], labels: np.ndarray) -> "NBSVM":
         x = self.vectorizer.fit_transform(texts)
-        self.ratio = stats.nb_ratio(x, labels, self.cfg["alpha"])
+        self.ratio = nb_ratio(x, labels, self.cfg["alpha"])
         # liblinear's dual solver: fast when features (millions of bigrams) outnumber reviews.
         clf = LogisticRegression(C=self.cfg["C"], solver="liblinear", dual=True, max_iter=1000,
                                  random_state=self.cfg["seed"])
         clf.fit(x.multiply(self.ratio).tocsr(), labels)
-        w = clf.coef_.ravel()
-        beta = self.cfg["beta"]
-        self.weights = ((1 - beta) * np.abs(w).mean() + beta * w).astype(np.float32)
+        self.weights = interpolate_weights(clf.coef_.ravel(), self.cfg["beta"])
         self.bias = float(clf.intercept_[0])
         return self
 

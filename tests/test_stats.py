@@ -315,7 +315,7 @@ def test_bootstrap_accuracy_is_the_accuracy_with_an_interval_over_reviews():
     assert three.mean == pytest.approx(np.mean([correct.mean()] * 2 + [1 - correct.mean()])) and three.sd > 0
 
 
-# --- curves over replicates, the baseline's feature scaling ----------------------------------------
+# --- curves over replicates ---------------------------------------------------------------------
 
 def test_replicate_band_keeps_the_x_every_replicate_reaches():
     x, mean, low, high = rs.replicate_band([([1, 2, 3], [0.5, 0.7, 0.8]), ([1, 2], [0.6, 0.9])])
@@ -328,16 +328,3 @@ def test_replicate_band_keeps_the_x_every_replicate_reaches():
 def test_replicate_band_matches_x_by_value_not_by_position():
     x, mean, _, _ = rs.replicate_band([([0, 5], [1.0, 2.0]), ([5, 0], [4.0, 3.0])])
     np.testing.assert_allclose(mean, [2.0, 3.0])
-
-
-@pytest.mark.parametrize("as_sparse", [False, True])
-def test_nb_ratio_is_the_smoothed_log_count_ratio(as_sparse):
-    from scipy import sparse
-
-    x = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float32)
-    labels = np.array([1, 1, 0])
-    # positive counts + 1: [3, 2, 1] / 6; negative: [1, 1, 2] / 4
-    expected = np.log(np.array([3, 2, 1]) / 6) - np.log(np.array([1, 1, 2]) / 4)
-    ratio = rs.nb_ratio(sparse.csr_matrix(x) if as_sparse else x, labels, 1.0)
-    assert ratio.dtype == np.float32 and ratio.shape == (3,)
-    np.testing.assert_allclose(ratio, expected, rtol=1e-6)
