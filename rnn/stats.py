@@ -9,6 +9,7 @@ set. The functions here put a number on both.
   p-value that resamples the test reviews (the same ones for both models: paired) and the seeds.
 - `mcnemar`: the exact McNemar test between two sets of predictions on the same reviews.
 - `ensemble`: the mean predicted probability over seeds (a seed ensemble).
+- `replicate_band`: the mean and range of replicates' curves (a band in a figure).
 
 NumPy and the standard library only: the Student-t quantile and the binomial tail are computed
 here (a continued fraction for the incomplete beta function, Newton's method to invert it, and
@@ -350,3 +351,12 @@ def ensemble(probabilities: np.ndarray) -> np.ndarray:
     if not (np.isfinite(p).all() and p.min(initial=0.0) >= 0 and p.max(initial=1.0) <= 1):
         raise ValueError("probabilities must be finite and lie in [0, 1] (probabilities, not logits)")
     return p.mean(axis=0)
+
+
+def replicate_band(curves: Sequence[tuple[Sequence[float], Sequence[float]]]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x (K,), mean (K,), low (K,), high (K,)) over replicates' (x, y) curves, at the K x values all of
+    them reach (a replicate stopped early has a shorter curve); low and high are the min and max."""
+    common = sorted(set.intersection(*(set(np.asarray(x).tolist()) for x, _ in curves)))
+    ys = np.array([[dict(zip(np.asarray(x).tolist(), y))[v] for v in common] for x, y in curves], dtype=np.float64)
+    return np.array(common), ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from rnn.errors import InputError
 from rnn.metrics import binary_metrics
+from rnn.nbsvm import interpolate_weights, nb_ratio
 from rnn.text import tokenize
 from stages import outputs, settings
 from stages.common import Outputs, project_root, run_stage
@@ -55,14 +55,6 @@ def read_reviews(raw: Path, split: Path | None = None) -> tuple[list[str], np.nd
     return found["text"].tolist(), found["label"].to_numpy(np.int8), found["id"].to_numpy(np.int64)
 
 
-def nb_ratio(features: sparse.csr_matrix, labels: np.ndarray, alpha: float) -> np.ndarray:
-    """Naive-Bayes log-count ratio r (F,) float32 of binary features (N, F): log of how much more often
-    each feature occurs in positive than in negative reviews, with `alpha` added to every count."""
-    counts = [alpha + np.asarray(features[labels == c].sum(axis=0)).ravel() for c in (1, 0)]
-    p, q = (c / c.sum() for c in counts)
-    return np.log(p / q).astype(np.float32)
-
-
 class NBSVM:
     """Binary n-gram features x, NB-scaled r * x, logistic regression on them; the weights then move
     towards their mean magnitude as in Wang & Manning: w' = (1 - beta) * mean|w| + beta * w."""
@@ -83,9 +75,7 @@ class NBSVM:
         clf = LogisticRegression(C=self.cfg["C"], solver="liblinear", dual=True, max_iter=1000,
                                  random_state=self.cfg["seed"])
         clf.fit(x.multiply(self.ratio).tocsr(), labels)
-        w = clf.coef_.ravel()
-        beta = self.cfg["beta"]
-        self.weights = ((1 - beta) * np.abs(w).mean() + beta * w).astype(np.float32)
+        self.weights = interpolate_weights(clf.coef_.ravel(), self.cfg["beta"])
         self.bias = float(clf.intercept_[0])
         return self
 

@@ -4,41 +4,31 @@
 
 DVC removes a stage's outputs just before running it, so a stage that fails on a typo has already
 lost its old outputs (a trained model). This stage runs first on every `dvc repro` (always_changed;
-every other stage depends on one of its outputs) and stops the run, in one line, on:
-- any section of params.yaml (settings.load: keys, types, ranges, the model's size), and what a later
-  stage would refuse: a pretrain.tokens_per_epoch too small for one batch, more train.workers than
-  WORKERS_PER_CORE times the cores;
-- the archive: IMDB_ARCHIVE names a gzip file whose content passes the download stage's checks
-  (the full check runs once per archive content, ~3 s on the real one; then a 0.1 s hash), or,
-  without IMDB_ARCHIVE and before the first download, data.url answers;
-- embed.path names a file, when embed.method is pretrained;
-- the MLflow store, when mlflow.enabled: a server that answers, an SQLite file that is a database.
+every other stage depends on one of its outputs) and stops the run, in one line, on: params.yaml
+(settings.load), more train.workers than WORKERS_PER_CORE times the cores; the archive (IMDB_ARCHIVE's
+content as the download stage reads it, once per content; else data.url answers); embed.path when
+embed.method is pretrained; the MLflow store when mlflow.enabled. The error also names the values in
+which params.yaml differs from the committed one (`dvc exp run -S` leaves them there) and how to undo.
 
-Writes data/source.json (the archive by content, or the URL and md5: what the download stage reads),
-data/vectors.json (embed.path's file by content: the embed stage's), data/lm/<cell>.json (the shape
-of each cell's language model: pretrain@<cell>'s), and data/checked (constant: the stages that read
-no data depend on it so that DVC orders them after this one).
-
-Its error names the values in which params.yaml differs from the committed one (`dvc exp run -S`
-writes them there before this stage runs, and leaves them after it fails) and how to undo them.
+Writes what later stages read of the outside world: data/source.json (the archive by content, or the
+URL and md5), data/vectors.json (embed.path's file by content), data/lm/<cell>.json (the shape of each
+cell's language model) and data/checked (constant: the stages that read no data depend on it).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import yaml
-
 from rnn import imdb
 from rnn.errors import InputError
-from stages import archive, runguard, settings
+from stages import runguard, settings
 from stages.common import Outputs, project_root, run_stage
-from stages.outputs import LM_SHAPES, VECTORS, describe_vectors, lm_shape, pretrained_vectors
+from stages.outputs import (DOWNLOADED, LM_SHAPES, SOURCE, VECTORS, describe_vectors, file_digest, lm_shape,
+                            pretrained_vectors, read_source)
 
 CHECKED = "data/checked"
 PROBE_TIMEOUT_S = 10.0
@@ -47,7 +37,6 @@ MEMO = "data/download/checked_archives.json"
 # More worker processes than cores only slow training down (each runs its share of every batch on one
 # core); a few times the cores still allows for a machine whose core count is misreported.
 WORKERS_PER_CORE = 4
-QUOTE_CHARS = 60               # how much of a changed value the error line quotes
 
 
 def main() -> None:
@@ -56,7 +45,7 @@ def main() -> None:
     try:
         check(root)
     except InputError as exc:
-        changed = uncommitted_params(root)
+        changed = settings.uncommitted_changes(root)
         if changed:
             raise InputError(f"{' '.join(str(exc).split())}; {changed}") from None
         raise
@@ -64,34 +53,33 @@ def main() -> None:
 
 def check(root: Path) -> None:
     params = settings.load(root / "params.yaml")
-    check_sizes(params)
+    check_workers(params)
     if (root / "dvc.yaml").is_file():
         check_dvc_params(settings.read_yaml(root / "params.yaml"), params["train"]["cells"])
     data = params["data"]
     local = os.environ.get("IMDB_ARCHIVE") or None
-    source = archive.describe_source(data["url"], data["md5"], local)
+    source = {"url": data["url"], "md5": data["md5"]}
     if local:
-        check_archive_content(root, Path(local), source["archive"]["sha256"])
-    elif not (root / archive.DOWNLOADED).is_file():
+        source = describe_archive(root, local)
+    elif not (root / DOWNLOADED).is_file():
         try:
             check_reachable(data["url"], min(data["timeout"], PROBE_TIMEOUT_S))
-        except InputError:
-            kept = kept_source(root)
-            if kept is None:
-                raise
-            # A clone of a team's project (README, "Working as a team"): no archive here, the data
-            # comes from the DVC remote. The committed source.json still names it: the download
-            # stage reruns only if something it reads changed, and then fails on the missing archive.
-            print(f"check: no archive here and data.url unreachable; keeping {archive.SOURCE} (the data "
+        except InputError as unreachable:
+            try:
+                source = read_source(root)      # committed: the data comes from the DVC remote
+            except (OSError, InputError):
+                raise unreachable from None
+            # A clone of a team's project (README, "Working as a team"): the download stage reruns only
+            # if something it reads changed, and then fails on the missing archive.
+            print(f"check: no archive here and data.url unreachable; keeping {SOURCE} (the data "
                   "comes from the DVC remote: dvc pull)")
-            source = kept
     vectors = describe_vectors(pretrained_vectors(root, params["embed"]))
     if params["mlflow"]["enabled"]:
         from stages.mlstore import check_store     # not a dependency: see dvc.yaml
 
         check_store()
     with Outputs(root) as out:
-        out.write_json(archive.SOURCE, source)
+        out.write_json(SOURCE, source)
         out.write_json(VECTORS, vectors)
         folder = out.path(LM_SHAPES, folder=True)
         for cell in params["train"]["cells"]:
@@ -100,58 +88,13 @@ def check(root: Path) -> None:
     print(f"check: params.yaml valid; source {json.dumps(source)}")
 
 
-def check_sizes(params: dict) -> None:
-    """Settings that pass their own range but fail a later stage, or the machine."""
-    pre, max_len = params["pretrain"], params["prepare"]["max_len"]
-    if pre["tokens_per_epoch"] is not None and pre["tokens_per_epoch"] < pre["batch_size"] * max_len:
-        raise InputError(f"params.yaml: pretrain.tokens_per_epoch = {pre['tokens_per_epoch']}: must be at least "
-                         f"one batch of reviews, pretrain.batch_size {pre['batch_size']} x prepare.max_len "
-                         f"{max_len} = {pre['batch_size'] * max_len} tokens (or null: all of them)")
+def check_workers(params: dict) -> None:
+    """More train.workers than the machine can use: each worker is a process that computes on one core."""
     workers, cores = params["train"]["workers"], os.cpu_count() or 1
     if workers != "auto" and workers > WORKERS_PER_CORE * cores:
         raise InputError(f"params.yaml: train.workers = {workers}: more than {WORKERS_PER_CORE} x the {cores} "
                          "cores of this machine (each worker is a process that computes on one core: more "
                          "than the cores only slows training down); use auto")
-
-
-def uncommitted_params(root: Path) -> str:
-    """'params.yaml differs from the committed one in a.b (1 -> 2), ...: undo with `git checkout
-    params.yaml`', or '' outside git, without a committed params.yaml, or when nothing differs."""
-    try:
-        committed = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=root, capture_output=True,
-                                   timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    if committed.returncode != 0:
-        return ""
-    try:        # the same loader for both: only what differs in the files differs here
-        old, new = (yaml.safe_load(text) for text in (committed.stdout.decode("utf-8"),
-                                                      (root / "params.yaml").read_text(encoding="utf-8")))
-    except (OSError, ValueError, yaml.YAMLError):
-        return ""
-    before, after = (_flat(tree if isinstance(tree, dict) else {}) for tree in (old, new))
-    keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k, ...) != after.get(k, ...)]
-    if not keys:
-        return ""
-    shown = ", ".join(f"{k} ({_quote(before.get(k, ...))} -> {_quote(after.get(k, ...))})" for k in keys[:3])
-    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-    return (f"params.yaml differs from the committed one in {shown}{more} (a `dvc exp run -S` leaves its values "
-            "there): undo with `git checkout params.yaml`")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _quote(value: object) -> str:
-    text = "absent" if value is ... else repr(value)
-    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
 
 
 def check_dvc_params(raw: dict, cells: list[str]) -> None:
@@ -164,14 +107,6 @@ def check_dvc_params(raw: dict, cells: list[str]) -> None:
                              f"reads it (write `{cell}: {{}}` under train.overrides)")
 
 
-def kept_source(root: Path) -> dict | None:
-    """data/source.json as committed (None when absent or unreadable)."""
-    try:
-        return archive.read_source(root)
-    except (OSError, InputError):
-        return None
-
-
 def check_reachable(url: str, timeout: float) -> None:
     """Something answers at `url` (a HEAD request): the download stage is going to need it."""
     try:
@@ -182,23 +117,27 @@ def check_reachable(url: str, timeout: float) -> None:
             raise InputError(f"params.yaml: data.url = {url!r}: HTTP {exc.code} {exc.reason}") from None
     except OSError as exc:                       # URLError, refused, timed out
         raise InputError(f"params.yaml: data.url = {url!r} is unreachable ({getattr(exc, 'reason', exc)}) and "
-                         f"{archive.DOWNLOADED} does not exist: go online, or name a local copy of the "
+                         f"{DOWNLOADED} does not exist: go online, or name a local copy of the "
                          "archive with IMDB_ARCHIVE (make pipeline does when ../shared/data has one)") from None
 
 
-def check_archive_content(root: Path, path: Path, sha256: str) -> None:
-    """Read the archive as the download stage will (no text kept), unless this content already passed."""
+def describe_archive(root: Path, local: str) -> dict:
+    """{"archive": {sha256, size}} of the gzip file IMDB_ARCHIVE names, once read as the download stage
+    will (no text kept) unless this content already passed: the same archive anywhere, the same source."""
+    path = Path(local)
+    imdb.check_gzip_file(path, f"IMDB_ARCHIVE={local}")
+    source = {"archive": {"sha256": (sha256 := file_digest(path)), "size": path.stat().st_size}}
     key = f"{sha256}:{imdb.MAX_REVIEW_BYTES}:{imdb.MAX_UNPACKED_BYTES}"
     memo = root / MEMO
     try:
         seen = json.loads(memo.read_text(encoding="utf-8")) if memo.is_file() else []
     except ValueError:
         seen = []                          # a damaged cache is only a cache
-    if key in seen:
-        return
-    imdb.read_archive(path, keep=False)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps([*seen, key][-20:]), encoding="utf-8")
+    if key not in seen:
+        imdb.read_archive(path, keep=False)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps([*seen, key][-20:]), encoding="utf-8")
+    return source
 
 
 if __name__ == "__main__":

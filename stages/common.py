@@ -37,8 +37,7 @@ def run_stage(main: Callable[[], None]) -> None:
 
 
 def one_line(exc: BaseException, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """The exception's message on one line, cut to `limit` characters (an error that quotes a bad
-    value quotes a bounded part of it)."""
+    """The exception's message on one line, at most `limit` characters (of a quoted bad value too)."""
     return shorten(exc, limit) or type(exc).__name__
 
 
@@ -118,7 +117,6 @@ class Outputs:
         return tmp
 
     def write(self, rel: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-        """Open the temporary of `rel` in `mode` and call write(file)."""
         tmp = self.path(rel)
         try:
             with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:

@@ -25,7 +25,7 @@ from stages.summary import COLUMNS, NAMES, points, summary_markdown, summary_row
 
 def read_predictions(path: Path, stage: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,) int, probabilities (N,) float) of a predictions file."""
-    arrays = outputs.load_arrays(path, stage, ("labels", "probabilities"))
+    arrays = outputs.read_npz(path, stage, ("labels", "probabilities"))
     if arrays["labels"].shape != arrays["probabilities"].shape or arrays["labels"].ndim != 1:
         raise InputError(f"{path}: labels and probabilities must be two arrays of one length")
     return arrays["labels"].astype(np.int64), arrays["probabilities"].astype(np.float64)
@@ -100,21 +100,14 @@ def verdict(a: str, b: str, d: stats.Difference) -> str:
     return "no difference shown"
 
 
-def spread(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x, mean, low, high) over replicates' (x, y) curves, at the x values all of them reach."""
-    common = sorted(set.intersection(*(set(np.asarray(x).tolist()) for x, _ in series)))
-    ys = np.array([[dict(zip(np.asarray(x).tolist(), y))[v] for v in common] for x, y in series], dtype=np.float64)
-    return np.array(common), ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
-
-
 def figures(cells: dict[str, dict]) -> tuple:
     histories, traces = {}, {}
     for cell, c in cells.items():
-        x, mean, lo, hi = spread([([int(r["epoch"]) for r in run["history"]],
+        x, mean, lo, hi = stats.replicate_band([([int(r["epoch"]) for r in run["history"]],
                                    [float(r["val_accuracy"]) for r in run["history"]]) for run in c["runs"]])
         histories[cell] = (x, mean, lo, hi)
         states = c["runs"][0]["trace"]
-        traces[cell] = {s: spread([run["trace"][s] for run in c["runs"]]) for s in states}
+        traces[cell] = {s: stats.replicate_band([run["trace"][s] for run in c["runs"]]) for s in states}
     n = len(next(iter(cells.values()))["runs"]) if cells else 0
     band = f"mean over {n} seeds, band: their range" if n > 1 else "one seed"
     return (curves_figure(histories, "epoch", "validation accuracy", f"Validation accuracy per epoch ({band})"),

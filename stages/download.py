@@ -2,7 +2,7 @@
 
     python -m stages.download
 
-Reads the archive data/source.json names (the check stage writes it, see stages/archive.py): the
+Reads the archive data/source.json names (the check stage writes it): the
 local copy named by env var IMDB_ARCHIVE, which must be the one the check stage hashed, or else the
 official download (md5-checked). The archive is streamed, never extracted (rnn/imdb.py), and nothing
 is written until every split has been read and checked.
@@ -21,11 +21,10 @@ import numpy as np
 import pandas as pd
 
 from rnn.errors import InputError
-from stages import settings
 from rnn.imdb import read_archive, reviews
-from stages.archive import DOWNLOADED, read_source, source_mismatch
+from stages import settings
 from stages.common import Outputs, project_root, run_stage
-from stages.outputs import file_digest
+from stages.outputs import DOWNLOADED, SOURCE, file_digest, read_source
 
 
 def fetch(url: str, dest: Path, md5: str, retries: int, timeout: float) -> Path:
@@ -63,6 +62,18 @@ def fetch(url: str, dest: Path, md5: str, retries: int, timeout: float) -> Path:
     raise OSError(f"{url}: download failed after {retries + 1} attempts: {last_error}")
 
 
+def source_mismatch(source: dict, local_archive: str | None, sha256: str | None = None) -> str | None:
+    """Why the archive at hand is not the one `source` (data/source.json) names, or None.
+    sha256: the local archive's digest, when known."""
+    wanted = source.get("archive")
+    if bool(wanted) != bool(local_archive):
+        return (f"{SOURCE} names {'a local archive' if wanted else 'a download'} but IMDB_ARCHIVE is "
+                f"{'not set' if wanted else 'set'}")
+    if wanted and sha256 is not None and sha256 != wanted.get("sha256"):
+        return f"IMDB_ARCHIVE={local_archive} has sha256 {sha256[:12]}..., {SOURCE} says {str(wanted.get('sha256'))[:12]}..."
+    return None
+
+
 def build_frames(found: dict, limit: int | None) -> tuple[dict[str, pd.DataFrame], int]:
     """One DataFrame per output split (rnn.imdb.reviews), positives first, then by id; and the count
     of lossy decodes."""
@@ -87,9 +98,7 @@ def run(cfg: dict, root: Path, local_archive: str | None = None, source: dict | 
             raise FileNotFoundError(f"IMDB_ARCHIVE={local_archive}: no such file")
         origin = str(archive)
     else:
-        archive = fetch(
-            cfg["url"], root / DOWNLOADED, cfg["md5"], cfg["retries"], cfg["timeout"]
-        )
+        archive = fetch(cfg["url"], root / DOWNLOADED, cfg["md5"], cfg["retries"], cfg["timeout"])
         origin = cfg["url"]
     t0 = time.perf_counter()
     md5, sha256 = file_digest(archive, "md5"), file_digest(archive)
@@ -104,14 +113,8 @@ def run(cfg: dict, root: Path, local_archive: str | None = None, source: dict | 
         by_label = df["label"].value_counts()
         keys = {1: "pos", 0: "neg", -1: "unsup"}
         counts[name] = {"total": len(df), **{keys[k]: int(v) for k, v in sorted(by_label.items())}}
-    metrics = {
-        "source": origin,
-        "md5": md5,
-        "sha256": sha256,
-        "limit": cfg["limit"],
-        "counts": counts,
-        "decode_errors": decode_errors,
-    }
+    metrics = {"source": origin, "md5": md5, "sha256": sha256, "limit": cfg["limit"], "counts": counts,
+               "decode_errors": decode_errors}
     with Outputs(root) as out:
         for name, df in frames.items():
             out.write(f"data/raw/{name}.parquet", lambda f: df.to_parquet(f, index=False))

@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,9 @@ def check_store() -> str:
 def _store_lock(root: Path) -> Iterator[None]:
     """Exclusive lock across processes: creating a fresh SQLite store (its schema migrations) and
     the experiment concurrently fails, e.g. for train@rnn and train@gru in parallel."""
-    with open(root / ".mlflow.lock", "a") as f:
+    with open(root / ".mlflow.lock", "a") as f:      # closing the file releases the lock
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def connect(experiment: str, tags: Mapping[str, str] = {}) -> tuple[Any, str]:
@@ -81,28 +77,25 @@ def connect(experiment: str, tags: Mapping[str, str] = {}) -> tuple[Any, str]:
     try:
         with _store_lock(root):
             client = MlflowClient(tracking_uri=uri)   # a SQLite store is created/migrated here
-            for _ in range(5):
-                found = client.get_experiment_by_name(experiment)
-                if found is None:
-                    try:
-                        return client, client.create_experiment(experiment, artifact_location, tags)
-                    except MlflowException as exc:      # another machine created it in between
-                        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                            raise
-                        time.sleep(0.2)
-                        continue
-                if found.lifecycle_stage == "deleted":
-                    raise TrackingUnavailable(
-                        f"MLflow experiment {experiment!r} is deleted; restore it (mlflow experiments restore "
-                        f"--experiment-id {found.experiment_id}) or set another mlflow.experiment")
-                for key in tags.keys() - found.tags.keys():
-                    client.set_experiment_tag(found.experiment_id, key, tags[key])
-                return client, found.experiment_id
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                try:
+                    return client, client.create_experiment(experiment, artifact_location, tags)
+                except MlflowException as exc:      # another machine created it in between
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    found = client.get_experiment_by_name(experiment)
+            if found.lifecycle_stage == "deleted":
+                raise TrackingUnavailable(
+                    f"MLflow experiment {experiment!r} is deleted; restore it (mlflow experiments restore "
+                    f"--experiment-id {found.experiment_id}) or set another mlflow.experiment")
+            for key in tags.keys() - found.tags.keys():
+                client.set_experiment_tag(found.experiment_id, key, tags[key])
+            return client, found.experiment_id
     except TrackingUnavailable:
         raise
     except Exception as exc:
         raise TrackingUnavailable(f"MLflow store {uri}: {one_line(exc)}") from None
-    raise TrackingUnavailable(f"MLflow experiment {experiment!r}: could not be created or found")
 
 
 def find_run(client: Any, experiment_id: str, filter_string: str) -> Any:

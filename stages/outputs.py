@@ -1,6 +1,6 @@
 """The files the stages hand to each other: prepared splits and vocabulary, history.csv and
 grad_trace.csv (one schema each, for every writer and reader), what the check stage describes for
-other stages (data/vectors.json, data/lm/<cell>.json), and files by digest."""
+other stages (data/source.json, data/vectors.json, data/lm/<cell>.json), and files by digest."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import hashlib
 import io
 import json
 import math
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from rnn.errors import InputError
+from rnn.npz import load_arrays
 from stages import settings
 
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds",
@@ -93,22 +93,17 @@ def read_csv(path: Path, stage: str, columns: Iterable[str] = ()) -> list[dict]:
         return list(reader)
 
 
-def load_arrays(path: Path, stage: str, required: Iterable[str]) -> dict[str, np.ndarray]:
+def read_npz(path: Path, stage: str, required: Iterable[str]) -> dict[str, np.ndarray]:
     """The arrays of a stage's .npz output; one-line errors for a missing, unreadable or incomplete file."""
-    try:
-        with np.load(_exists(path, stage), allow_pickle=False) as npz:       # never pickle: a file cannot run code
-            arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
-    missing = set(required) - set(arrays)
-    if missing:
+    arrays = load_arrays(_exists(path, stage))
+    if missing := set(required) - set(arrays):
         raise InputError(f"{path}: missing arrays {', '.join(sorted(missing))}")
     return arrays
 
 
 def load_split(path: Path) -> dict[str, np.ndarray]:
     """A prepared split (data/prepared/<split>.npz): ids (N, T), lengths (N,), labels (N,), ..."""
-    arrays = load_arrays(path, "prepare", ("ids", "lengths", "labels"))
+    arrays = read_npz(path, "prepare", ("ids", "lengths", "labels"))
     if len(arrays["labels"]) == 0:
         raise InputError(f"{path}: no examples")
     return arrays
@@ -137,6 +132,20 @@ def model_digest(folder: str | Path) -> str:
     if not lines:
         raise FileNotFoundError(f"{folder}: no model files")
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+# The IMDB archive by content, written by the check stage on every `dvc repro` and read by the download
+# stage: a different archive reruns the pipeline, the same one wherever it lies reruns nothing.
+SOURCE = "data/source.json"
+DOWNLOADED = "data/download/aclImdb_v1.tar.gz"   # the download stage's copy, kept once its md5 matched
+
+
+def read_source(root: Path) -> dict:
+    """data/source.json: {"archive": {sha256, size}} (the copy IMDB_ARCHIVE names) or {"url", "md5"}."""
+    source = read_json(root / SOURCE, "check")
+    if not isinstance(source, dict) or not (isinstance(source.get("archive"), dict) or "url" in source):
+        raise InputError(f"{root / SOURCE}: names neither an archive nor a url; run the check stage again")
+    return source
 
 
 # The pretrained vectors file (embed.path) by content, written by the check stage on every `dvc repro`:

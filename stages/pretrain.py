@@ -59,7 +59,7 @@ def main() -> None:
             raise FileNotFoundError(f"{path}: not found (run the stages before pretrain first)")
     corpus = load_corpus(root, cfg)
     key = f"{run_hash[:12]}-{settings.digest([outputs.file_digest(root / f) for f in INPUTS])[:12]}-{code_digest(__file__)}"
-    from stages.tracking import Tracker, flatten
+    from stages.tracking import Tracker
 
     fitted = {}
     with ExitStack() as stack:     # one MLflow run per direction, each closed with the stage's outcome
@@ -68,7 +68,7 @@ def main() -> None:
             checkpoint_dir, resumed = checkpoint_folder(root, f"lm/{name}", key)
             tracker = Tracker.start(params, cell, f"pretrain@{name}", run_hash, checkpoint_dir / "mlflow_run.json", resumed)
             stack.enter_context(finishing(tracker, f"{name} language model", "try a lower pretrain.lr"))
-            tracker.log_params({**flatten(cfg, "pretrain"), "pretrain.direction": direction})
+            tracker.log_params({**settings.flatten(cfg, "pretrain"), "pretrain.direction": direction})
             if direction == "backward":   # the same reviews right to left, on the forward model's embedding
                 corpus.update({k: corpus[k]._replace(ids=reverse_sequences(corpus[k].ids, corpus[k].lengths))
                                for k in ("train", "val")}, embeddings=model.params["embedding.weight"])

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import re
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -275,6 +276,38 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def uncommitted_changes(root: Path) -> str:
+    """'params.yaml differs from the committed one in a.b (1 -> 2), ...: undo with `git checkout
+    params.yaml`', or '' outside git, without a committed params.yaml, or when nothing differs."""
+    try:
+        committed = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=root, capture_output=True,
+                                   timeout=10, check=True).stdout.decode("utf-8")
+        old, new = (yaml.load(text, Loader=_Loader) for text in (committed, (root / "params.yaml").read_text("utf-8")))
+    except (OSError, ValueError, subprocess.SubprocessError, yaml.YAMLError):
+        return ""
+    before, after = (flatten(tree if isinstance(tree, dict) else {}) for tree in (old, new))
+    keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k, ...) != after.get(k, ...)]
+    if not keys:
+        return ""
+
+    def quote(value: object) -> str:      # at most 60 characters of a value
+        text = "absent" if value is ... else repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    shown = ", ".join(f"{k} ({quote(before.get(k, ...))} -> {quote(after.get(k, ...))})" for k in keys[:3])
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return (f"params.yaml differs from the committed one in {shown}{more} (a `dvc exp run -S` leaves its values "
+            "there): undo with `git checkout params.yaml`")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train.clip.mode": value, ...} of a nested mapping, keys under `prefix` (an empty mapping is a value)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return flat
+
+
 def load(path: str | Path = "params.yaml") -> Params:
     """Read and validate the whole params file (see `validate`)."""
     return validate(read_yaml(path), Path(path).name)
@@ -340,6 +373,11 @@ def _cross_checks(params: dict, source: str) -> None:
     if probe["trace_steps"] > probe["steps"]:
         raise ParamsError(f"{source}: probe.trace_steps = {probe['trace_steps']}: must be <= probe.steps")
     probe["distances"] = sorted(probe["distances"])
+    pre, max_len = params["pretrain"], params["prepare"]["max_len"]
+    if pre["tokens_per_epoch"] is not None and pre["tokens_per_epoch"] < pre["batch_size"] * max_len:
+        raise ParamsError(f"{source}: pretrain.tokens_per_epoch = {pre['tokens_per_epoch']}: must be at least "
+                          f"one batch of reviews, pretrain.batch_size {pre['batch_size']} x prepare.max_len "
+                          f"{max_len} = {pre['batch_size'] * max_len} tokens (or null: all of them)")
     train = params["train"]
     for cell, over in train["overrides"].items():
         if over and cell not in train["cells"]:
@@ -430,8 +468,6 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-# Sections that decide what a cell's training computes, besides its own settings.
-RUN_SECTIONS = ("data", "prepare", "embed")
 # The train settings that shape the encoder a language model hands to the classifier.
 # bidirectional: pretrain then trains a second language model on the reversed reviews.
 ARCHITECTURE = ("embed_dim", "hidden_size", "num_layers", "bidirectional", "reset_after", "forget_bias")
@@ -449,7 +485,7 @@ def run_hash(params: Params, cell: str, stage: str = "train", workers: int | str
     """sha256 of what decides the model `stage` (train or pretrain) trains for `cell`: data, prepare and
     embed, the cell's settings (with init lm the language model's too) and the workers (they change
     the sums' rounding). The MLflow runs' `params_hash` tag and the checkpoint keys use it."""
-    relevant = {s: params[s] for s in RUN_SECTIONS}
+    relevant = {s: params[s] for s in ("data", "prepare", "embed")}
     relevant.update(cell=cell, stage=stage,
                     workers=params["train"]["workers"] if workers is None else workers)
     if stage == "pretrain":

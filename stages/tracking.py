@@ -27,7 +27,6 @@ from rnn.train import TrainingInterrupted
 from stages import outputs, settings
 from stages.mlstore import (EXPERIMENT_NOTES, connect, continued_run, find_run, log_pyfunc_model, new_run,
                             one_line, warn)
-from stages.outputs import model_digest
 
 # fit's per-step and per-epoch records, train.json (step 0) and binary_metrics (evaluate) -> metric
 STEP_METRICS = {"loss": "train/step_loss", "grad_norm": "train/step_grad_norm",
@@ -47,22 +46,12 @@ ACCURACY_BY_LENGTH = "test/accuracy_by_length"      # step = the bucket's shorte
 
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
 # MLflow's limits, and how many metrics wait for a failing store before the oldest are dropped (lost).
-MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PENDING_METRICS = 6000, 100, 1000, 400_000
+MAX_PARAM_VALUE, MAX_METRICS_PER_BATCH, MAX_PENDING_METRICS = 6000, 1000, 400_000
 
 
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mapping -> {"train.clip.mode": "norm", ...} with MLflow-sized string values: lists and
-    scalars as JSON (`true`, `null`, `[64, 128]`), strings as they are."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        flat.update(flatten(value, name) if isinstance(value, Mapping) and value else {name: _param_value(value)})
-    return flat
 
 
 dvc_md5 = functools.partial(outputs.file_digest, algorithm="md5")     # what DVC 3 records in dvc.lock
@@ -128,10 +117,9 @@ class Tracker:
             tracker = cls(client, new_run(client, experiment_id, cell, stage, run_hash, seed), cell,
                           cfg["log_every_steps"])
             if stage.startswith("train@"):     # effective values (runs compare key by key), and the overrides
-                flat = flatten(settings.cell_settings(params, cell, seed), "train")
-                flat["train.overrides"] = _param_value(params["train"]["overrides"].get(cell, {}))
-                flat["train.workers"] = _param_value(params["train"]["workers"])
-                tracker.log_params(flat)
+                tracker.log_params({**settings.flatten(settings.cell_settings(params, cell, seed), "train"),
+                                    "train.overrides": params["train"]["overrides"].get(cell, {}),
+                                    "train.workers": params["train"]["workers"]})
             if run_file is not None:
                 from rnn.io import write_json
                 write_json(run_file, {"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri,
@@ -155,7 +143,7 @@ class Tracker:
         cfg = params["mlflow"]
         if not cfg["enabled"]:
             return Off()
-        cell, digest = stage.partition("@")[2] or stage, model_digest(model_dir)
+        cell, digest = stage.partition("@")[2] or stage, outputs.model_digest(model_dir)
         client, experiment_id = connect(cfg["experiment"])
         run = find_run(client, experiment_id, f"tags.model_digest = '{digest}'")
         if run is None:
@@ -172,10 +160,8 @@ class Tracker:
 
     def log_params(self, flat: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
-        items = [Param(str(k), _param_value(v)) for k, v in flat.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            chunk = items[i:i + MAX_PARAMS_PER_BATCH]
-            self._call("params", len(chunk), self.client.log_batch, self.run_id, params=chunk)
+        items = [Param(str(k), _param_value(v)) for k, v in flat.items()]      # MLflow sends 100 a request
+        self._call("params", len(items), self.client.log_batch, self.run_id, params=items)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Metrics, sent now (e.g. the test metrics); non-numbers raise TypeError."""
@@ -243,13 +229,14 @@ class Tracker:
     log_artifacts = log_artifact
 
     def set_model_digest(self, folder: Path) -> None:
-        self._set_tags({"model_digest": model_digest(folder)})
+        self._set_tags({"model_digest": outputs.model_digest(folder)})
 
     def log_model(self, folder: Path) -> None:
         """The folder as the run's pyfunc model, registered as <experiment>-<cell> with `mlflow.register`."""
         def log() -> None:
-            self.model_id = log_pyfunc_model(self.client, self.run_id, self.experiment_id, Path(folder),
-                                             {"cell": self.cell, "model_digest": model_digest(folder)}, self.register_as)
+            tags = {"cell": self.cell, "model_digest": outputs.model_digest(folder)}
+            self.model_id = log_pyfunc_model(self.client, self.run_id, self.experiment_id, Path(folder), tags,
+                                             self.register_as)
         self._call("models", 1, log)
 
     def end(self, status: str = "FINISHED") -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import sparse
 
 from rnn.errors import InputError
 from stages import baseline, download, prepare, settings
@@ -28,14 +27,6 @@ def project(tmp_path, make_imdb_archive) -> Path:
     download.run(DATA_CFG, tmp_path, str(make_imdb_archive(n_per_class=75, unsup=2)))
     prepare.run(PREP_CFG, tmp_path)
     return tmp_path
-
-
-def test_nb_ratio_is_the_smoothed_log_count_ratio():
-    x = sparse.csr_matrix(np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float32))
-    labels = np.array([1, 1, 0])
-    # positive counts + 1: [3, 2, 1] / 6; negative: [1, 1, 2] / 4
-    expected = np.log(np.array([3, 2, 1]) / 6) - np.log(np.array([1, 1, 2]) / 4)
-    np.testing.assert_allclose(baseline.nb_ratio(x, labels, 1.0), expected, rtol=1e-6)
 
 
 def test_stage_writes_its_outputs_in_the_test_order_and_beats_chance(project):

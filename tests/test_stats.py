@@ -313,3 +313,18 @@ def test_bootstrap_accuracy_is_the_accuracy_with_an_interval_over_reviews():
     assert interval.low < interval.mean < interval.high
     three = rs.bootstrap_accuracy(np.vstack([correct, correct, ~correct]), np.random.default_rng(1), 1000)
     assert three.mean == pytest.approx(np.mean([correct.mean()] * 2 + [1 - correct.mean()])) and three.sd > 0
+
+
+# --- curves over replicates ---------------------------------------------------------------------
+
+def test_replicate_band_keeps_the_x_every_replicate_reaches():
+    x, mean, low, high = rs.replicate_band([([1, 2, 3], [0.5, 0.7, 0.8]), ([1, 2], [0.6, 0.9])])
+    np.testing.assert_array_equal(x, [1, 2])
+    np.testing.assert_allclose(mean, [0.55, 0.8])
+    np.testing.assert_allclose(low, [0.5, 0.7])
+    np.testing.assert_allclose(high, [0.6, 0.9])
+
+
+def test_replicate_band_matches_x_by_value_not_by_position():
+    x, mean, _, _ = rs.replicate_band([([0, 5], [1.0, 2.0]), ([5, 0], [4.0, 3.0])])
+    np.testing.assert_allclose(mean, [2.0, 3.0])

@@ -33,7 +33,8 @@ from rnn.model import ModelConfig, SentimentModel  # noqa: E402
 from rnn.config import MAX_REVIEW_BYTES  # noqa: E402
 from stages import evaluate, outputs, settings, train  # noqa: E402
 from stages.mlstore import TrackingUnavailable, resolve_root, tracking_location  # noqa: E402
-from stages.tracking import Tracker, dvc_md5, model_digest  # noqa: E402
+from stages.outputs import model_digest  # noqa: E402
+from stages.tracking import Tracker, dvc_md5  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
