@@ -63,9 +63,22 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-def start_first(root: Path) -> subprocess.Popen:
-    first = subprocess.Popen(["dvc", "exp", "run", "-S", "x=2"], cwd=root, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def started(project: Path):
+    """A `dvc exp run -S x=2` whose slow stage has read x and waits for the file `go`."""
+    first = subprocess.Popen(["dvc", "exp", "run", "-S", "x=2"], cwd=project, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        yield wait_started(first, project)
+    finally:
+        (project / "go").write_text("1")              # a failed assertion must not leave it waiting
+        try:
+            first.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(first.pid, 9)
+
+
+def wait_started(first: subprocess.Popen, root: Path) -> subprocess.Popen:
     deadline = time.monotonic() + 90
     while not (root / "started").exists():
         assert first.poll() is None, first.stdout.read()
@@ -80,8 +93,8 @@ def finish(first: subprocess.Popen, root: Path) -> tuple[int, str]:
     return first.returncode, out
 
 
-def test_a_second_exp_run_is_refused_and_the_first_keeps_its_settings(project):
-    first = start_first(project)
+def test_a_second_exp_run_is_refused_and_the_first_keeps_its_settings(project, started):
+    first = started
     second = run(["dvc", "exp", "run", "-S", "x=3"], project)
     assert second.returncode != 0
     assert "another DVC run uses this folder" in second.stdout + second.stderr
@@ -103,8 +116,8 @@ def test_a_second_exp_run_is_refused_and_the_first_keeps_its_settings(project):
     assert [row["x"] for row in rows if row["typ"] != "baseline"] == ["2"], shown
 
 
-def test_a_stage_whose_params_changed_under_its_run_publishes_nothing(project):
-    first = start_first(project)
+def test_a_stage_whose_params_changed_under_its_run_publishes_nothing(project, started):
+    first = started
     (project / "params.yaml").write_text("x: 5\n")         # an edit by hand while the run trains
     code, out = finish(first, project)
     assert code != 0
