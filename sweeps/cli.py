@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("study", help="the study file (YAML)")
     args = parser.parse_args(argv)
 
-    from sweeps import engine      # Optuna is imported only once the arguments are fine
+    try:
+        from sweeps import engine      # Optuna is imported only once the arguments are fine
+    except ModuleNotFoundError as exc:
+        if exc.name != "optuna":
+            raise
+        print("error: optuna is not installed: pip install -e '.[sweep]' (docs/sweeps.md)", file=sys.stderr)
+        return 2
 
     try:
         spec = load_spec(args.study)

@@ -182,8 +182,10 @@ def parse_param(key: str, value: Any, where: str) -> Param:
     choices (the axes of a grid); anything else, lists included: one fixed value."""
     if not re.fullmatch(r"(\+\+|\+|~)?[A-Za-z0-9_.:/-]+", key) or key.lstrip("+~").startswith("."):
         raise SpecError(f"{where}: not a params key as `dvc exp run -S` takes it (e.g. train.lr)")
-    if key.startswith("~"):
-        raise SpecError(f"{where}: deleting a key (~) is not a searchable setting")
+    if key.startswith("~"):        # `~train.overrides.gru: null`: every trial runs without that key
+        if value is not None:
+            raise SpecError(f"{where}: deleting a key (~) takes no value (write null); it cannot be searched")
+        return Param(key, "fixed", value=None)
     if isinstance(value, dict) and "choices" in value:
         _no_unknown(value, {"choices"}, where)
         choices = value["choices"]
@@ -305,7 +307,8 @@ def format_value(value: Any) -> str:
 
 def overrides(spec: StudySpec, values: dict) -> list[str]:
     """The `-S` strings of one trial: its searched values (by param name) and the fixed ones."""
-    return [f"{p.key}={format_value(p.value if p.kind == 'fixed' else values[p.name])}" for p in spec.params]
+    return [p.key if p.key.startswith("~") else f"{p.key}={format_value(p.value if p.kind == 'fixed' else values[p.name])}"
+            for p in spec.params]
 
 
 def _no_unknown(mapping: dict, known: set, where: str) -> None:

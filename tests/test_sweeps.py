@@ -144,6 +144,18 @@ def test_a_study_file_reads_ranges_choices_and_fixed_values():
     assert spec.heartbeat == {"interval": 60, "grace": 180, "max_retry": 1}
 
 
+def test_a_deleted_key_is_fixed_for_every_trial():
+    """`~train.overrides.gru: null`: every trial runs without the key (a study over the LSTM alone
+    must not carry the GRU's override, which check refuses for a cell that is not trained)."""
+    spec = parse_spec({**study_file("d"), "params": {"train.lr": {"choices": [0.1, 0.2]}, "train.cells": ["lstm"],
+                                                     "~train.overrides.gru": None}})
+    assert overrides(spec, {"train.lr": 0.1}) == ["train.lr=0.1", "train.cells=[lstm]", "~train.overrides.gru"]
+    assert [p.name for p in spec.searched] == ["train.lr"]
+    for study in ("lstm-full-pruned", "lstm-full-full"):
+        full = load_spec(REPO / "sweeps" / f"{study}.yaml")
+        assert "~train.overrides.gru" in overrides(full, grid_points(full)[0])
+
+
 def test_the_example_study_reads():
     spec = load_spec(REPO / "sweeps" / "lstm.yaml")
     assert spec.key == "cells.lstm.val_accuracy.mean" and spec.pruner["report"] == "lstm"
@@ -168,6 +180,7 @@ def test_a_grid_is_every_combination_of_its_choices_in_file_order():
     ({"pruner": {"type": "median", "patience": 2}}, "unknown key 'patience'"),
     ({"storage": "postgresql+psycopg://sweeps:hunter2@db/optuna"}, "holds a password"),
     ({"name": "a b"}, "name: 'a b'"),
+    ({"params": {"train.lr": {"choices": [0.1, 0.2]}, "~train.dropout": 0.5}}, "takes no value"),
 ])
 def test_bad_study_files_are_one_line_errors(change, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(".", r"\.")) as info:
