@@ -6,7 +6,6 @@ own run_stage, Outputs and runguard (the real pipeline is too slow to hold open)
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,8 +15,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("dvc") is None or not Path("/proc/self/cmdline").exists(),
-                                reason="needs dvc and /proc")
+pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc (Linux)")
+DVC = [sys.executable, "-m", "dvc"]
+# DVC starts the stages' `python` from PATH: this interpreter's must come first (make test does not activate it)
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("DVC_")},
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 PRELUDE = f"import sys, time\nfrom pathlib import Path\nsys.path.insert(0, {str(REPO)!r})\n" \
           "import yaml\nfrom stages import runguard\nfrom stages.common import Outputs, run_stage\n"
@@ -44,8 +47,9 @@ DVC_YAML = {"stages": {
 }}
 
 
-def run(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, **kw)
+def run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = DVC + args[1:] if args[0] == "dvc" else args
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env or ENV)
 
 
 @pytest.fixture
@@ -56,18 +60,16 @@ def project(tmp_path: Path) -> Path:
         (root / name).write_text(PRELUDE + body)
     (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
     (root / "params.yaml").write_text("x: 1\n")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        assert run(cmd, root, env=env).returncode == 0
+        assert run(cmd, root).returncode == 0
     return root
 
 
 @pytest.fixture
 def started(project: Path):
     """A `dvc exp run -S x=2` whose slow stage has read x and waits for the file `go`."""
-    first = subprocess.Popen(["dvc", "exp", "run", "-S", "x=2"], cwd=project, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = subprocess.Popen([*DVC, "exp", "run", "-S", "x=2"], cwd=project, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ENV)
     try:
         yield wait_started(first, project)
     finally:
@@ -128,7 +130,7 @@ def test_a_stage_whose_params_changed_under_its_run_publishes_nothing(project, s
 
 def test_outside_dvc_the_guard_does_nothing(project):
     (project / "go").write_text("1")
-    done = run([sys.executable, "slow.py"], project, env={k: v for k, v in os.environ.items() if k != "DVC_STAGE"})
+    done = run([sys.executable, "slow.py"], project)
     assert done.returncode == 0, done.stderr
     assert (project / "out.txt").read_text() == "1\n"
 
