@@ -164,14 +164,14 @@ def _shift(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return inputs, in_lengths, targets
 
 
-# The settings that fix the encoder's parameters: a classifier inherits a language model's encoder
-# only where they agree.
 def reverse_sequences(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Each right-padded row of ids (N, T) reversed within its own length (N,); padding stays put:
     the text of the backward language model a bidirectional classifier's reverse direction starts from."""
     return np.take_along_axis(ids, reverse_index(lengths, ids.shape[1]).T, axis=1)
 
 
+# The settings that fix the encoder's parameters: a classifier inherits a language model's encoder
+# only where they agree.
 ENCODER_SETTINGS = ("vocab_size", "cell", "reset_after", "embed_dim", "hidden_size", "num_layers")
 
 

@@ -6,10 +6,10 @@ started while a first is training, would change the settings under the first's l
 DVC would record in dvc.lock values the outputs were not made with). The check stage, which every
 run starts with, records params.yaml as its run found it in .dvc/tmp/runs/<pid of the dvc process>;
 a second run's check finds the first one alive, puts params.yaml back as the first one read it and
-stops in one line. (DVC has one slot for an experiment in the workspace, which the second `dvc exp
-run` takes before any stage runs: the first then finishes its stages on its own settings but may end
-with "Failed to reproduce experiment"; `dvc exp save` records it from the complete workspace.) Every later stage, and every commit of a stage's outputs, compares params.yaml
-with its own run's record. Outside DVC (no DVC_STAGE, e.g. `python -m stages.train lstm-0`), and for
+stops in one line. Every later stage, and every commit of a stage's outputs, compares params.yaml
+with its own run's record. (DVC has one slot for an experiment in the workspace, which the second
+`dvc exp run` takes before any stage runs: the first then finishes its stages on its own settings
+but may end with "Failed to reproduce experiment"; `dvc exp save` records it from the workspace.) Outside DVC (no DVC_STAGE, e.g. `python -m stages.train lstm-0`), and for
 the liveness test off Linux (no /proc), there is nothing to compare with: the guard does nothing.
 Queued experiments run in their own copies of the project, side by side without conflict.
 """
@@ -53,10 +53,10 @@ def claim(root: Path) -> None:
         if not _alive(other):
             record.unlink(missing_ok=True)        # a run that ended (or was killed) before cleaning up
             continue
-        theirs = record.read_text(encoding="utf-8")
+        theirs = record.read_bytes()        # bytes throughout: verify() compares bytes
         undone = ""
-        if params.read_text(encoding="utf-8") != theirs:
-            params.write_text(theirs, encoding="utf-8")
+        if params.read_bytes() != theirs:
+            params.write_bytes(theirs)
             undone = ": params.yaml is put back as it read it"
         raise InputError(f"params.yaml: another DVC run uses this folder (PID {other}){undone}"
                          f"; {QUEUE_HINT}, or wait (if it then ends 'Failed to reproduce experiment', `dvc exp "
