@@ -26,12 +26,28 @@ QUEUE_HINT = "run several experiments with `dvc exp run --queue -S ...` and then
 
 
 def dvc_pid() -> int | None:
-    """The DVC process running this stage (DVC sets DVC_STAGE and starts the command itself, not
-    through a shell), or None outside DVC."""
-    return os.getppid() if os.environ.get("DVC_STAGE") else None
+    """The DVC process running this stage (DVC sets DVC_STAGE), or None outside DVC. DVC starts a
+    stage as `$SHELL -c <cmd>`: bash replaces itself with a lone command, dash (Debian's /bin/sh, used
+    when SHELL is unset) stays as the stage's parent, so the DVC process may be one level further up."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    pid = os.getppid()
+    for _ in range(3):
+        if _alive(pid):
+            return pid
+        pid = _parent(pid)
+    return os.getppid()        # no /proc (not Linux): the parent, as bash leaves it
+
+
+def _parent(pid: int) -> int:
+    try:        # the field after the parenthesised command name, which may itself hold spaces
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _alive(pid: int) -> bool:
+    """A DVC process with this PID is running."""
     try:
         return b"dvc" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

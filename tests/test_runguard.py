@@ -52,8 +52,13 @@ def run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Compl
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env or ENV)
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
+# DVC runs a stage as `$SHELL -c <cmd>`: bash execs the command, dash stays between DVC and the stage
+SHELLS = [shell for shell in ("/bin/sh", "/bin/bash") if Path(shell).exists()]
+
+
+@pytest.fixture(params=SHELLS)
+def project(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setitem(ENV, "SHELL", request.param)
     root = tmp_path / "p"
     root.mkdir()
     for name, body in SCRIPTS.items():
