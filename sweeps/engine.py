@@ -67,7 +67,7 @@ def project_root(start: str | Path | None = None) -> Path:
 
 def create(spec: StudySpec, root: Path) -> optuna.Study:
     """Create the study (once, before any worker starts) at the project's current commit; a grid
-    study's points are enqueued now, in file order."""
+    study's points are enqueued now, in file order or shuffled (`order`)."""
     template = storage_template(spec, root)
     if template.startswith("sqlite:///"):
         Path(template[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)

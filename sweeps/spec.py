@@ -14,6 +14,7 @@
       train.cells: [lstm]                               # anything else: fixed for every trial
       train.epochs: 4
     sampler: tpe                        # tpe (default) | random | grid (every combination, enqueued)
+    order: file                         # grid only: file (default) | shuffled (by `seed`, default 0)
     pruner: {type: median, report: lstm}              # median (default) | asha | hyperband | none
     storage: sqlite:///sweeps/lstm-lr.db              # the default; or postgresql+psycopg://...
     targets: [compare]                  # optional: run only these stages and what they need
@@ -28,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import Any
 import yaml
 
 SAMPLERS = ("tpe", "random", "grid")
+ORDERS = ("file", "shuffled")
 MAX_GRID_POINTS = 10_000        # each a whole pipeline run; a bigger grid is a typo (10^7 points: 3.9 GB)
 PRUNERS = {   # type -> the keyword arguments it takes besides `report` and `metric` (Optuna's names)
     "median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
@@ -80,6 +83,7 @@ class StudySpec:
     n_trials: int
     params: tuple[Param, ...]
     sampler: str = "tpe"
+    order: str = "file"         # grid only: the points in file order or shuffled by `seed`
     seed: int | None = None
     pruner: dict = field(default_factory=dict)    # {"type", "report", "metric", **kwargs}
     storage: str | None = None  # as written (may hold ${VAR}); None: sqlite file in sweeps/
@@ -116,7 +120,8 @@ def load_spec(path: str | Path) -> StudySpec:
 def parse_spec(data: Any, where: str = "study") -> StudySpec:
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a mapping with name, objective, params")
-    known = {"name", "objective", "n_trials", "params", "sampler", "seed", "pruner", "storage", "heartbeat", "targets"}
+    known = {"name", "objective", "n_trials", "params", "sampler", "order", "seed", "pruner", "storage", "heartbeat",
+             "targets"}
     _no_unknown(data, known, where)
     name = data.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -148,6 +153,9 @@ def parse_spec(data: Any, where: str = "study") -> StudySpec:
         ranges = [p.key for p in searched if p.kind != "choice"]
         if ranges:
             raise SpecError(f"{where}: params.{ranges[0]}: a grid study takes lists of values, not ranges")
+    order = data.get("order", "file")
+    if order not in ORDERS or (order != "file" and sampler != "grid"):
+        raise SpecError(f"{where}: order: {order!r}: file or shuffled, and only with sampler: grid")
     grid_size = math.prod(len(p.choices) for p in searched) if sampler == "grid" else None
     if grid_size is not None and grid_size > MAX_GRID_POINTS:
         raise SpecError(f"{where}: params: the grid has {grid_size:,} points, more than {MAX_GRID_POINTS:,} runs")
@@ -173,7 +181,7 @@ def parse_spec(data: Any, where: str = "study") -> StudySpec:
             raise SpecError(f"{where}: heartbeat.{k}: {v!r}: a positive integer (seconds; max_retry >= 0)")
     heartbeat["grace"] = heartbeat["grace"] or 3 * heartbeat["interval"]
     return StudySpec(name=name, metrics=objective["metrics"], key=objective["key"], direction=direction,
-                     n_trials=n_trials, params=params, sampler=sampler, seed=seed, pruner=pruner,
+                     n_trials=n_trials, params=params, sampler=sampler, order=order, seed=seed, pruner=pruner,
                      storage=storage, heartbeat=heartbeat, targets=tuple(targets), source=data)
 
 
@@ -287,9 +295,14 @@ def storage_template(spec: StudySpec, root: Path, environ: dict | None = None) -
 
 
 def grid_points(spec: StudySpec) -> list[dict]:
-    """Every combination of the choices, keys in file order: {param name: value} each."""
+    """Every combination of the choices, keys in file order: {param name: value} each. In file order,
+    or shuffled by the study's seed: a pruner judges each trial against the ones run before it, and
+    a grid whose first axis is sorted (say, learning rates rising) would show it the worst first."""
     searched = spec.searched
-    return [dict(zip((p.name for p in searched), combo)) for combo in itertools.product(*(p.choices for p in searched))]
+    points = [dict(zip((p.name for p in searched), combo)) for combo in itertools.product(*(p.choices for p in searched))]
+    if spec.order == "shuffled":
+        random.Random(spec.seed or 0).shuffle(points)
+    return points
 
 
 def format_value(value: Any) -> str:

@@ -168,6 +168,14 @@ def test_a_grid_is_every_combination_of_its_choices_in_file_order():
     assert grid_points(spec) == [{"train.lr": lr, "train.hidden_size": h} for lr in (0.01, 0.001) for h in (32, 64)]
 
 
+def test_a_shuffled_grid_has_the_same_points_in_an_order_its_seed_decides():
+    in_file_order = grid_points(parse_spec(study_file("g")))
+    shuffled = [grid_points(parse_spec(study_file("g", order="shuffled", seed=seed))) for seed in range(6)]
+    assert all(sorted(map(str, points)) == sorted(map(str, in_file_order)) for points in shuffled)
+    assert len({str(points) for points in shuffled}) > 1 and any(points != in_file_order for points in shuffled)
+    assert shuffled[3] == grid_points(parse_spec(study_file("g", order="shuffled", seed=3)))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"sampler": "grid", "params": {"train.lr": {"low": 0.1, "high": 1.0}}}, "takes lists of values, not ranges"),
     ({"params": {"train.lr": 0.1}}, "nothing to search"),
@@ -176,6 +184,8 @@ def test_a_grid_is_every_combination_of_its_choices_in_file_order():
     ({"params": {"train.lr": {"choices": [0.1, 0.1]}}}, "given twice"),
     ({"params": {"train.cells": {"choices": [["lstm"], ["gru"]]}}}, "Optuna's categorical values"),
     ({"n_trials": 5}, "but the grid has 4 points"),
+    ({"order": "random"}, "order: 'random': file or shuffled"),
+    ({"sampler": "tpe", "order": "shuffled"}, "only with sampler: grid"),
     ({"objective": {"metrics": "m.json", "key": "test_accuracy"}, "pruner": "median"}, "pruner.report"),
     ({"pruner": {"type": "median", "patience": 2}}, "unknown key 'patience'"),
     ({"storage": "postgresql+psycopg://sweeps:hunter2@db/optuna"}, "holds a password"),
