@@ -379,10 +379,7 @@ def _cross_checks(params: dict, source: str) -> None:
                           f"one batch of reviews, pretrain.batch_size {pre['batch_size']} x prepare.max_len "
                           f"{max_len} = {pre['batch_size'] * max_len} tokens (or null: all of them)")
     train = params["train"]
-    for cell, over in train["overrides"].items():
-        if over and cell not in train["cells"]:
-            raise ParamsError(f"{source}: train.overrides.{cell} is set but {cell} is not in train.cells "
-                              f"{train['cells']}: it would never be used (add the cell or remove the override)")
+    for cell, over in train["overrides"].items():    # a cell not in train.cells keeps its (unused) override
         if over.get("embed_dim", train["embed_dim"]) != train["embed_dim"]:
             raise ParamsError(f"{source}: train.overrides.{cell}.embed_dim = {over['embed_dim']}: must equal "
                               f"train.embed_dim = {train['embed_dim']}, the width of the embed stage's vectors")

@@ -207,3 +207,10 @@ def test_rnn_configs_are_built_from_the_settings():
     fit_cfg = settings.train_config(lstm, 3)
     assert (fit_cfg.clip_mode, fit_cfg.lr_decay, fit_cfg.patience, fit_cfg.workers) == ("value", 0.5, 1, 3)
     assert settings.train_config(lstm, 1, patience=0, trace=False).patience == 0
+
+
+def test_a_cell_not_trained_keeps_its_override_unused():
+    """`dvc exp run -S 'train.cells=[lstm]'` with the default params.yaml, whose GRU has an override."""
+    params = settings.validate({"train": {"cells": ["lstm"], "overrides": {"gru": {"bidirectional": True, "lr": 0.1}}}})
+    assert params["train"]["overrides"] == {"gru": {"bidirectional": True, "lr": 0.1}}
+    assert settings.cell_settings(params, "lstm")["bidirectional"] is False

@@ -145,8 +145,7 @@ def test_a_study_file_reads_ranges_choices_and_fixed_values():
 
 
 def test_a_deleted_key_is_fixed_for_every_trial():
-    """`~train.overrides.gru: null`: every trial runs without the key (a study over the LSTM alone
-    must not carry the GRU's override, which check refuses for a cell that is not trained)."""
+    """`~train.overrides.gru: null`: every trial runs without the key (here the GRU's default override)."""
     spec = parse_spec({**study_file("d"), "params": {"train.lr": {"choices": [0.1, 0.2]}, "train.cells": ["lstm"],
                                                      "~train.overrides.gru": None}})
     assert overrides(spec, {"train.lr": 0.1}) == ["train.lr=0.1", "train.cells=[lstm]", "~train.overrides.gru"]
