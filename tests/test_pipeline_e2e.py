@@ -264,7 +264,8 @@ def _check_what_reruns(root: Path, env: dict) -> None:
                 section = params
                 for name in path:
                     section = section[name]
-                section[last] = value
+                old = section.get(last)     # a mapping is added to (a cell's default override stays)
+                section[last] = {**old, **value} if isinstance(value, dict) and isinstance(old, dict) else value
             return yaml.safe_dump(params, sort_keys=False)
         return edit
 

@@ -102,7 +102,7 @@ def _project(root: Path) -> None:
     params["data"]["limit"] = 200
     params["prepare"].update(max_len=40, vocab_size=300, min_freq=1)
     params["train"].update(cells=CELLS, seeds=[0], epochs=1, hidden_size=16, embed_dim=16, batch_size=32, workers=1)
-    params["train"]["overrides"] = {cell: params["train"]["overrides"].get(cell, {}) for cell in CELLS}  # a cell not trained takes no override
+    params["train"]["overrides"] = {cell: {} for cell in CELLS}   # the study below sets the LSTM's, from none
     params["pretrain"].update(num_sampled=64, val_reviews=20)
     params["probe"].update(cells=["rnn"], distances=[1, 3], lead=3, steps=4, trace_steps=2, test_size=16,
                            batch_size=8, hidden_size=4)
