@@ -107,11 +107,14 @@ def _check_outputs(root: Path) -> None:
         assert len(_csv(plots / "confusion.csv")) == N_TEST
         for png in ("grad_trace.png", "roc.png", "confusion.png"):
             assert (plots / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plots / png
+    overrides = yaml.safe_load((root / "params.yaml").read_text())["train"]["overrides"]
     for cell in CELLS:
         pretrain = json.loads((root / "metrics" / cell / "pretrain.json").read_text())
         assert pretrain["epochs_run"] == 1 and 1 < pretrain["val_perplexity"] < 300 and pretrain["tokens"] > 0
         assert (root / "models" / "lm" / cell / "weights.npz").is_file()
-        assert [int(r["epoch"]) for r in _csv(root / "plots" / cell / "pretrain.csv")] == [1]
+        directions = ["forward", "backward"] if overrides[cell].get("bidirectional") else ["forward"]
+        assert [(r["direction"], int(r["epoch"])) for r in _csv(root / "plots" / cell / "pretrain.csv")] == \
+            [(direction, 1) for direction in directions]
     # Seed 0 and seed 1 are different replicates: another initialisation, data order and dropout.
     assert (root / "models/lstm/seed0/weights.npz").read_bytes() != (root / "models/lstm/seed1/weights.npz").read_bytes()
     summary = _csv(root / "reports" / "summary.csv")
@@ -227,7 +230,9 @@ def _check_mlflow_store(root: Path, uri: str) -> None:
         assert client.get_logged_model(model.model_id).source_run_id == run.info.run_id
     lms = client.get_experiment_by_name("language-models")
     runs = {r.info.run_name: r for r in client.search_runs([lms.experiment_id])}
-    assert sorted(runs) == sorted(f"pretrain@{c}" for c in CELLS)
+    overrides = yaml.safe_load((root / "params.yaml").read_text())["train"]["overrides"]
+    assert sorted(runs) == sorted([f"pretrain@{c}" for c in CELLS]      # a bidirectional cell's backward model too
+                                  + [f"pretrain@{c}-backward" for c in CELLS if overrides[c].get("bidirectional")])
     for cell in CELLS:
         pretrain = json.loads((root / "metrics" / cell / "pretrain.json").read_text())
         assert runs[f"pretrain@{cell}"].data.metrics["perplexity/val_best"] == pretrain["val_perplexity"]
