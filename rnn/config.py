@@ -117,6 +117,7 @@ class TrainConfig:
     clip_threshold: float = 5.0
     lr_decay: float = 1.0        # the learning rate of epoch e is lr * lr_decay ** (e - 1); the library's
                                  # own default is constant, the pipeline halves it (params.yaml, measured)
+    warmup_steps: int = 0        # the learning rate rises linearly over the run's first n updates; 0: off
     patience: int = 2            # epochs without a better validation accuracy before stopping; 0: never
     trace: bool = True           # record the per-timestep gradient trace
     trace_every: int = 1         # ... every this many steps

@@ -207,8 +207,12 @@ def train_epoch(state: TrainState, model, optimizer: Optimizer, runner, train: D
     order = batches(train.lengths, cfg.batch_size, rng)
     if state.position:
         rng.bit_generator.state = now
+    epoch_lr = optimizer.lr
     for position in range(state.position, len(order)):
         t0 = time.perf_counter()
+        if cfg.warmup_steps:         # small first updates: the new output layer's early gradients are
+            ramp = min(1.0, (optimizer.t + 1) / cfg.warmup_steps)    # large and would undo pretraining
+            optimizer.lr = epoch_lr * ramp
         idx = order[position]
         trace = cfg.trace and optimizer.t % cfg.trace_every == 0
         seed = int(rng.integers(2**63))          # the step's seed: its dropout masks come from it
@@ -229,7 +233,9 @@ def train_epoch(state: TrainState, model, optimizer: Optimizer, runner, train: D
                 "batch": position + 1, "batches": len(order), "tokens": int(train.lengths[idx].sum())}
         _call(callbacks, "on_step", info)
         if stop["requested"]:
+            optimizer.lr = epoch_lr
             return False
+    optimizer.lr = epoch_lr
     return True
 
 

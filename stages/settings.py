@@ -150,6 +150,7 @@ class CellKnobs(Fitting):
     pretrained_lr_scale: Decay = 1.0
     clip: Clip = Clip()
     adversarial: Adversarial = Adversarial()
+    warmup_steps: Int0 = 0
     patience: Int0 = 1
     trace: bool = True
     trace_every: Int1 = 1

@@ -221,7 +221,7 @@ def test_same_seed_same_run_and_different_seed_different_run():
 
 
 # --------------------------------------------------------------------------------- checkpoints
-RESUME_CFG = TrainConfig(lr_decay=0.5, epochs=3, batch_size=32, patience=0, trace_every=3)
+RESUME_CFG = TrainConfig(lr_decay=0.5, epochs=3, batch_size=32, patience=0, trace_every=3, warmup_steps=5)
 
 
 def resume_model(seed=0):
@@ -475,6 +475,22 @@ def test_lr_decay_schedule_per_epoch():
     assert sorted(set(seen)) == [(1, 0.01), (2, 0.005), (3, 0.0025)]
     assert [h["lr"] for h in result["history"]] == [0.01, 0.005, 0.0025]
     assert opt.lr == 0.01
+
+
+def test_warmup_ramps_the_first_updates_then_follows_the_epoch_schedule():
+    """Update t (from 1) of the run trains at the epoch's rate x min(1, t / warmup_steps), across epochs."""
+    opt = Adam(0.01)
+    seen = []
+    class Spy:
+        def on_step(self, info):
+            seen.append((info["epoch"], info["step"], opt.lr))
+    cfg = TrainConfig(epochs=2, lr_decay=0.5, patience=0, batch_size=64, warmup_steps=6)
+    result = fit(toy_model("rnn"), opt, TRAIN, VAL, cfg, np.random.default_rng(0), callbacks=[Spy()])
+    per_epoch = len(seen) // 2
+    assert 2 < per_epoch < 6, "the ramp should span the epoch boundary"
+    for epoch, step, lr in seen:
+        assert lr == pytest.approx(0.01 * 0.5 ** (epoch - 1) * min(1.0, step / 6), rel=1e-12), (epoch, step)
+    assert [h["lr"] for h in result["history"]] == [0.01, 0.005] and opt.lr == 0.01
 
 
 def test_broken_checkpoint_is_refused_and_leaves_the_model_alone(tmp_path):
