@@ -9,8 +9,9 @@ a second run's check finds the first one alive, puts params.yaml back as the fir
 stops in one line. Every later stage, and every commit of a stage's outputs, compares params.yaml
 with its own run's record. (DVC has one slot for an experiment in the workspace, which the second
 `dvc exp run` takes before any stage runs: the first then finishes its stages on its own settings
-but may end with "Failed to reproduce experiment"; `dvc exp save` records it from the workspace.) Outside DVC (no DVC_STAGE, e.g. `python -m stages.train lstm-0`), and for
-the liveness test off Linux (no /proc), there is nothing to compare with: the guard does nothing.
+but may end with "Failed to reproduce experiment"; `dvc exp save` records it from the workspace.)
+Outside DVC (no DVC_STAGE, e.g. `python -m stages.train lstm 0`), and for the liveness test off Linux
+(no /proc), there is nothing to compare with: the guard does nothing.
 Queued experiments run in their own copies of the project, side by side without conflict.
 """
 
