@@ -183,9 +183,9 @@ def fit(model: Model, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: T
             _call(callbacks, "on_epoch", {**record, "trace": trace_means})
     finally:
         runner.close()
+        optimizer.lr = base_lr
         for sig, h in handlers.items():
             signal.signal(sig, h)
-    optimizer.lr = base_lr
     for k, v in state.best_params.items():
         model.params[k][...] = v
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
@@ -233,9 +233,8 @@ def train_epoch(state: TrainState, model, optimizer: Optimizer, runner, train: D
                 "batch": position + 1, "batches": len(order), "tokens": int(train.lengths[idx].sum())}
         _call(callbacks, "on_step", info)
         if stop["requested"]:
-            optimizer.lr = epoch_lr
-            return False
-    optimizer.lr = epoch_lr
+            return False                     # fit raises, and puts the optimizer's own rate back
+    optimizer.lr = epoch_lr                  # the epoch's record reports its rate, not the ramp's last step
     return True
 
 
