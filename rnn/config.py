@@ -118,7 +118,13 @@ class TrainConfig:
     lr_decay: float = 1.0        # the learning rate of epoch e is lr * lr_decay ** (e - 1); the library's
                                  # own default is constant, the pipeline halves it (params.yaml, measured)
     warmup_steps: int = 0        # the learning rate rises linearly over the run's first n updates; 0: off
+    ema_decay: float = 0.0       # validate and keep an exponential moving average of the weights, updated
+                                 # after every step with this decay, in [0, 1); 0: off, the weights as they are
     patience: int = 2            # epochs without a better validation accuracy before stopping; 0: never
     trace: bool = True           # record the per-timestep gradient trace
     trace_every: int = 1         # ... every this many steps
     workers: int | str = 1       # processes computing each batch (and validation); "auto": all cores
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -83,6 +84,7 @@ class TrainState:
     """Where a run stands: with the model's parameters, the optimizer's state and the rng's, all
     that fit carries from step to step, and so the checkpoint (`save`, `load`)."""
     best_params: dict                            # name -> array: the best epoch's parameters
+    averaged: dict | None = None                 # name -> array: the weights' moving average (ema_decay)
     epoch: int = 0                               # epochs finished
     history: list = field(default_factory=list)  # per finished epoch: its record
     traces: list = field(default_factory=list)   # ... and its gradient trace means
@@ -99,8 +101,10 @@ class TrainState:
         opt = optimizer.state_dict()
         arrays = {**{f"param/{k}": v for k, v in model.params.items()},
                   **{f"best/{k}": v for k, v in self.best_params.items()},
+                  **{f"averaged/{k}": v for k, v in (self.averaged or {}).items()},
                   **{f"opt/{k}": v for k, v in opt["arrays"].items()}}
-        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "best_params"}
+        state = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in ("best_params", "averaged")}
         state["sums"] = asdict(self.sums) if self.sums is not None else None
         meta = {"state": state, "optimizer_t": opt["t"], "rng": rng.bit_generator.state}
         text = json.dumps(meta, default=lambda a: a.tolist())     # the partial epoch's trace arrays
@@ -126,7 +130,13 @@ class TrainState:
             for key, v in opt_arrays.items():
                 if v.shape != model.params[key.rsplit("/", 1)[0]].shape:
                     raise ValueError(f"optimizer state {key} has shape {v.shape}")
-            state = cls(best_params={k: arrays[f"best/{k}"] for k in model.params}, **meta["state"])
+            averaged = ({k: arrays[f"averaged/{k}"] for k in model.params}
+                        if any(k.startswith("averaged/") for k in arrays) else None)
+            for k, v in (averaged or {}).items():
+                if v.shape != model.params[k].shape:
+                    raise ValueError(f"averaged/{k} has shape {v.shape}, not {model.params[k].shape}")
+            state = cls(best_params={k: arrays[f"best/{k}"] for k in model.params}, averaged=averaged,
+                        **meta["state"])
             if state.sums is not None:
                 state.sums = EpochSums(**state.sums)
                 state.sums.trace = {k: [np.array(s), np.array(c)] for k, (s, c) in state.sums.trace.items()}
@@ -149,7 +159,8 @@ def fit(model: Model, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: T
     rng draws the data order and each step's seed (dropout masks); `checkpoint_dir`, when given,
     receives a checkpoint after every epoch (and on Ctrl-C / SIGTERM) and an existing one there is
     resumed. At the end the parameters of the epoch with the best validation score (accuracy of a
-    classifier, perplexity of a language model) are restored.
+    classifier, perplexity of a language model) are restored. With cfg.ema_decay > 0 those are the
+    moving average of the weights (which is what validation then scores), not the weights themselves.
     With cfg.workers > 1 one pool of worker processes serves the whole run, validation included;
     the result depends on the number of workers only through float rounding.
 
@@ -162,6 +173,8 @@ def fit(model: Model, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: T
         state = TrainState.load(ckpt, model, optimizer, rng)
     else:
         state = TrainState(best_params={k: v.copy() for k, v in model.params.items()})
+    if cfg.ema_decay and state.averaged is None:
+        state.averaged = {k: v.copy() for k, v in model.params.items()}
 
     base_lr = optimizer.lr           # the schedule follows from the epoch: resuming needs no state
     runner = make_runner(model, train._asdict(), workers)    # starts the worker processes, if any
@@ -176,8 +189,9 @@ def fit(model: Model, optimizer: Optimizer, train: Dataset, val: Dataset, cfg: T
                     state.save(ckpt, model, optimizer, rng)
                 raise TrainingInterrupted(f"interrupted in epoch {epoch} after batch {state.position}"
                                           + (f"; checkpoint saved to {ckpt}" if ckpt else ""))
-            record, trace_means = _finish_epoch(state.sums, epoch, optimizer, model, runner, val)
-            _end_epoch(state, record, trace_means, model, cfg.patience)
+            with _swapped_in(model, state.averaged):      # validate (and keep) the average, if any
+                record, trace_means = _finish_epoch(state.sums, epoch, optimizer, model, runner, val)
+                _end_epoch(state, record, trace_means, model, cfg.patience)
             if ckpt is not None:
                 state.save(ckpt, model, optimizer, rng)
             _call(callbacks, "on_epoch", {**record, "trace": trace_means})
@@ -226,6 +240,9 @@ def train_epoch(state: TrainState, model, optimizer: Optimizer, runner, train: D
                 f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
         _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
         optimizer.step(model.params, grads)
+        if state.averaged is not None:
+            for k, a in state.averaged.items():
+                a += (1.0 - cfg.ema_decay) * (model.params[k] - a)
         _accumulate(state.sums, loss, model, shares, train, idx, pre, clipped, time.perf_counter() - t0)
         state.position = position + 1
         info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
@@ -251,6 +268,23 @@ def _end_epoch(state: TrainState, record: dict, trace_means: dict, model, patien
     elif patience and epoch - state.best_epoch >= patience:
         state.stopped_early = True
     state.epoch, state.position, state.epoch_rng, state.sums = epoch, 0, None, None
+
+
+@contextmanager
+def _swapped_in(model, params: dict | None):
+    """Put `params` into the model's arrays (in place: worker processes share them) for the block's
+    duration, then the model's own back; None: leave the model as it is."""
+    if params is None:
+        yield
+        return
+    own = {k: v.copy() for k, v in model.params.items()}
+    for k, v in params.items():
+        model.params[k][...] = v
+    try:
+        yield
+    finally:
+        for k, v in own.items():
+            model.params[k][...] = v
 
 
 def _call(callbacks, method: str, info: dict) -> None:

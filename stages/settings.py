@@ -151,6 +151,7 @@ class CellKnobs(Fitting):
     clip: Clip = Clip()
     adversarial: Adversarial = Adversarial()
     warmup_steps: Int0 = 0
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     patience: Int0 = 1
     trace: bool = True
     trace_every: Int1 = 1

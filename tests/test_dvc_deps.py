@@ -64,3 +64,14 @@ def test_stage_modules_import_project_code_only_at_the_top():
                         if name.split(".")[0] in ("rnn", "stages"):
                             assert f"{name.replace('.', '/')}.py" in NOT_DEPENDENCIES, \
                                 f"{path.name}: {node.name} imports {name} inside a function"
+
+
+def test_train_stages_read_every_train_setting():
+    """A train setting missing from train@'s params would leave the replicates silently stale when
+    it changes: every key of the schema's train section is listed (cells and seeds make the matrix;
+    overrides are read per cell)."""
+    from stages.settings import Train
+    listed = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["params"])
+    expected = {f"train.{key}" for key in Train.model_fields} - {"train.cells", "train.seeds", "train.overrides"}
+    assert expected - listed == set(), "train settings train@<cell> does not declare"
+    assert "train.overrides.${item.cell}" in listed

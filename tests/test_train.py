@@ -221,7 +221,8 @@ def test_same_seed_same_run_and_different_seed_different_run():
 
 
 # --------------------------------------------------------------------------------- checkpoints
-RESUME_CFG = TrainConfig(lr_decay=0.5, epochs=3, batch_size=32, patience=0, trace_every=3, warmup_steps=5)
+RESUME_CFG = TrainConfig(lr_decay=0.5, epochs=3, batch_size=32, patience=0, trace_every=3, warmup_steps=5,
+                         ema_decay=0.8)
 
 
 def resume_model(seed=0):
@@ -270,17 +271,20 @@ def test_the_checkpoint_is_the_train_state_whole(tmp_path):
     fit(model, opt, TRAIN, VAL, TrainConfig(epochs=1, batch_size=64, patience=0), rng)   # optimizer state
     sums = EpochSums(loss=1.25, n=3, correct=2, tokens=17, seconds=0.5, steps=2, norm_sum=0.75,
                      norm_max=0.5, clipped=1, trace={"a": [np.array([0.1, 0.2]), np.array([3, 1])]})
-    state = TrainState(best_params={k: v * 2 for k, v in model.params.items()}, epoch=1,
+    state = TrainState(best_params={k: v * 2 for k, v in model.params.items()},
+                       averaged={k: v * 3 for k, v in model.params.items()}, epoch=1,
                        history=[{"epoch": 1, "val_accuracy": 0.5}], traces=[{"a": [0.25, None]}],
                        best_epoch=1, best_score=0.5, position=2, epoch_rng=rng.bit_generator.state, sums=sums)
     state.save(tmp_path / CHECKPOINT, model, opt, rng)
     other, other_opt, other_rng = toy_model("lstm", seed=1), Adam(0.01), np.random.default_rng(9)
     loaded = TrainState.load(tmp_path / CHECKPOINT, other, other_opt, other_rng)
     for f in fields(TrainState):
-        if f.name not in ("best_params", "sums"):
+        if f.name not in ("best_params", "averaged", "sums"):
             assert getattr(loaded, f.name) == getattr(state, f.name), f.name
     assert loaded.best_params.keys() == state.best_params.keys()
     assert all(np.array_equal(loaded.best_params[k], v) for k, v in state.best_params.items())
+    assert loaded.averaged.keys() == state.averaged.keys()
+    assert all(np.array_equal(loaded.averaged[k], v) for k, v in state.averaged.items())
     assert {f.name: getattr(loaded.sums, f.name) for f in fields(EpochSums) if f.name != "trace"} == \
            {f.name: getattr(sums, f.name) for f in fields(EpochSums) if f.name != "trace"}
     (s, c), = loaded.sums.trace.values()
@@ -491,6 +495,43 @@ def test_warmup_ramps_the_first_updates_then_follows_the_epoch_schedule():
     for epoch, step, lr in seen:
         assert lr == pytest.approx(0.01 * 0.5 ** (epoch - 1) * min(1.0, step / 6), rel=1e-12), (epoch, step)
     assert [h["lr"] for h in result["history"]] == [0.01, 0.005] and opt.lr == 0.01
+
+
+def test_ema_validates_and_keeps_the_moving_average_of_the_weights():
+    """With ema_decay d the average starts at the initial weights and moves (1 - d) of the way to
+    the weights after every update; each epoch's validation scores the average, the model ends with
+    the best epoch's average, and the weights it trains on follow the same path as without it."""
+    def run(ema_decay):
+        model = toy_model("gru", dropout=0.2)
+        average, after_step, at_epochs = {k: v.copy() for k, v in model.params.items()}, [], []
+        class Spy:
+            def on_step(self, info):
+                after_step.append({k: v.copy() for k, v in model.params.items()})
+                for k, a in average.items():
+                    a += (1.0 - ema_decay) * (model.params[k] - a)
+            def on_epoch(self, info):
+                at_epochs.append((info, {k: v.copy() for k, v in average.items()}))
+        cfg = TrainConfig(epochs=2, batch_size=32, patience=0, ema_decay=ema_decay)
+        result = fit(model, Adam(0.01), TRAIN, VAL, cfg, np.random.default_rng(0), callbacks=[Spy()])
+        return model, result, after_step, at_epochs
+
+    model, result, after_step, at_epochs = run(0.7)
+    for info, average in at_epochs:
+        copy = toy_model("gru", dropout=0.2)
+        for k, v in average.items():
+            copy.params[k][...] = v
+        scores = evaluate(copy, VAL)
+        assert info["val_accuracy"] == scores["accuracy"]
+        assert info["val_loss"] == pytest.approx(scores["loss"], rel=1e-5)
+    best = at_epochs[result["best_epoch"] - 1][1]
+    for k, v in model.params.items():
+        assert np.allclose(v, best[k], rtol=1e-5, atol=1e-7), k
+    assert not np.allclose(best["fc.W"], after_step[-1]["fc.W"]), "the average is not the last weights"
+    _, _, plain_steps, _ = run(0.0)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(plain_steps, after_step) for k in a), \
+        "the average must not change the training trajectory"
+    with pytest.raises(ValueError, match="ema_decay must lie in"):
+        TrainConfig(ema_decay=1.0)
 
 
 def test_broken_checkpoint_is_refused_and_leaves_the_model_alone(tmp_path):
