@@ -122,19 +122,17 @@ class TrainState:
             raise InputError(f"{e}; delete it to restart") from None
         try:
             meta = json.loads(arrays.pop("meta_json").tobytes())
+            has_average = any(k.startswith("averaged/") for k in arrays)
+            kinds = ("param", "best", "averaged") if has_average else ("param", "best")
             for k, p in model.params.items():
-                for kind in ("param", "best"):
+                for kind in kinds:
                     if arrays[f"{kind}/{k}"].shape != p.shape:
                         raise ValueError(f"{kind}/{k} has shape {arrays[f'{kind}/{k}'].shape}, not {p.shape}")
             opt_arrays = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
             for key, v in opt_arrays.items():
                 if v.shape != model.params[key.rsplit("/", 1)[0]].shape:
                     raise ValueError(f"optimizer state {key} has shape {v.shape}")
-            averaged = ({k: arrays[f"averaged/{k}"] for k in model.params}
-                        if any(k.startswith("averaged/") for k in arrays) else None)
-            for k, v in (averaged or {}).items():
-                if v.shape != model.params[k].shape:
-                    raise ValueError(f"averaged/{k} has shape {v.shape}, not {model.params[k].shape}")
+            averaged = {k: arrays[f"averaged/{k}"] for k in model.params} if has_average else None
             state = cls(best_params={k: arrays[f"best/{k}"] for k in model.params}, averaged=averaged,
                         **meta["state"])
             if state.sums is not None:
@@ -240,9 +238,8 @@ def train_epoch(state: TrainState, model, optimizer: Optimizer, runner, train: D
                 f"(largest: {worst} = {norms[worst]}); the last saved checkpoint is kept")
         _, post, clipped = clip_gradients(grads, cfg.clip_mode, cfg.clip_threshold, norm=pre)
         optimizer.step(model.params, grads)
-        if state.averaged is not None:
-            for k, a in state.averaged.items():
-                a += (1.0 - cfg.ema_decay) * (model.params[k] - a)
+        for k, a in (state.averaged or {}).items():
+            a += (1.0 - cfg.ema_decay) * (model.params[k] - a)
         _accumulate(state.sums, loss, model, shares, train, idx, pre, clipped, time.perf_counter() - t0)
         state.position = position + 1
         info = {"epoch": epoch, "step": optimizer.t, "loss": loss, "grad_norm": pre,
