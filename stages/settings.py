@@ -95,7 +95,7 @@ class Data(Section):
 
 
 class Prepare(Section):
-    max_len: Annotated[int, Field(ge=1, le=MAX_LEN)] = 400
+    max_len: Annotated[int, Field(ge=1, le=MAX_LEN)] = 600
     truncate: Literal[TRUNCATE_MODES] = "both"
     vocab_size: Annotated[int, Field(ge=2)] = 20000
     min_freq: Int1 = 2

@@ -109,7 +109,7 @@ PARAMS = [  # (what, params.yaml, message); every row: issue 17 items 4, 9, 10
     ("data.limit 3", {"data": {"limit": 3}}, "params.yaml: data.limit = 3: must be >= 4"),
     ("tokens_per_epoch 1", {"pretrain": {"tokens_per_epoch": 1}},
      "params.yaml: pretrain.tokens_per_epoch = 1: must be at least one batch of reviews, pretrain.batch_size 32 x "
-     "prepare.max_len 400 = 12800 tokens"),
+     "prepare.max_len 600 = 19200 tokens"),
     ("workers 1000", {"train": {"workers": 1000}}, "params.yaml: train.workers = 1000: more than 4 x the"),
 ]
 

@@ -23,7 +23,7 @@ def test_empty_file_gives_every_default():
     params = validate()
     assert set(params) == set(settings.SECTIONS)
     assert params["train"]["lr"] == 0.002 and params["train"]["cells"] == ["rnn", "gru", "lstm"]
-    assert params["prepare"]["max_len"] == 400 and params["mlflow"]["enabled"] is True
+    assert params["prepare"]["max_len"] == 600 and params["mlflow"]["enabled"] is True
     assert params["train"]["workers"] == "auto" and params["train"]["overrides"] == {}
 
 
