@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeps import backend
 from sweeps.pruning import STUDY_ENV, TRIAL_ENV
-from sweeps.spec import SpecError, StudySpec, grid_points, overrides, storage_template
+from sweeps.spec import SpecError, StudySpec, check_not_overridden, grid_points, overrides, storage_template
 
 DVC = [sys.executable, "-m", "dvc"]
 COPIES = ".dvc/tmp/sweeps"          # per-worker working copies and trial logs, under the project
@@ -68,6 +69,7 @@ def project_root(start: str | Path | None = None) -> Path:
 def create(spec: StudySpec, root: Path) -> optuna.Study:
     """Create the study (once, before any worker starts) at the project's current commit; a grid
     study's points are enqueued now, in file order or shuffled (`order`)."""
+    check_not_overridden(spec, yaml.safe_load((root / "params.yaml").read_text()) or {}, spec.name)
     template = storage_template(spec, root)
     if template.startswith("sqlite:///"):
         Path(template[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
@@ -508,8 +510,6 @@ def mlflow_experiment(root: Path) -> str | None:
     """The MLflow experiment of the train runs (params.yaml mlflow.experiment), None when tracking
     is off or the project has no such setting."""
     try:
-        import yaml
-
         cfg = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("mlflow") or {}
     except (OSError, ValueError):
         return None

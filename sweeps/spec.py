@@ -324,6 +324,32 @@ def overrides(spec: StudySpec, values: dict) -> list[str]:
             for p in spec.params]
 
 
+def check_not_overridden(spec: StudySpec, params: dict, where: str = "study") -> None:
+    """Refuse a `train.<key>` the study sets for every cell while a cell it trains has its own
+    `train.overrides.<cell>.<key>` in `params` (params.yaml): the override would win in every trial,
+    so the study would vary, or fix, nothing for that cell."""
+    train = params.get("train") or {}
+    deleted = {p.name for p in spec.params if p.key.startswith("~")}
+    fixed = {p.name: p.value for p in spec.fixed}
+    cells = fixed.get("train.cells", train.get("cells") or [])
+    for p in spec.params:
+        parts = p.name.split(".")
+        if p.key.startswith("~") or parts[0] != "train" or len(parts) < 2 \
+                or parts[1] in ("cells", "seeds", "workers", "overrides"):
+            continue
+        for cell in cells if isinstance(cells, list) else []:
+            node, path = (train.get("overrides") or {}).get(cell), f"train.overrides.{cell}"
+            for part in parts[1:]:
+                path = f"{path}.{part}"
+                node = node.get(part) if isinstance(node, dict) else None
+                if node is None or path in deleted or path.rsplit(".", 1)[0] in deleted:
+                    break
+            else:
+                raise SpecError(f"{where}: params.{p.key}: params.yaml's {path} = {node!r} sets it again for "
+                                f"the {cell} cell in every trial: set {path} instead, or delete the override "
+                                f"with `~{path}: null`")
+
+
 def _no_unknown(mapping: dict, known: set, where: str) -> None:
     unknown = sorted(set(mapping) - known)
     if unknown:

@@ -20,7 +20,8 @@ import yaml
 from optuna.trial import TrialState
 
 from sweeps import backend, cli, engine, pruning
-from sweeps.spec import SpecError, grid_points, load_spec, overrides, parse_spec, storage_template
+from sweeps.spec import (SpecError, check_not_overridden, grid_points, load_spec, overrides, parse_spec,
+                         storage_template)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,6 +196,36 @@ def test_bad_study_files_are_one_line_errors(change, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(".", r"\.")) as info:
         parse_spec({**study_file("s"), **change})
     assert "\n" not in str(info.value)
+
+
+def test_a_key_a_cells_override_would_shadow_is_refused_unless_the_override_is_deleted():
+    params = {"train": {"cells": ["rnn", "lstm"], "dropout": 0.5, "clip": {"threshold": 5.0},
+                        "overrides": {"lstm": {"dropout": 0.3, "clip": {"threshold": 1.0}}, "rnn": {}}}}
+    searched = {"train.dropout": {"choices": [0.2, 0.4]}}
+    with pytest.raises(SpecError, match=r"s: params\.train\.dropout: params\.yaml's train\.overrides\.lstm\.dropout "
+                                        r"= 0\.3 sets it again for the lstm cell") as info:
+        check_not_overridden(parse_spec({**study_file("s"), "params": searched}), params, "s")
+    assert "\n" not in str(info.value)
+    with pytest.raises(SpecError, match=r"train\.overrides\.lstm\.clip\.threshold = 1\.0"):   # a fixed nested key too
+        check_not_overridden(parse_spec({**study_file("s"), "params": {**searched, "~train.overrides.lstm.dropout": None,
+                                                                       "train.clip.threshold": 2.0}}), params)
+    for fine in ({**searched, "~train.overrides.lstm.dropout": None},      # the override deleted
+                 {**searched, "~train.overrides.lstm": None},              # every LSTM override deleted
+                 {**searched, "train.cells": ["rnn"]},                     # the LSTM is not trained
+                 {"train.overrides.lstm.dropout": {"choices": [0.2, 0.4]}},  # the override searched itself
+                 {"train.lr": {"choices": [0.1, 0.2]}}):                   # a key no cell overrides
+        check_not_overridden(parse_spec({**study_file("s"), "params": fine}), params)
+
+
+def test_the_projects_studies_vary_what_they_search():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        check_not_overridden(load_spec(path), params)
+    lstm = load_spec(REPO / "sweeps" / "lstm.yaml")
+    without = parse_spec({k: v for k, v in lstm.source.items()} | {"params": {
+        k: v for k, v in lstm.source["params"].items() if not k.startswith("~train.overrides.lstm")}})
+    with pytest.raises(SpecError, match="train.overrides.lstm.dropout"):
+        check_not_overridden(without, params)
 
 
 def test_storage_is_an_sqlite_file_in_the_project_or_a_url_with_secrets_from_the_environment(tmp_path):
