@@ -330,24 +330,22 @@ def check_not_overridden(spec: StudySpec, params: dict, where: str = "study") ->
     so the study would vary, or fix, nothing for that cell."""
     train = params.get("train") or {}
     deleted = {p.name for p in spec.params if p.key.startswith("~")}
-    fixed = {p.name: p.value for p in spec.fixed}
-    cells = fixed.get("train.cells", train.get("cells") or [])
+    cells = {p.name: p.value for p in spec.fixed}.get("train.cells", train.get("cells") or [])
     for p in spec.params:
         parts = p.name.split(".")
-        if p.key.startswith("~") or parts[0] != "train" or len(parts) < 2 \
-                or parts[1] in ("cells", "seeds", "workers", "overrides"):
+        if p.key.startswith("~") or parts[0] != "train" or len(parts) < 2:
             continue
         for cell in cells if isinstance(cells, list) else []:
-            node, path = (train.get("overrides") or {}).get(cell), f"train.overrides.{cell}"
+            path, node = f"train.overrides.{cell}", (train.get("overrides") or {}).get(cell)
             for part in parts[1:]:
-                path = f"{path}.{part}"
-                node = node.get(part) if isinstance(node, dict) else None
-                if node is None or path in deleted or path.rsplit(".", 1)[0] in deleted:
+                if path in deleted or not isinstance(node, dict) or part not in node:
                     break
+                path, node = f"{path}.{part}", node[part]
             else:
-                raise SpecError(f"{where}: params.{p.key}: params.yaml's {path} = {node!r} sets it again for "
-                                f"the {cell} cell in every trial: set {path} instead, or delete the override "
-                                f"with `~{path}: null`")
+                if path not in deleted:
+                    raise SpecError(f"{where}: params.{p.key}: params.yaml's {path} = {node!r} sets it again "
+                                    f"for the {cell} cell in every trial: set {path} instead, or delete the "
+                                    f"override with `~{path}: null`")
 
 
 def _no_unknown(mapping: dict, known: set, where: str) -> None:
